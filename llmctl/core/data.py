@@ -26,8 +26,10 @@ from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
 
-BUILTIN = ("bbc-news", "kjv")
-_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILTIN = ("bbc-news", "kjv", "conll-fixture", "tiny-instruct")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TASK_COLUMNS = {"text": "text", "classification": "text + label", "ner": "tokens + ner_tags", "sft": "prompt + response, or messages"}
+_FORMATS = {".txt": "text", ".text": "text", ".conll": "conll", ".iob": "conll", ".bio": "conll", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 PACKING_VERSION = 1  # bump when packing changes, to invalidate caches
 
@@ -35,23 +37,25 @@ PACKING_VERSION = 1  # bump when packing changes, to invalidate caches
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def load_splits(data_cfg, *, need_labels: bool = False):
-    """The configured data as a DatasetDict (train, validation[, test])."""
+def load_splits(data_cfg, *, task: str = "text"):
+    """The configured data as a DatasetDict (train, validation[, test]) with the columns `task` needs:
+    text: `text`; classification: `text`, `label` (and `text_pair`); ner: `tokens`, `ner_tags`;
+    sft: `prompt` + `response`, or `messages`."""
     from datasets import DatasetDict
 
     if data_cfg.get("train"):
-        dsd = _load_local_splits(data_cfg)
+        dsd = _load_local_splits(data_cfg, task)
     elif data_cfg.get("source") in BUILTIN:
-        dsd = _load_builtin(data_cfg.source)
+        dsd = {k: _normalize(v, data_cfg, task, f"data={data_cfg.source}") for k, v in _load_builtin(data_cfg.source).items()}
     elif data_cfg.get("source"):
-        dsd = _load_source(data_cfg)
+        dsd = _load_source(data_cfg, task)
     else:
         raise LlmctlError("data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>")
-    dsd = _split(dsd, data_cfg, need_labels)
+    dsd = _split(dsd, data_cfg)
     if data_cfg.get("max_docs"):
         dsd["train"] = dsd["train"].select(range(min(int(data_cfg.max_docs), len(dsd["train"]))))
     for split, ds in dsd.items():
-        if len(ds) == 0 or not any(t and t.strip() for t in ds["text"][:1000]):
+        if len(ds) == 0 or (task in ("text", "classification") and not any(t and t.strip() for t in ds["text"][:1000])):
             raise LlmctlError(f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column")
     return DatasetDict(dsd)
 
@@ -86,7 +90,41 @@ def _load_builtin(name: str) -> dict:
             if verse:
                 chapters.setdefault(ref.split(":")[0], []).append(verse.strip())
         return {"all": Dataset.from_dict({"text": ["\n".join(v) for v in chapters.values()]})}
+    if name == "conll-fixture":
+        return {split: read_conll([str(ASSETS / "ner" / f"{f}.conll")], "source")
+                for split, f in (("train", "train"), ("validation", "dev"), ("test", "test"))}
+    if name == "tiny-instruct":
+        from datasets import load_dataset
+
+        return {"all": load_dataset("json", data_files=str(ASSETS / "sft" / "instructions.jsonl"), split="train")}
     raise AssertionError(name)
+
+
+def read_conll(files: list[str], key: str):
+    """CoNLL-2003-style files: `token ... tag` per line, blank line between sentences, -DOCSTART- skipped."""
+    from datasets import Dataset
+
+    tokens, tags, sent_tokens, sent_tags = [], [], [], []
+    for f in files:
+        for n, line in enumerate(Path(f).read_text(errors="replace").splitlines(), 1):
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                if sent_tokens:
+                    tokens.append(sent_tokens)
+                    tags.append(sent_tags)
+                sent_tokens, sent_tags = [], []
+                continue
+            if len(parts) < 2:
+                raise LlmctlError(f"data.{key}: {f}:{n}: expected 'token ... tag', got {line.strip()!r}")
+            sent_tokens.append(parts[0])
+            sent_tags.append(parts[-1])
+        if sent_tokens:
+            tokens.append(sent_tokens)
+            tags.append(sent_tags)
+            sent_tokens, sent_tags = [], []
+    if not tokens:
+        raise LlmctlError(f"data.{key}: {', '.join(files[:3])} holds no sentences; expected CoNLL lines 'token ... tag'")
+    return Dataset.from_dict({"tokens": tokens, "ner_tags": tags})
 
 
 def _expand(spec, key: str) -> list[str]:
@@ -111,10 +149,17 @@ def _format_of(files: list[str], key: str) -> str:
     return formats.pop()
 
 
-def _read_files(files: list[str], key: str, data_cfg):
+def _read_files(files: list[str], key: str, data_cfg, task: str):
     from datasets import load_dataset
 
     fmt = _format_of(files, key)
+    if fmt == "conll" or (fmt == "text" and task == "ner"):
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a CoNLL file")
+        return read_conll(files, key)
+    if fmt == "text" and task != "text":
+        raise LlmctlError(f"data.{key}: plain .txt files carry no {TASK_COLUMNS[task]} columns; use .jsonl / .csv / .parquet"
+                          + (" or CoNLL files" if task == "ner" else ""))
     if fmt == "text":
         if any(Path(f).stat().st_size == 0 for f in files) and all(Path(f).stat().st_size == 0 for f in files):
             raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with text")
@@ -124,45 +169,58 @@ def _read_files(files: list[str], key: str, data_cfg):
     if all(Path(f).stat().st_size == 0 for f in files):
         raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with rows")
     ds = load_dataset(fmt, data_files=files, split="train")
-    return _rename_text(ds, data_cfg, f"data.{key}")
+    return _normalize(ds, data_cfg, task, f"data.{key}")
 
 
-def _rename_text(ds, data_cfg, where: str):
-    col = data_cfg.get("text_column") or "text"
-    if col not in ds.column_names:
-        raise LlmctlError(f"{where}: no text column {col!r} (columns: {', '.join(ds.column_names)}); set data.text_column=<name>")
-    if col != "text":
-        if "text" in ds.column_names:
-            ds = ds.remove_columns("text")
-        ds = ds.rename_column(col, "text")
+def _normalize(ds, data_cfg, task: str, where: str):
+    """Rename the configured columns to the names the task uses; one clear error when missing."""
+    def take(column: str, as_name: str, knob: str):
+        nonlocal ds
+        if column not in ds.column_names:
+            raise LlmctlError(f"{where}: no {as_name} column {column!r} (columns: {', '.join(ds.column_names)}); set data.{knob}=<name>")
+        if column != as_name:
+            if as_name in ds.column_names:
+                ds = ds.remove_columns(as_name)
+            ds = ds.rename_column(column, as_name)
+
+    if task in ("text", "classification"):
+        take(data_cfg.get("text_column") or "text", "text", "text_column")
+    if task == "classification":
+        take(data_cfg.get("label_column") or "label", "label", "label_column")
+        if data_cfg.get("text_pair_column"):
+            take(data_cfg.text_pair_column, "text_pair", "text_pair_column")
+    if task == "ner" and not {"tokens", "ner_tags"} <= set(ds.column_names):
+        raise LlmctlError(f"{where}: NER needs 'tokens' and 'ner_tags' columns (has {', '.join(ds.column_names)}); or give CoNLL files")
+    if task == "sft" and "messages" not in ds.column_names and not {"prompt", "response"} <= set(ds.column_names):
+        raise LlmctlError(f"{where}: SFT needs 'prompt' and 'response' columns or a chat 'messages' column (has {', '.join(ds.column_names)})")
     return ds
 
 
-def _load_local_splits(data_cfg) -> dict:
-    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg)}
+def _load_local_splits(data_cfg, task: str) -> dict:
+    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg, task)}
     for key in ("validation", "test"):
         if data_cfg.get(key):
-            out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg)
+            out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg, task)
     return out
 
 
-def _load_source(data_cfg) -> dict:
+def _load_source(data_cfg, task: str) -> dict:
     src = str(data_cfg.source)
     if Path(src).expanduser().exists() or any(ch in src for ch in "*?"):
-        return {"all": _read_files(_expand(src, "source"), "source", data_cfg)}
+        return {"all": _read_files(_expand(src, "source"), "source", data_cfg, task)}
     from datasets import load_dataset
 
     try:
         dsd = load_dataset(src, data_cfg.get("config_name"))
     except Exception as e:  # network, unknown id, ...
         raise LlmctlError(f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    out = {k: _rename_text(v, data_cfg, f"data.source={src}") for k, v in dsd.items()}
+    out = {k: _normalize(v, data_cfg, task, f"data.source={src}") for k, v in dsd.items()}
     if "validation" not in out and "train" in out:
         out["all"] = out.pop("train")
     return out
 
 
-def _split(dsd: dict, data_cfg, need_labels: bool) -> dict:
+def _split(dsd: dict, data_cfg) -> dict:
     """Deterministic train/validation/test split of an unsplit ('all') dataset."""
     if "all" not in dsd:
         return dsd
@@ -186,8 +244,8 @@ def fingerprint(dsd) -> str:
     digest = hashlib.sha256()
     for split in sorted(dsd):
         digest.update(split.encode())
-        for column in [c for c in ("text", "label") if c in dsd[split].column_names]:
-            digest.update(json.dumps(dsd[split][column][:]).encode())
+        for column in sorted(dsd[split].column_names):
+            digest.update(json.dumps(dsd[split][column][:], default=str).encode())
     return digest.hexdigest()
 
 

@@ -129,5 +129,6 @@ def broadcast_str(rt: Runtime, text: str | None) -> str:
     if rt.is_main:
         raw = (text or "").encode()[:1024]
         data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    data = data.to(rt.device)
     torch.distributed.broadcast(data, src=0)
-    return bytes(data.tolist()).rstrip(b"\0").decode()
+    return bytes(data.cpu().tolist()).rstrip(b"\0").decode()

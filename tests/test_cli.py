@@ -1,0 +1,54 @@
+"""The `llmctl` command: start-up cost, dispatch to Hydra, stubs, and one-line errors."""
+
+import subprocess
+import sys
+
+from conftest import REPO, run_cli
+
+from llmctl import STAGES
+
+
+def test_help_lists_every_stage_without_importing_torch():
+    probe = "import sys, llmctl.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for stage in (*STAGES, "ckpt"):
+        assert stage in out.stdout
+
+
+def test_stage_help_shows_description_and_hydra_help():
+    out = run_cli("pretrain", "--help")
+    assert out.returncode == 0
+    assert "llmctl pretrain" in out.stdout and "Objectives" in out.stdout  # the stage's own description
+    assert "Powered by Hydra" in out.stdout  # Hydra's help follows
+
+
+def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
+    out = run_cli("pretrain", "conf=bert-base", f"output_root={tmp_path / 'o'}", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "objective: mlm+nsp" in out.stdout and "hidden_size: 768" in out.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_unbuilt_stages_say_so_and_fail():
+    for stage in ("distill", "prune", "quantize", "eval", "generate"):
+        out = run_cli(stage)
+        assert out.returncode != 0
+        assert "not built yet" in out.stderr
+        assert out.stdout.strip() == ""
+
+
+def test_unknown_key_is_one_line_with_suggestion(tmp_path):
+    out = run_cli("pretrain", "train.lrr=1", f"output_root={tmp_path}")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.lrr" in lines[0] and "did you mean train.lr" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_preset_lists_the_available_ones():
+    out = run_cli("pretrain", "conf=bert-huge")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "conf=bert-huge" in out.stderr and "bert-base" in out.stderr and "gpt2-small" in out.stderr

@@ -1,0 +1,105 @@
+"""`llmctl pretrain` end to end on tiny models: losses fall, checkpoints reload, lineage, bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import metrics_log, run_cli, run_inprocess, tiny
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer
+
+from llmctl.core.store import Store
+
+
+@pytest.mark.parametrize("objective, auto_cls, kind", [
+    ("clm", AutoModelForCausalLM, "causal-lm"),
+    ("mlm", AutoModelForMaskedLM, "mlm"),
+    ("mlm+nsp", AutoModelForPreTraining, "pretraining"),
+])
+def test_pretrain_learns_and_writes_a_plain_hf_checkpoint(corpus, tmp_path, objective, auto_cls, kind):
+    code, err = run_inprocess("pretrain", *tiny(objective, corpus, tmp_path, "name=t", "train.max_steps=30", "train.lr=3e-3"))
+    assert code == 0, err
+    res = Store(tmp_path).resolve("pretrain/t")
+    m = res.manifest
+    assert m["kind"] == kind and m["ref"] == "pretrain/t@v001"
+    log = metrics_log(res.path)
+    evals = [r["eval/loss"] for r in log if "eval/loss" in r]
+    assert evals[-1] < evals[0] - 0.5, evals  # validation loss falls
+    assert m["metrics"]["eval/loss"] == pytest.approx(evals[-1])
+    assert m["metrics"]["eval/perplexity"] == pytest.approx(torch.tensor(evals[-1]).exp().item(), rel=1e-4)
+    for key in ("created", "command", "config", "libraries", "data", "weights_sha256", "runtime", "objective"):
+        assert key in m
+    assert m["config"]["train"]["max_steps"] == 30 and m["data"]["fingerprint"]
+    assert m["runtime"]["precision"] == "fp32"
+    assert list((res.path / "tb").glob("events.out.tfevents.*"))  # TensorBoard events
+    assert not (res.path / "state").exists()  # the resumable state is dropped once published
+    # plain transformers opens it
+    model, tok = auto_cls.from_pretrained(res.path), AutoTokenizer.from_pretrained(res.path)
+    with torch.no_grad():
+        out = model(**tok("the central bank raised rates", return_tensors="pt"))
+    assert torch.isfinite(out.logits if hasattr(out, "logits") else out.prediction_logits).all()
+
+
+def test_init_from_records_the_parent_and_starts_from_its_weights(corpus, tmp_path):
+    assert run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=base"))[0] == 0
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=child", "init_from=pretrain/base", "train.max_steps=4"))
+    assert code == 0, err
+    store = Store(tmp_path)
+    base, child = store.resolve("pretrain/base"), store.resolve("pretrain/child")
+    parent = child.manifest["parents"][0]
+    assert parent["ref"] == "pretrain/base@v001" and parent["weights_sha256"] == base.manifest["weights_sha256"]
+    first_eval_child = metrics_log(child.path)[0]["eval/loss"]
+    assert first_eval_child == pytest.approx(base.manifest["metrics"]["eval/loss"], abs=1e-4)  # same weights at step 0
+    assert [r.ref for r in store.lineage("pretrain/child")] == ["pretrain/child@v001", "pretrain/base@v001"]
+
+
+def test_multirun_sweep_writes_one_version_per_job(corpus, tmp_path):
+    code, err = run_inprocess("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=sweep", "train.max_steps=4", "train.lr=3e-4,1e-3"))
+    assert code == 0, err
+    store = Store(tmp_path)
+    assert store.versions("pretrain", "sweep") == [1, 2]
+    lrs = {store.resolve(f"pretrain/sweep@v{v}").manifest["config"]["train"]["lr"] for v in (1, 2)}
+    assert lrs == {3e-4, 1e-3}
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(corpus, tmp_path):
+    out = run_cli("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=par", "train.max_steps=3", "train.lr=3e-4,1e-3",
+                                          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Store(tmp_path).versions("pretrain", "par") == [1, 2]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["data.train=/no/such/file.txt"], "data.train: no such file"),
+    (["init_from=pretrain/ghost"], "no checkpoint pretrain/ghost"),
+    (["init_from=./not-a-folder"], "neither a checkpoint"),
+    (["objective=clm"], "objective=clm needs a gpt2 or llama model"),
+    (["train.scheduler=zigzag"], "train.scheduler"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, extra, fragment):
+    out_root = tmp_path / "out"
+    args = tiny("mlm", corpus, out_root, *extra)
+    code, err = run_inprocess("pretrain", *args)
+    assert code == 2 and fragment in err and "\n" not in err
+    assert not out_root.exists() or not any((out_root / "pretrain").glob("*/v*")), "nothing may be published"
+
+
+def test_empty_corpus_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.txt").write_text("")
+    out = run_cli("pretrain", "data=files", f"data.train={tmp_path / 'empty'}", f"output_root={tmp_path / 'out'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "empty" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ckpt_commands(corpus, tmp_path):
+    assert run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=c", "train.max_steps=2"))[0] == 0
+    listing = run_cli("ckpt", "list", "-o", str(tmp_path))
+    assert listing.returncode == 0 and "pretrain/c@v001" in listing.stdout and "causal-lm" in listing.stdout
+    shown = run_cli("ckpt", "show", "pretrain/c", "-o", str(tmp_path), "--json")
+    assert json.loads(shown.stdout)["ref"] == "pretrain/c@v001"
+    assert run_cli("ckpt", "show", "pretrain/zzz", "-o", str(tmp_path)).returncode == 2
+    assert "pretrain/c@v001" in run_cli("ckpt", "lineage", "pretrain/c", "-o", str(tmp_path)).stdout
+    assert run_cli("ckpt", "rm", "pretrain/c@v1", "-o", str(tmp_path)).returncode == 0
+    assert Store(tmp_path).versions("pretrain", "c") == []
