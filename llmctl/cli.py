@@ -61,6 +61,13 @@ for _stage in STAGES:
     )(_stage_command(_stage))
 
 
+def _console():
+    """A rich console; when piped, wide enough that tables are not folded (scripts read them)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
 def _store(output_root: str):
     from llmctl.core.store import Store
 
@@ -73,14 +80,14 @@ ROOT_OPT = typer.Option("outputs", "--output-root", "-o", help="Checkpoint store
 @ckpt_app.command("list")
 def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help="Only this stage.")) -> None:
     """Every complete version: reference, kind, objective, parameters, size, parent."""
-    from rich.console import Console
     from rich.table import Table
 
     from llmctl.core.store import age, folder_size
 
     store = _store(output_root)
     table = Table(title=f"checkpoints in {store.root}/")
-    for col in ("ref", "kind", "objective", "params", "size", "created", "parent"):
+    table.add_column("ref", no_wrap=True)  # scripts grep for refs: never fold them
+    for col in ("kind", "objective", "params", "size", "created", "parent"):
         table.add_column(col, overflow="fold")
     for st, name, v, m in store.entries():
         if stage and st != stage:
@@ -98,13 +105,12 @@ def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help=
             age(m.get("created")),
             parent,
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @ckpt_app.command("show")
 def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
     """One checkpoint's manifest: kind, metrics, parents, data, config."""
-    from rich.console import Console
     from rich.table import Table
 
     try:
@@ -115,7 +121,7 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
     if as_json:
         print(json.dumps(m, indent=2))
         return
-    console = Console()
+    console = _console()
     table = Table(title=res.ref, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
@@ -140,7 +146,6 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
 @ckpt_app.command("lineage")
 def ckpt_lineage(ref: str, output_root: str = ROOT_OPT) -> None:
     """The chain of checkpoints this one descends from."""
-    from rich.console import Console
     from rich.tree import Tree
 
     try:
@@ -150,7 +155,7 @@ def ckpt_lineage(ref: str, output_root: str = ROOT_OPT) -> None:
     root = node = Tree(f"[bold]{chain[0].ref}[/] ({chain[0].kind})")
     for item in chain[1:]:
         node = node.add(f"[bold]{item.ref}[/] ({item.kind or 'external'})")
-    Console().print(root)
+    _console().print(root)
 
 
 @ckpt_app.command("rm")

@@ -21,10 +21,10 @@ def test_bbc_news_is_the_real_corpus_with_a_stable_stratified_split():
     a = load_splits(_cfg(source="bbc-news"))
     b = load_splits(_cfg(source="bbc-news"))
     assert sum(len(a[s]) for s in ("train", "validation", "test")) == 2225
-    assert a["train"].features["label"].names == ["business", "entertainment", "politics", "sport", "tech"]
+    assert a["train"].features["label"].names == ["business", "entertainment", "politics", "sports", "tech"]
     assert fingerprint(a) == fingerprint(b)
     test_labels = a["test"]["label"][:]
-    assert len(test_labels) == 223 and test_labels.count(3) in range(49, 54)  # stratified: sport is 511/2225
+    assert len(test_labels) == 223 and test_labels.count(3) in range(49, 54)  # stratified: sports is 511/2225
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv not installed")

@@ -38,14 +38,24 @@ def run_stage(stage: str, args: list[str]) -> None:
     sys.argv = [f"llmctl {stage}", *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise; we print one line ourselves
 
+    failure: list[LlmctlError] = []
+
     def task(cfg):
-        return module.run(cfg)
+        try:
+            return module.run(cfg)
+        except LlmctlError as e:
+            if _multirun():  # a sweep reports the failing job through Hydra
+                raise
+            failure.append(e)  # a single run: keep Hydra from printing its own "Error executing job" line
+            return None
 
     task.__module__ = module.__name__
     task.__qualname__ = task.__name__ = stage
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     try:
         app()
+        if failure:
+            raise failure[0]
     except LlmctlError:
         raise
     except MissingConfigException as e:
@@ -59,6 +69,13 @@ def run_stage(stage: str, args: list[str]) -> None:
         raise LlmctlError(f"bad config value{f' at {key}' if key else ''}: {_first_line(str(e))}") from None
     finally:
         _clear_hydra()
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _clear_hydra() -> None:

@@ -282,7 +282,8 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
     for split in ("train", "validation"):
         ds = dsd[split]
         packed[split] = ds.map(builder, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                               fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}")
+                               fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}",
+                               load_from_cache_file=False)  # llmctl caches the packed result itself (below)
         if len(packed[split]) == 0:
             raise LlmctlError(f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text")
     tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")

@@ -168,8 +168,9 @@ class Store:
                 return self._resolve_store(stage, name, sel, text, what)
         path = Path(text).expanduser()
         if path.is_dir() and (path / "config.json").is_file():
-            path = path.resolve()
-            return Resolved(path=path, ref=str(path), manifest=read_manifest(path))
+            path, manifest = path.resolve(), read_manifest(path)
+            inside = manifest and manifest.get("ref") and path.is_relative_to(self.root.resolve())
+            return Resolved(path=path, ref=manifest["ref"] if inside else str(path), manifest=manifest)
         if path.exists():
             raise LlmctlError(f"{what} {text!r} is not an HF model folder (no config.json in it); {REF_HELP}")
         raise LlmctlError(f"{what} {text!r} is neither a checkpoint in {self.root}/ nor an existing folder; {REF_HELP}")

@@ -105,8 +105,10 @@ class Trainer:
 
         while True:
             epoch, offset = divmod(self.micro, self.per_epoch)
+            # its own generator: creating an iterator must not draw from the global RNG (dropout, masking),
+            # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one
             loader = DataLoader(self.train_data, batch_sampler=self._epoch_batches(epoch)[offset:], collate_fn=self.collate,
-                                num_workers=int(self.cfg.get("num_workers", 0)))
+                                num_workers=int(self.cfg.get("num_workers", 0)), generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class Trainer:
             self._log({"step": self.step, **metrics}, writer)
             self._track_best(metrics)
             if self.console:
-                shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.count("/") == 1)
                 self.console.print(f"[dim]step {self.step:>6}[/] {shown}")
         barrier(self.rt)
         return metrics
