@@ -52,3 +52,12 @@ def test_unknown_preset_lists_the_available_ones():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "conf=bert-huge" in out.stderr and "bert-base" in out.stderr and "gpt2-small" in out.stderr
+
+
+def test_private_presets_from_a_user_config_dir(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "my-gpt.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: gpt-tiny\nobjective: clm\ntrain:\n  lr: 0.0123\n")
+    out = run_cli("pretrain", "--config-dir", str(tmp_path), "conf=my-gpt", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.0123" in out.stdout and "family: gpt2" in out.stdout

@@ -35,8 +35,10 @@ class StageRun:
             self.console.print(*args, **kwargs)
 
 
-def start(stage: str, cfg) -> StageRun:
-    """Validate the shared keys, choose device and precision (printed once), seed everything."""
+def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
+    """Validate the shared keys, choose device and precision (printed once), seed everything.
+
+    The checkpoint name is `name`, else `default_name`, else the chosen preset (conf=...)."""
     from rich.console import Console
 
     from llmctl.core.device import gpu_ids, seed_everything, setup_runtime
@@ -45,7 +47,7 @@ def start(stage: str, cfg) -> StageRun:
     ids = gpu_ids(cfg.device)
     if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(ids)
-    name = check_name(str(cfg.name or preset_name(default=stage)))
+    name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
     console = Console(highlight=False) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)

@@ -44,10 +44,10 @@ class Prepared:
 def run(cfg) -> float | None:
     from llmctl.core import run as stage_run
 
-    run = stage_run.start("finetune", cfg)
     task = str(cfg.task)
     if task not in TASK_KIND:
         raise LlmctlError(f"task={task!r} is not one of {', '.join(TASK_KIND)}")
+    run = stage_run.start("finetune", cfg, default_name=_default_name(cfg, task))
     source = _source(run, cfg, task)
 
     from llmctl.core.data import describe_splits, fingerprint, load_splits
@@ -72,7 +72,7 @@ def run(cfg) -> float | None:
     from llmctl.core.run import open_run_dir, publish
     from llmctl.core.train import Trainer
 
-    select = (cfg.select_metric or SELECT[task][0], cfg.get("objective_mode") or SELECT[task][1])
+    select = (cfg.objective_metric or SELECT[task][0], cfg.objective_mode or SELECT[task][1])
     open_run_dir(run)
     trainer = Trainer(model, train_data=prep.splits["train"], collate=prep.collate, cfg=cfg.train, rt=run.rt, run_dir=run.run_dir,
                       seed=int(cfg.seed), evaluate=lambda m: prep.evaluate(m, "validation", "eval"), console=run.console,
@@ -100,6 +100,19 @@ def run(cfg) -> float | None:
 
         run.print(format_ner_table(metrics, "test"))
     return result.manifest["objective"]["value"]
+
+
+def _default_name(cfg, task: str) -> str:
+    """`<source>-<task>`: bert-tiny-classification for init_from=pretrain/bert-tiny, minilm-l6-ner for model=minilm-l6."""
+    import re
+    from pathlib import Path
+
+    if cfg.init_from:
+        text = str(cfg.init_from)
+        source = text.split("/", 1)[1].split("@")[0] if re.match(r"^[a-z]+/[^/]+$", text) else Path(text).name
+    else:
+        source = str(cfg.model.get("pretrained") or "model").split(":")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{source}-{task}")
 
 
 # ---------------------------------------------------------------------------------------------
