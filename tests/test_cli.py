@@ -61,3 +61,10 @@ def test_private_presets_from_a_user_config_dir(tmp_path):
     out = run_cli("pretrain", "--config-dir", str(tmp_path), "conf=my-gpt", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "lr: 0.0123" in out.stdout and "family: gpt2" in out.stdout
+
+
+def test_a_required_key_left_unset_is_named(tmp_path):
+    out = run_cli("pretrain", "data=files", f"output_root={tmp_path}")
+    assert out.returncode == 2
+    line = out.stderr.strip()
+    assert "\n" not in line and line.startswith("llmctl: error:") and "data.train=" in line

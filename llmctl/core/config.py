@@ -43,10 +43,11 @@ def run_stage(stage: str, args: list[str]) -> None:
     def task(cfg):
         try:
             return module.run(cfg)
-        except LlmctlError as e:
+        except (LlmctlError, OmegaConfBaseException) as e:
+            error = e if isinstance(e, LlmctlError) else LlmctlError(_omegaconf_line(e))
             if _multirun():  # a sweep reports the failing job through Hydra
-                raise
-            failure.append(e)  # a single run: keep Hydra from printing its own "Error executing job" line
+                raise error from None
+            failure.append(error)  # a single run: keep Hydra from printing its own "Error executing job" line
             return None
 
     task.__module__ = module.__name__
@@ -65,10 +66,16 @@ def run_stage(stage: str, args: list[str]) -> None:
     except ConfigCompositionException as e:
         raise LlmctlError(_composition_line(stage, e)) from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        raise LlmctlError(f"bad config value{f' at {key}' if key else ''}: {_first_line(str(e))}") from None
+        raise LlmctlError(_omegaconf_line(e)) from None
     finally:
         _clear_hydra()
+
+
+def _omegaconf_line(e) -> str:
+    key = getattr(e, "full_key", None)
+    if type(e).__name__ == "MissingMandatoryValue" and key:
+        return f"{key} is required here; set {key}=<value>"
+    return f"bad config value{f' at {key}' if key else ''}: {_first_line(str(e))}"
 
 
 def _multirun() -> bool:
