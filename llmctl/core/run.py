@@ -61,8 +61,12 @@ def quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import warnings
+
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="Creating a tensor from a list of numpy")  # HF collators, harmless here
     transformers.utils.logging.disable_progress_bar()
 
 

@@ -224,7 +224,7 @@ class Trainer:
         if not self.select or self.select[0] not in metrics:
             return
         value, sign = float(metrics[self.select[0]]), (1.0 if self.select[1] == "min" else -1.0)
-        if self.best is None or sign * value < sign * self.best["value"]:
+        if self.best is None or sign * value <= sign * self.best["value"]:  # a tie goes to the later, longer-trained weights
             self.best = {"step": self.step, "value": value, "metrics": metrics}
             self._bad_evals = 0
             save_model(unwrap(self.model), str(self.run_dir / "best.safetensors"))

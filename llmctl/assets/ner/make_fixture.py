@@ -1,7 +1,9 @@
 """Writes the small CoNLL-2003-style NER fixture shipped with llmctl (train/dev/test.conll).
 
 No gold NER data installs offline, so this builds several hundred sentences from templates and
-entity lists (PER / ORG / LOC / MISC in BIO), deterministically. Run it again to regenerate:
+entity lists (PER / ORG / LOC / MISC in BIO), deterministically. Training sentences use two thirds
+of the names and templates; dev and test sentences draw half their entities from the other third
+and use every template, so they hold entities and contexts never seen in training. Run it again to regenerate:
     python -m llmctl.assets.ner.make_fixture
 Columns: token POS chunk tag (POS and chunk are placeholders, as the reader uses only the first
 and last columns).
@@ -37,12 +39,20 @@ TEMPLATES = [
 ]
 
 
-def _sentence(rng: random.Random) -> list[tuple[str, str]]:
+SEEN = 2 / 3  # training draws names and templates from the first two thirds only; dev/test also from the rest
+
+
+def _sentence(rng: random.Random, held_out: bool) -> list[tuple[str, str]]:
+    def pick(items):
+        cut = int(len(items) * SEEN)
+        return rng.choice(items[cut:] if held_out and rng.random() < 0.5 else items[:cut])
+
     out = []
-    for piece in rng.choice(TEMPLATES).split():
+    templates = TEMPLATES if held_out else TEMPLATES[: int(len(TEMPLATES) * SEEN)]
+    for piece in rng.choice(templates).split():
         if piece.startswith("{") and piece.endswith("}"):
             kind = piece[1:-1]
-            words = rng.choice({"PER": PER, "ORG": ORG, "LOC": LOC, "MISC": MISC}[kind]).split()
+            words = pick({"PER": PER, "ORG": ORG, "LOC": LOC, "MISC": MISC}[kind]).split()
             lead = 1 if words[0] == "the" and kind in ("ORG", "LOC", "MISC") else 0  # "the" stays outside the entity
             out += [(w, "O") for w in words[:lead]]
             out += [(w, ("B-" if i == 0 else "I-") + kind) for i, w in enumerate(words[lead:])]
@@ -56,7 +66,7 @@ def write(folder: Path, sizes=(("train", 400), ("dev", 100), ("test", 100)), see
     for split, n in sizes:
         lines = ["-DOCSTART- -X- -X- O", ""]
         for _ in range(n):
-            lines += [f"{w} NN O {t}" for w, t in _sentence(rng)] + [""]
+            lines += [f"{w} NN O {t}" for w, t in _sentence(rng, held_out=split != "train")] + [""]
         (folder / f"{split}.conll").write_text("\n".join(lines))
 
 
