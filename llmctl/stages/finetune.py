@@ -160,7 +160,7 @@ def _label_names(data, column: str, where: str) -> list[str]:
 
 def _label_ids(values, names: list[str]) -> list[int]:
     index = {n: i for i, n in enumerate(names)}
-    return [v if isinstance(v, int) and not isinstance(v, bool) and len(names) > v >= 0 and str(v) not in index else index[str(v)] for v in values]
+    return [index[str(v)] for v in values]
 
 
 def prepare_classification(cfg, data, tokenizer, run) -> Prepared:
