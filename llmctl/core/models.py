@@ -49,11 +49,6 @@ def load_model(folder: Path, kind: str, **kwargs):
         raise LlmctlError(f"cannot load {folder} as {kind}: {str(e).splitlines()[0][:200]}") from None
 
 
-def family_of(config) -> str:
-    model_type = getattr(config, "model_type", "")
-    return {"bert": "bert", "gpt2": "gpt2", "llama": "llama"}.get(model_type, model_type)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(all, trainable) parameter counts; tied weights counted once."""
     seen, total, trainable = set(), 0, 0
