@@ -46,8 +46,10 @@ def main() -> None:
             opt.zero_grad()
         return (time.perf_counter() - t) / a.steps
 
+    model.eval()  # no dropout for the equality check
     with torch.no_grad():
         dense_loss, sparse_loss = float(model(**batch).loss), float(SparseMLM(model)(**batch))
+    model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     dense = timed(lambda: model(**batch).loss)
     model.load_state_dict(state)
