@@ -165,10 +165,14 @@ class Trainer:
             if writer:
                 writer.close()
         wall = time.perf_counter() - t_start
-        final = {**final, "train/best_step": self.best["step"] if self.best else self.step, "train/loss": self.history_last("loss"), "train/steps": self.step, "train/tokens": self.tokens,
-                 "train/tokens_per_s": (self.tokens - tok_start) / max(wall, 1e-9), "train/wall_s": wall,
-                 "train/steps_this_run": self.step - step_start}
-        return final
+        return {**final,
+                "train/loss": self.history_last("loss"),
+                "train/steps": self.step,
+                "train/best_step": self.best["step"] if self.best else self.step,
+                "train/tokens": self.tokens,
+                "train/tokens_per_s": (self.tokens - tok_start) / max(wall, 1e-9),  # this process's run only
+                "train/wall_s": wall,
+                "train/steps_this_run": self.step - step_start}
 
     def _optimizer_step(self, batches, accum: int) -> float:
         model, rt = self.model, self.rt
