@@ -101,6 +101,7 @@ def packaged_model(store, name: str):
 
 
 def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
+    import importlib.util
     import shutil
 
     import torch
@@ -108,7 +109,7 @@ def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
 
     from llmctl.core.store import weights_sha256
 
-    if importlib_missing("gguf"):
+    if importlib.util.find_spec("gguf") is None:
         raise LlmctlError(f"model {name} is a GGUF file; reading it needs: pip install gguf==0.19.0")
     print(f"converting {folder / gguf_file} to a plain HF checkpoint (once; ~20 s)")
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
@@ -129,12 +130,6 @@ def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def importlib_missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
 
 
 def is_causal_folder(folder: Path) -> bool:

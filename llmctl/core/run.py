@@ -95,10 +95,14 @@ def open_run_dir(run: StageRun) -> None:
                 raise LlmctlError(f"resume={resume}: no resumable state there (expected {chosen}/state/trainer_state.json); use resume=auto")
         if chosen is None:
             chosen = run.store.new_run_dir(run.stage, run.name)
-            run.resume_state = None
     path = Path(broadcast_str(run.rt, str(chosen) if chosen else None))
     run.run_dir = path
     run.resume_state = path / "state" if (path / "state" / "trainer_state.json").is_file() else None
+
+
+def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
+    """(metric, mode) a run optimises: objective_metric / objective_mode from config, else the stage's default."""
+    return cfg.get("objective_metric") or default[0], cfg.get("objective_mode") or default[1]
 
 
 def library_versions() -> dict:
@@ -115,7 +119,7 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
             data: dict, task: dict, extra: dict | None = None) -> Resolved | None:
     """Save model + tokenizer into the run folder, drop the training state, and publish a version.
 
-    `objective` is (metric, mode); the config keys objective_metric / objective_mode override it.
+    `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`).
     Only rank 0 writes. Returns the new version (None on other ranks).
     """
     from llmctl.core.models import count_parameters
@@ -126,8 +130,7 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
     shutil.rmtree(folder / "state", ignore_errors=True)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    metric = run.cfg.get("objective_metric") or objective[0]
-    mode = run.cfg.get("objective_mode") or objective[1]
+    metric, mode = resolve_objective(run.cfg, objective)
     total, trainable = count_parameters(model)
     manifest = {
         "kind": kind,

@@ -44,6 +44,19 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def evaluate_model(model, fn: Callable, rt: Runtime, seed: int):
+    """Run `fn(model)` in eval mode, without gradients, under the run's autocast, with a fixed seed
+    (the same MLM masks every time) and without disturbing the training RNG."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), rt.autocast():
+        torch.manual_seed(seed)
+        result = fn(model)
+    model.train(was_training)
+    return result
+
+
 class Trainer:
     """Fit `model` on `train_data` (a map-style dataset) with the knobs of the `train` config group."""
 
@@ -55,6 +68,7 @@ class Trainer:
         self.cfg, self.rt, self.run_dir, self.seed = cfg, rt, Path(run_dir), seed
         self.select, self.patience, self.lr = select, int(patience), float(lr if lr is not None else cfg.lr)
         self.best: dict | None = None  # {"step", "value", "metrics"} of the best evaluation so far
+        self._last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         self._bad_evals = 0
         self.train_data, self.collate, self.evaluate, self.loss_fn = train_data, collate, evaluate, loss_fn
         self.console = console
@@ -153,7 +167,8 @@ class Trainer:
                         self.save_state()
                         raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}/{max_steps}; "
                                           f"state saved in {self.run_dir}; continue with resume=auto")
-            final = self._run_eval(writer)
+            evaluated_here = self._last_eval is not None and self._last_eval[0] == self.step  # e.g. early stopping
+            final = self._last_eval[1] if evaluated_here else self._run_eval(writer)
             if self.best is not None and self.best["step"] != self.step:
                 load_model(unwrap(self.model), str(self.run_dir / "best.safetensors"), device=str(self.rt.device))
                 final = {**self.best["metrics"]}
@@ -203,17 +218,13 @@ class Trainer:
             return {}
         metrics = {}
         if self.rt.is_main:
-            model = unwrap(self.model)
-            model.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]), self.rt.autocast():
-                torch.manual_seed(self.seed)  # the same eval masks every time, without disturbing training RNG
-                metrics = self.evaluate(model)
-            model.train()
+            metrics = evaluate_model(self.model, self.evaluate, self.rt, self.seed)
             self._log({"step": self.step, **metrics}, writer)
             self._track_best(metrics)
             if self.console:
                 shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.count("/") == 1)
                 self.console.print(f"[dim]step {self.step:>6}[/] {shown}")
+        self._last_eval = (self.step, metrics)  # on every rank, so all skip (or all run) the final evaluation together
         barrier(self.rt)
         return metrics
 

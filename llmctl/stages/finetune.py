@@ -72,7 +72,7 @@ def run(cfg) -> float | None:
     from llmctl.core.run import open_run_dir, publish
     from llmctl.core.train import Trainer
 
-    select = (cfg.objective_metric or SELECT[task][0], cfg.objective_mode or SELECT[task][1])
+    select = stage_run.resolve_objective(cfg, SELECT[task])
     open_run_dir(run)
     trainer = Trainer(model, train_data=prep.splits["train"], collate=prep.collate, cfg=cfg.train, rt=run.rt, run_dir=run.run_dir,
                       seed=int(cfg.seed), evaluate=lambda m: prep.evaluate(m, "validation", "eval"), console=run.console,
@@ -88,7 +88,7 @@ def run(cfg) -> float | None:
                 fh.write(json.dumps({"prompt": b["prompt"], "reference": b["reference"], "before": b["output"], "after": a["output"]}) + "\n")
     model = finish_method(cfg.method, model, run)
 
-    result = publish(run, model, tokenizer, kind=TASK_KIND[task], metrics=metrics, objective=(select[0], select[1]),
+    result = publish(run, model, tokenizer, kind=TASK_KIND[task], metrics=metrics, objective=select,
                      data=describe_splits(data, cfg.data, data_fp),
                      task={"stage": "finetune", "task": task, "method": cfg.method.name, **prep.info})
     if result is None:
@@ -315,14 +315,9 @@ def _loader(ds, collate, cfg):
 
 
 def _evaluate_now(model, prep: Prepared, split: str, run) -> dict:
-    import torch
+    from llmctl.core.train import evaluate_model
 
-    from llmctl.core.train import unwrap
-
-    m = unwrap(model)
-    m.eval()
-    with torch.no_grad(), run.rt.autocast():
-        return prep.evaluate(m, split, split)
+    return evaluate_model(model, lambda m: prep.evaluate(m, split, split), run.rt, int(run.cfg.seed))
 
 
 def _summary(info: dict) -> str:
