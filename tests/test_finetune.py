@@ -67,7 +67,7 @@ def _cls_args(bases, reviews, out, *extra):
 
 
 @pytest.mark.parametrize("method, extra, min_accuracy", [  # chance is 0.2; fewer trainable weights learn slower
-    ("full", [], 0.5), ("freeze", ["method.freeze_layers=1"], 0.3), ("lora", ["method.lr=1e-2"], 0.3)])
+    ("full", [], 0.4), ("freeze", ["method.freeze_layers=1"], 0.3), ("lora", ["method.lr=1e-2"], 0.3)])
 def test_classification_learns_with_each_method(bases, reviews, tmp_path, method, extra, min_accuracy):
     code, err = run_inprocess("finetune", *_cls_args(bases, reviews, tmp_path, f"method={method}", "name=c", *extra))
     assert code == 0, err
