@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from conftest import metrics_log, run_inprocess, tiny
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          AutoTokenizer)
 
 from llmctl.core.store import Store
 
@@ -85,6 +86,13 @@ def test_classification_learns_with_each_method(bases, reviews, tmp_path, method
     model = AutoModelForSequenceClassification.from_pretrained(res.path)
     assert model.config.id2label == {0: "business", 1: "entertainment", 2: "politics", 3: "sport", 4: "tech"}
     assert model.config.label2id["tech"] == 4
+    if method == "freeze":  # embeddings and layer 0 arrive unchanged from pretrain's input side; layer 1 trained
+        base = AutoModelForMaskedLM.from_pretrained(bases["enc"])
+        words = base.bert.embeddings.word_embeddings.weight
+        assert not torch.equal(base.cls.predictions.decoder.weight, words)  # bert-tiny's MLM output layer is its own
+        assert torch.equal(model.bert.embeddings.word_embeddings.weight, words)
+        assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, base.bert.encoder.layer[0].output.dense.weight)
+        assert not torch.equal(model.bert.encoder.layer[1].output.dense.weight, base.bert.encoder.layer[1].output.dense.weight)
     if method == "lora":
         assert (res.path / "adapter" / "adapter_model.safetensors").is_file()
         assert not any("lora" in k for k in model.state_dict())  # merged: a plain HF model
