@@ -153,21 +153,18 @@ def _read_files(files: list[str], key: str, data_cfg, task: str):
     from datasets import load_dataset
 
     fmt = _format_of(files, key)
-    if fmt == "conll" or (fmt == "text" and task == "ner"):
-        if all(Path(f).stat().st_size == 0 for f in files):
-            raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a CoNLL file")
+    conll = fmt == "conll" or (fmt == "text" and task == "ner")
+    if fmt == "text" and not conll and task != "text":
+        raise LlmctlError(f"data.{key}: plain .txt files carry no {TASK_COLUMNS[task]} columns; use .jsonl / .csv / .parquet")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        wanted = "a CoNLL file" if conll else "a file with text" if fmt == "text" else "a file with rows"
+        raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give {wanted}")
+    if conll:
         return read_conll(files, key)
-    if fmt == "text" and task != "text":
-        raise LlmctlError(f"data.{key}: plain .txt files carry no {TASK_COLUMNS[task]} columns; use .jsonl / .csv / .parquet"
-                          + (" or CoNLL files" if task == "ner" else ""))
     if fmt == "text":
-        if any(Path(f).stat().st_size == 0 for f in files) and all(Path(f).stat().st_size == 0 for f in files):
-            raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with text")
         # several files = one document each; one file = one example per line
         ds = load_dataset("text", data_files=files, sample_by="document" if len(files) > 1 else "line", split="train")
         return ds.filter(lambda t: bool(t.strip()), input_columns="text")
-    if all(Path(f).stat().st_size == 0 for f in files):
-        raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give a file with rows")
     ds = load_dataset(fmt, data_files=files, split="train")
     return _normalize(ds, data_cfg, task, f"data.{key}")
 

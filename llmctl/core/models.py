@@ -90,14 +90,15 @@ def packaged_model(store, name: str):
     if name not in PACKAGED:
         raise LlmctlError(f"packaged:{name} is not a packaged model; choose from {', '.join(PACKAGED)}")
     spec = PACKAGED[name]
-    if importlib.util.find_spec(spec["module"]) is None:
+    module = importlib.util.find_spec(spec["module"])
+    if module is None:
         raise LlmctlError(f"model {name} needs its package: {spec['install']}")
     if "gguf" not in spec:
         path = Path(importlib.import_module(spec["module"]).get_model_path()).resolve()
         return Resolved(path=path, ref=f"packaged:{name}", manifest=None)
     if store.versions("packaged", name):
         return store.resolve(f"packaged/{name}")
-    return _convert_gguf(store, name, Path(importlib.util.find_spec(spec["module"]).origin).parent, spec["gguf"])
+    return _convert_gguf(store, name, Path(module.origin).parent, spec["gguf"])
 
 
 def _convert_gguf(store, name: str, folder: Path, gguf_file: str):

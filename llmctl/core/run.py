@@ -58,10 +58,10 @@ def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
 
 def quiet_libraries() -> None:
     """llmctl reports progress itself: silence datasets' bars and transformers' info chatter."""
+    import warnings
+
     import datasets
     import transformers
-
-    import warnings
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

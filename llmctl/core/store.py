@@ -60,6 +60,14 @@ class Resolved:
         return (self.manifest or {}).get("kind")
 
 
+def parse_ref(text: str) -> tuple[str, str, str] | None:
+    """(stage, name, selector) of a store reference `stage/name[@vN|@latest|@best]`, else None."""
+    m = _REF.match(str(text).strip())
+    if not m or m.group("stage") not in STORE_STAGES:
+        return None
+    return m.group("stage"), m.group("name"), m.group("sel") or "latest"
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name or ""):
         raise LlmctlError(f"name={name!r} is not a valid checkpoint name; use letters, digits, '.', '_' or '-'")
@@ -161,9 +169,9 @@ class Store:
     def resolve(self, ref: str, *, what: str = "reference") -> Resolved:
         """Turn a reference into a folder. Raises LlmctlError with the fix when it cannot."""
         text = str(ref).strip()
-        m = _REF.match(text)
-        if m and m.group("stage") in STORE_STAGES:
-            stage, name, sel = m.group("stage"), m.group("name"), m.group("sel") or "latest"
+        parsed = parse_ref(text)
+        if parsed:
+            stage, name, sel = parsed
             if self.name_dir(stage, name).is_dir() or not Path(text).exists():
                 return self._resolve_store(stage, name, sel, text, what)
         path = Path(text).expanduser()

@@ -107,9 +107,12 @@ def _default_name(cfg, task: str) -> str:
     import re
     from pathlib import Path
 
+    from llmctl.core.store import parse_ref
+
     if cfg.init_from:
         text = str(cfg.init_from)
-        source = text.split("/", 1)[1].split("@")[0] if re.match(r"^[a-z]+/[^/]+$", text) else Path(text).name
+        ref = parse_ref(text)
+        source = ref[1] if ref else Path(text).name
     else:
         source = str(cfg.model.get("pretrained") or "model").split(":")[-1]
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{source}-{task}")
@@ -140,12 +143,13 @@ def _source(run, cfg, task: str):
 # ---------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------
-def _label_names(data, column: str, where: str) -> list[str]:
-    """Label names from a ClassLabel feature, else the sorted values seen in training; unseen labels are an error."""
+def _labels(data, column: str, where: str) -> tuple[list[str], Callable[[list], list[int]]]:
+    """(label names, raw values → label ids). Names come from a ClassLabel feature (whose values are
+    already ids), else the sorted values seen in training; labels unseen in training are an error."""
     feature = data["train"].features[column]
     inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for NER
     if type(inner).__name__ == "ClassLabel":
-        return list(inner.names)
+        return list(inner.names), list
     flat = lambda values: [v for row in values for v in row] if column == "ner_tags" else list(values)  # noqa: E731
     seen = sorted({str(v) for v in flat(data["train"][column][:])})
     if column == "ner_tags" and "O" in seen:
@@ -155,12 +159,26 @@ def _label_names(data, column: str, where: str) -> list[str]:
         if unseen:
             raise LlmctlError(f"{where}: label {unseen[0]!r} in the {split} split never appears in training; "
                               f"add training examples for it or drop it ({len(unseen)} unseen)")
-    return seen
+    index = {n: i for i, n in enumerate(seen)}
+    return seen, lambda values: [index[str(v)] for v in values]
 
 
-def _label_ids(values, names: list[str]) -> list[int]:
-    index = {n: i for i, n in enumerate(names)}
-    return [index[str(v)] for v in values]
+def _label_kwargs(names: list[str]) -> dict:
+    """from_pretrained kwargs that give the model a fresh head with this label map in its config."""
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+            "ignore_mismatched_sizes": True}
+
+
+def _predict(model, ds, collate, cfg, device) -> tuple[float, list, list]:
+    """Mean loss over the examples of `ds`, and each batch's logits and labels (float, on the CPU)."""
+    loss_sum, n, logits, labels = 0.0, 0, [], []
+    for batch in _loader(ds, collate, cfg):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        loss_sum, n = loss_sum + float(out.loss) * len(batch["labels"]), n + len(batch["labels"])
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return loss_sum / max(n, 1), logits, labels
 
 
 def prepare_classification(cfg, data, tokenizer, run) -> Prepared:
@@ -169,33 +187,23 @@ def prepare_classification(cfg, data, tokenizer, run) -> Prepared:
 
     from llmctl.core.metrics import classification_metrics
 
-    names = _label_names(data, "label", "data.label_column")
-    is_classlabel = type(data["train"].features["label"]).__name__ == "ClassLabel"
+    names, to_ids = _labels(data, "label", "data.label_column")
     max_len = int(cfg.data.max_seq_len)
 
     def encode(batch):
         pair = batch.get("text_pair")
         enc = tokenizer(batch["text"], pair, truncation=True, max_length=max_len)
-        enc["labels"] = batch["label"] if is_classlabel else _label_ids(batch["label"], names)
+        enc["labels"] = to_ids(batch["label"])
         return enc
 
     splits = {k: v.map(encode, batched=True, remove_columns=v.column_names) for k, v in data.items()}
     collate = DataCollatorWithPadding(tokenizer)
 
     def evaluate(model, split, prefix):
-        logits, labels, loss_sum = [], [], 0.0
-        for batch in _loader(splits[split], collate, cfg):
-            batch = {k: v.to(run.rt.device) for k, v in batch.items()}
-            out = model(**batch)
-            loss_sum += float(out.loss) * len(batch["labels"])
-            logits.append(out.logits.float().cpu())
-            labels.append(batch["labels"].cpu())
-        logits, labels = torch.cat(logits), torch.cat(labels)
-        return {f"{prefix}/loss": loss_sum / len(labels), **classification_metrics(logits, labels, names, prefix)}
+        loss, logits, labels = _predict(model, splits[split], collate, cfg, run.rt.device)
+        return {f"{prefix}/loss": loss, **classification_metrics(torch.cat(logits), torch.cat(labels), names, prefix)}
 
-    kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
-              "ignore_mismatched_sizes": True}
-    return Prepared(splits, collate, kwargs, evaluate, {"labels": names})
+    return Prepared(splits, collate, _label_kwargs(names), evaluate, {"labels": names})
 
 
 def prepare_ner(cfg, data, tokenizer, run) -> Prepared:
@@ -205,15 +213,14 @@ def prepare_ner(cfg, data, tokenizer, run) -> Prepared:
 
     if not getattr(tokenizer, "is_fast", False):
         raise LlmctlError("task=ner needs a fast tokenizer (tokenizer.json) to align sub-words with words")
-    names = _label_names(data, "ner_tags", "data (ner_tags)")
-    is_classlabel = type(getattr(data["train"].features["ner_tags"], "feature", None)).__name__ == "ClassLabel"
+    names, to_ids = _labels(data, "ner_tags", "data (ner_tags)")
     max_len = int(cfg.data.max_seq_len)
 
     def encode(batch):
         enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_len)
         labels = []
         for i, tags in enumerate(batch["ner_tags"]):
-            ids = tags if is_classlabel else _label_ids(tags, names)
+            ids = to_ids(tags)
             previous, row = None, []
             for word in enc.word_ids(i):
                 row.append(-100 if word is None or word == previous else ids[word])  # first sub-word only
@@ -226,20 +233,16 @@ def prepare_ner(cfg, data, tokenizer, run) -> Prepared:
     collate = DataCollatorForTokenClassification(tokenizer)
 
     def evaluate(model, split, prefix):
-        true, pred, loss_sum, n = [], [], 0.0, 0
-        for batch in _loader(splits[split], collate, cfg):
-            batch = {k: v.to(run.rt.device) for k, v in batch.items()}
-            out = model(**batch)
-            loss_sum, n = loss_sum + float(out.loss) * len(batch["labels"]), n + len(batch["labels"])
-            for p_row, l_row in zip(out.logits.argmax(-1).tolist(), batch["labels"].tolist()):
+        loss, logits, labels = _predict(model, splits[split], collate, cfg, run.rt.device)
+        true, pred = [], []
+        for batch_logits, batch_labels in zip(logits, labels):  # batches are padded to different lengths
+            for p_row, l_row in zip(batch_logits.argmax(-1).tolist(), batch_labels.tolist()):
                 keep = [(p, t) for p, t in zip(p_row, l_row) if t != -100]
                 true.append([names[t] for _, t in keep])
                 pred.append([names[p] for p, _ in keep])
-        return {f"{prefix}/loss": loss_sum / max(n, 1), **ner_metrics(true, pred, prefix)}
+        return {f"{prefix}/loss": loss, **ner_metrics(true, pred, prefix)}
 
-    kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
-              "ignore_mismatched_sizes": True}
-    return Prepared(splits, collate, kwargs, evaluate, {"labels": names})
+    return Prepared(splits, collate, _label_kwargs(names), evaluate, {"labels": names})
 
 
 def conversation(example, system_prompt: str | None) -> list[dict]:
@@ -269,12 +272,12 @@ def prepare_sft(cfg, data, tokenizer, run) -> Prepared:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_len, system = int(cfg.data.max_seq_len), cfg.sft.get("system_prompt")
+    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [tokenizer.eos_token_id]
 
     def encode(example):
         messages = conversation(example, system)
         prompt = prompt_ids(tokenizer, messages[:-1])
         answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-        end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [tokenizer.eos_token_id]
         ids = (prompt + answer + end)[:max_len]
         labels = ([-100] * len(prompt) + answer + end)[:max_len]  # loss on the response tokens only
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
