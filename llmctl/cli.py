@@ -1,13 +1,21 @@
 """The `llmctl` command: stage subcommands handed to Hydra, and `llmctl ckpt` over the store.
 
 Only dispatch lives here. Importing this module pulls neither torch nor transformers, so
-`llmctl --help` and `llmctl ckpt ...` start fast; stages import what they need when they run.
+`llmctl --help` and `llmctl ckpt ...` start fast; a stage module is imported when it runs.
+
+The stage contract (see `llmctl.stages.Stage`): a module `llmctl/stages/<stage>.py` whose
+docstring is its `--help` and whose `run(cfg) -> float | None` takes the composed config and
+returns the objective value that sweepers optimise (None on non-zero ranks). A config root
+`conf/<stage>.yaml` goes with it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import sys
+import tempfile
 
 import typer
 
@@ -40,10 +48,46 @@ def _fail(e: LlmctlError) -> None:
     raise typer.Exit(e.exit_code)
 
 
+def run_stage(stage: str, args: list[str]) -> None:
+    """`llmctl <stage> <args>`: the stage's `run` as a Hydra job. Raises LlmctlError on bad input."""
+    from llmctl.core.config import run_with_hydra
+    from llmctl.stages import Stage
+
+    module = importlib.import_module(f"llmctl.stages.{stage}")
+    assert isinstance(module, Stage), f"llmctl.stages.{stage} does not follow the stage contract"
+
+    def job(cfg):
+        from llmctl.core.device import gpu_ids
+
+        ids = gpu_ids(cfg.device)
+        if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
+            return _run_under_torchrun(stage, ids)
+        return module.run(cfg)
+
+    run_with_hydra(stage, args, job, doc=module.__doc__ or "")
+
+
+def _run_under_torchrun(stage: str, ids: list[int]) -> float | None:
+    """device=[0,1,...]: this job as one process per GPU, on exactly those GPUs; returns the objective
+    rank 0 published, so sweepers see it."""
+    import subprocess
+
+    from llmctl.core.config import job_overrides
+    from llmctl.core.device import torchrun_command
+    from llmctl.core.run import RESULT_FILE_ENV
+
+    overrides, config_dirs = job_overrides()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), RESULT_FILE_ENV: result}
+        code = subprocess.call(torchrun_command(stage, ids, overrides, config_dirs), env=env)
+        if code != 0:
+            raise LlmctlError(f"the {len(ids)}-process torchrun job exited with status {code} (its own error is printed above)")
+        return json.load(open(result)).get("objective") if os.path.exists(result) else None
+
+
 def _stage_command(stage: str):
     def command(ctx: typer.Context) -> None:
-        from llmctl.core.config import run_stage
-
         try:
             run_stage(stage, list(ctx.args))
         except LlmctlError as e:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from llmctl.core.store import Store
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -34,8 +37,9 @@ _SENTENCES = [
 
 def make_corpus(folder: Path, docs: int = 40) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for d in range(docs):
-        picks = [_SENTENCES[(d * 5 + k * 7) % len(_SENTENCES)] for k in range(6 + d % 4)]
+    for d in range(docs):  # distinct documents (llmctl drops exact duplicates)
+        step = (7, 5, 1, 11)[d // 12 % 4]
+        picks = [_SENTENCES[(d * 5 + k * step) % len(_SENTENCES)] for k in range(6 + d % 4)]
         (folder / f"doc{d:03d}.txt").write_text(" ".join(picks[:3]) + "\n\n" + " ".join(picks[3:]) + "\n")
     return folder
 
@@ -64,7 +68,7 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
 
 def run_inprocess(*args: str) -> tuple[int, str]:
     """The same CLI in this process (fast: imports are paid once). Returns (exit code, stderr line)."""
-    from llmctl.core.config import run_stage
+    from llmctl.cli import run_stage
     from llmctl.core.errors import LlmctlError
 
     stage, *rest = args
@@ -77,3 +81,60 @@ def run_inprocess(*args: str) -> tuple[int, str]:
 
 def metrics_log(version_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (version_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+WORDS = {  # topic words that occur in the conftest corpus, so the tiny tokenizer knows them
+    "business": "bank interest rates shares profit growth exports analysts",
+    "entertainment": "film box office singer tour spring money year",
+    "politics": "ministers education bill voters election opposition inquiry spending",
+    "sport": "striker scored cup final coach team football season",
+    "tech": "engineers chip power mobile phone networks handsets faster",
+}
+
+@pytest.fixture(scope="session")
+def bases(corpus, tmp_path_factory):
+    """A tiny BERT (MLM) and a tiny GPT (causal LM) pre-trained by llmctl, as HF folders."""
+    root = tmp_path_factory.mktemp("bases")
+    ner_text = root / "ner_text"
+    ner_text.mkdir()
+    from llmctl.core.data import ASSETS, read_conll
+
+    sents = read_conll([str(ASSETS / "ner" / "train.conll")], "train")["tokens"][:]
+    (ner_text / "ner.txt").write_text("\n".join(" ".join(s) for s in sents))
+    for obj, name, data in (("mlm", "enc", corpus), ("clm", "gpt", corpus), ("mlm", "nerenc", ner_text / "ner.txt")):
+        args = tiny(obj, data, root, f"name={name}", "train.max_steps=20", "train.lr=3e-3")
+        if name == "enc":  # two layers, so method=freeze can freeze one and train the other
+            args = [a.replace("num_hidden_layers=1", "num_hidden_layers=2") for a in args]
+        code, err = run_inprocess("pretrain", *args)
+        assert code == 0, err
+    store = Store(root)
+    return {k: store.resolve(f"pretrain/{k}").path for k in ("enc", "gpt", "nerenc")}
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory):
+    """A labelled csv with non-default column names (review → sentiment)."""
+    folder = tmp_path_factory.mktemp("cls")
+    import random
+
+    rng, rows = random.Random(0), []
+    for i in range(150):
+        topic = sorted(WORDS)[i % 5]
+        words = rng.sample(WORDS[topic].split(), 5) + rng.sample(["the", "a", "on", "in", "said", "new"], 3)
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": topic})
+    import csv
+
+    for split, part in (("train", rows[:100]), ("dev", rows[100:125]), ("test", rows[125:])):
+        with open(folder / f"{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["review", "sentiment"])
+            w.writeheader()
+            w.writerows(part)
+    return folder
+
+
+def cls_args(bases, reviews, out, *extra):
+    return ["task=classification", f"init_from={bases['enc']}", "data=files", f"data.train={reviews / 'train.csv'}",
+            f"data.validation={reviews / 'dev.csv'}", f"data.test={reviews / 'test.csv'}", "data.text_column=review",
+            "data.label_column=sentiment", "data.max_seq_len=48", "train.max_steps=300", "train.batch_size=8", "train.eval_every=50",
+            "train.log_every=10", "train.lr=1e-3", "patience=0", "precision=fp32", f"output_root={out}", *extra]

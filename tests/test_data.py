@@ -6,25 +6,70 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from llmctl.core.data import fingerprint, load_splits, pack_for_lm
+from llmctl.core.data import fingerprint, load_data, pack_for_lm
 from llmctl.core.errors import LlmctlError
 from llmctl.core.tokenizer import train_tokenizer
 
 
 def _cfg(**kw):
     base = {"source": None, "config_name": None, "train": None, "validation": None, "test": None, "text_column": "text",
-            "label_column": "label", "split_ratio": [0.8, 0.1, 0.1], "split_seed": 0, "max_docs": None, "max_seq_len": 32}
+            "label_column": "label", "split_ratio": [0.8, 0.1, 0.1], "split_seed": 0, "max_docs": None, "max_seq_len": 32,
+            "dedupe": True}
     return OmegaConf.create({**base, **kw})
 
 
-def test_bbc_news_is_the_real_corpus_with_a_stable_stratified_split():
-    a = load_splits(_cfg(source="bbc-news"))
-    b = load_splits(_cfg(source="bbc-news"))
-    assert sum(len(a[s]) for s in ("train", "validation", "test")) == 2225
+def load_splits(cfg, task="text"):
+    return load_data(cfg, task=task).splits
+
+
+def _norm(texts):
+    return {" ".join(t.split()) for t in texts}
+
+
+def test_bbc_news_is_the_real_corpus_deduplicated_with_a_stable_stratified_split():
+    a = load_data(_cfg(source="bbc-news"), task="classification")
+    b = load_data(_cfg(source="bbc-news"), task="classification")
+    assert a.dropped == {"all": 100}  # 2,225 files, 100 of them repeats of another article
+    assert sum(len(a[s]) for s in ("train", "validation", "test")) == 2125
     assert a["train"].features["label"].names == ["business", "entertainment", "politics", "sports", "tech"]
-    assert fingerprint(a) == fingerprint(b)
+    assert a.fingerprint == b.fingerprint
     test_labels = a["test"]["label"][:]
-    assert len(test_labels) == 223 and test_labels.count(3) in range(49, 54)  # stratified: sports is 511/2225
+    assert len(test_labels) == 213 and test_labels.count(3) in range(47, 53)  # stratified: sports is 503/2125
+    train = _norm(a["train"]["text"][:])
+    for split in ("validation", "test"):  # no leakage: no held-out article has a copy in train
+        assert not _norm(a[split]["text"][:]) & train
+
+
+def test_without_dedupe_the_duplicates_leak_into_held_out_splits():
+    raw = load_data(_cfg(source="bbc-news", dedupe=False), task="classification")
+    assert raw.dropped == {} and sum(len(raw[s]) for s in ("train", "validation", "test")) == 2225
+    train = _norm(raw["train"]["text"][:])
+    assert len(_norm(raw["test"]["text"][:]) & train) > 0  # what data.dedupe=true prevents
+
+
+def test_dedupe_normalises_whitespace_and_cleans_given_splits(tmp_path):
+    import datasets
+
+    train = ["alpha beta gamma", "alpha  beta\ngamma", "delta epsilon", "zeta eta", "theta iota", "kappa lambda"]
+    datasets.Dataset.from_dict({"text": train}).to_json(str(tmp_path / "train.jsonl"))
+    datasets.Dataset.from_dict({"text": ["delta   epsilon", "new text here", "new text here", "more new text"]}).to_json(str(tmp_path / "val.jsonl"))
+    data = load_data(_cfg(train=str(tmp_path / "train.jsonl"), validation=str(tmp_path / "val.jsonl")))
+    assert data.dropped == {"train": 1, "validation": 2}  # a whitespace variant in train; a copy of train and a repeat in validation
+    assert len(data["train"]) == 5 and data["validation"]["text"][:] == ["new text here", "more new text"]
+    assert data.record()["duplicates_dropped"] == {"train": 1, "validation": 2}
+
+
+def test_the_record_names_files_by_absolute_path(tmp_path, monkeypatch):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [f"document {i} of the corpus" for i in range(20)]}).to_json(str(tmp_path / "d.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    data = load_data(_cfg(train="d.jsonl", split_ratio=[0.8, 0.2, 0.0]))
+    assert data.config["train"] == str(tmp_path / "d.jsonl")
+    monkeypatch.chdir("/")  # a later stage, somewhere else, loads the same data from the record
+    again = load_data(OmegaConf.create(data.config))
+    assert again.fingerprint == data.fingerprint
+    assert load_data(_cfg(source="bbc-news"), task="classification").config["source"] == "bbc-news"  # builtin names stay names
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv not installed")

@@ -4,67 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import metrics_log, run_inprocess, tiny
+from conftest import cls_args as _cls_args, metrics_log, run_inprocess
 from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
                           AutoTokenizer)
 
 from llmctl.core.store import Store
-
-WORDS = {  # topic words that occur in the conftest corpus, so the tiny tokenizer knows them
-    "business": "bank interest rates shares profit growth exports analysts",
-    "entertainment": "film box office singer tour spring money year",
-    "politics": "ministers education bill voters election opposition inquiry spending",
-    "sport": "striker scored cup final coach team football season",
-    "tech": "engineers chip power mobile phone networks handsets faster",
-}
-
-@pytest.fixture(scope="module")
-def bases(corpus, tmp_path_factory):
-    """A tiny BERT (MLM) and a tiny GPT (causal LM) pre-trained by llmctl, as HF folders."""
-    root = tmp_path_factory.mktemp("bases")
-    ner_text = root / "ner_text"
-    ner_text.mkdir()
-    from llmctl.core.data import ASSETS, read_conll
-
-    sents = read_conll([str(ASSETS / "ner" / "train.conll")], "train")["tokens"][:]
-    (ner_text / "ner.txt").write_text("\n".join(" ".join(s) for s in sents))
-    for obj, name, data in (("mlm", "enc", corpus), ("clm", "gpt", corpus), ("mlm", "nerenc", ner_text / "ner.txt")):
-        args = tiny(obj, data, root, f"name={name}", "train.max_steps=20", "train.lr=3e-3")
-        if name == "enc":  # two layers, so method=freeze can freeze one and train the other
-            args = [a.replace("num_hidden_layers=1", "num_hidden_layers=2") for a in args]
-        code, err = run_inprocess("pretrain", *args)
-        assert code == 0, err
-    store = Store(root)
-    return {k: store.resolve(f"pretrain/{k}").path for k in ("enc", "gpt", "nerenc")}
-
-
-@pytest.fixture(scope="module")
-def reviews(tmp_path_factory):
-    """A labelled csv with non-default column names (review → sentiment)."""
-    folder = tmp_path_factory.mktemp("cls")
-    import random
-
-    rng, rows = random.Random(0), []
-    for i in range(150):
-        topic = sorted(WORDS)[i % 5]
-        words = rng.sample(WORDS[topic].split(), 5) + rng.sample(["the", "a", "on", "in", "said", "new"], 3)
-        rng.shuffle(words)
-        rows.append({"review": " ".join(words), "sentiment": topic})
-    import csv
-
-    for split, part in (("train", rows[:100]), ("dev", rows[100:125]), ("test", rows[125:])):
-        with open(folder / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["review", "sentiment"])
-            w.writeheader()
-            w.writerows(part)
-    return folder
-
-
-def _cls_args(bases, reviews, out, *extra):
-    return ["task=classification", f"init_from={bases['enc']}", "data=files", f"data.train={reviews / 'train.csv'}",
-            f"data.validation={reviews / 'dev.csv'}", f"data.test={reviews / 'test.csv'}", "data.text_column=review",
-            "data.label_column=sentiment", "data.max_seq_len=48", "train.max_steps=300", "train.batch_size=8", "train.eval_every=50",
-            "train.log_every=10", "train.lr=1e-3", "patience=0", "precision=fp32", f"output_root={out}", *extra]
 
 
 @pytest.mark.parametrize("method, extra, min_accuracy", [  # chance is 0.2; fewer trainable weights learn slower
@@ -129,25 +73,6 @@ def test_sft_learns_the_responses_and_writes_samples(bases, tmp_path, method, lr
     AutoTokenizer.from_pretrained(res.path)
     assert not any("lora" in k for k in model.state_dict())
     assert (res.path / "adapter" / "adapter_model.safetensors").is_file() == (method == "lora")
-
-
-def test_sft_masks_the_prompt(tmp_path):
-    from datasets import Dataset, DatasetDict
-    from omegaconf import OmegaConf
-
-    from llmctl.core.tokenizer import train_tokenizer
-    from llmctl.stages.finetune import prepare_sft
-
-    # a trained BPE has no chat template: this exercises the plain "### user / ### assistant" format
-    t = train_tokenizer(["What is 2 plus 3? 2 plus 3 is 5."] * 20, family="gpt2", vocab_size=300, lowercase=False, max_len=64,
-                        cache_root=tmp_path, data_fp="sft")
-
-    data = DatasetDict({"train": Dataset.from_dict({"prompt": ["What is 2 plus 3?"], "response": ["2 plus 3 is 5."]})})
-    cfg = OmegaConf.create({"data": {"max_seq_len": 64}, "sft": {"system_prompt": None}, "train": {"batch_size": 1}})
-    row = prepare_sft(cfg, data, t, None).splits["train"][0]
-    labelled = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
-    assert t.decode(labelled).startswith("2 plus 3 is 5.")
-    assert row["labels"][0] == -100 and len(row["labels"]) == len(row["input_ids"])
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -1,19 +1,30 @@
-"""The training loop: resume continues the same loss curve; DDP under torchrun writes one checkpoint."""
+"""The training loop: resume continues the same run (loss curve, best checkpoint, patience); the
+best-keeper's rules; DDP under torchrun on 2 CPU processes (gloo) agrees, synchronises and splits."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import REPO, metrics_log, run_cli, tiny
+from conftest import REPO, cls_args, metrics_log, run_cli, run_inprocess, tiny
 
-from llmctl.core.store import Store
+from llmctl.core.device import Runtime
+from llmctl.core.store import Store, weights_sha256
+from llmctl.core.train import BestKeeper, Trainer
+
+VOLATILE = ("train/wall_s", "train/tokens_per_s", "train/steps_this_run")  # timings and per-process counts
 
 
 def _losses(log):
     return {r["step"]: r["loss"] for r in log if "loss" in r}
+
+
+def _run_folder(runs: Path) -> Path:
+    return next(p for p in runs.iterdir() if p.is_dir() and not p.name.endswith(".state") and not p.name.startswith("."))
 
 
 def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
@@ -36,25 +47,128 @@ def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "resume=auto" in err
     assert Store(tmp_path / "b").versions("pretrain", "r") == []  # nothing published
-    stopped_at = max(_losses(metrics_log(next(runs.iterdir()))))
+    stopped_at = max(_losses(metrics_log(_run_folder(runs))))
     assert stopped_at < 200
 
     resumed = run_cli("pretrain", *tiny("clm", corpus, tmp_path / "b", "name=r", steps, "train.eval_every=0", "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     curve = _losses(metrics_log(Store(tmp_path / "b").resolve("pretrain/r").path))
     assert sorted(curve) == sorted(straight)
     for step in straight:
         assert curve[step] == pytest.approx(straight[step], abs=1e-4), step
+    assert not list(runs.glob("*.state"))  # the resumable state is gone once the version is published
+
+
+def _stop_at(monkeypatch, step: int) -> None:
+    """Send this process SIGTERM when the loop reaches `step`, as a scheduler would."""
+    real = Trainer._optimizer_step
+
+    def step_then_signal(self, batches, accum):
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches, accum)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)
+
+
+def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews, tmp_path, monkeypatch):
+    # Selecting the *highest* validation loss makes an early evaluation the best and later ones worse,
+    # so the run stops early and restores weights older than its last step. Stopped just after that
+    # best evaluation and resumed, it must publish the same weights and metrics and stop at the same
+    # step. (Before the fix, the first evaluation after a resume counted as best and the patience
+    # count started again.)
+    args = cls_args(bases, reviews, tmp_path, "name=b", "train.max_steps=60", "train.eval_every=5", "patience=3",
+                    "train.warmup_ratio=0", "train.lr=3e-3", "objective_metric=eval/loss", "objective_mode=max")
+    assert run_inprocess("finetune", *args, "output_root=" + str(tmp_path / "straight"))[0] == 0
+    straight = Store(tmp_path / "straight").resolve("finetune/b")
+    best, last = straight.manifest["metrics"]["train/best_step"], straight.manifest["metrics"]["train/steps"]
+    assert best < last < 60  # the best is not the last, and early stopping ended the run
+
+    _stop_at(monkeypatch, best + 1)  # interrupted right after the best evaluation
+    code, err = run_inprocess("finetune", *args, "output_root=" + str(tmp_path / "stopped"))
+    assert code == 143 and "resume=auto" in err
+    monkeypatch.undo()
+    code, err = run_inprocess("finetune", *args, "output_root=" + str(tmp_path / "stopped"), "resume=auto")
+    assert code == 0, err
+    resumed = Store(tmp_path / "stopped").resolve("finetune/b")
+    assert weights_sha256(resumed.path) == weights_sha256(straight.path)
+    a = {k: v for k, v in straight.manifest["metrics"].items() if k not in VOLATILE}
+    b = {k: v for k, v in resumed.manifest["metrics"].items() if k not in VOLATILE}
+    assert a == b
+
+
+def _keeper(tmp_path, mode="min", patience=2):
+    return BestKeeper("eval/loss", mode, patience, tmp_path / "best.safetensors", Runtime(device=None, precision="fp32", reason=""))
+
+
+def test_best_keeper_ties_go_to_later_weights_and_nan_never_wins(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    keeper = _keeper(tmp_path)
+    assert keeper.update(0, 2.0, {"eval/loss": 2.0}, model) and keeper.step == 0
+    assert keeper.update(5, 2.0, {"eval/loss": 2.0}, model) and keeper.step == 5  # a tie: the longer-trained weights
+    assert not keeper.update(10, float("nan"), {}, model) and keeper.step == 5
+    assert not keeper.should_stop
+    assert not keeper.update(15, 3.0, {}, model) and keeper.should_stop  # two evaluations without improvement
+    state = keeper.state_dict()
+    again = _keeper(tmp_path)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert again.state_dict() == state
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP on 2 CPU processes (gloo)
+# ---------------------------------------------------------------------------------------------
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_ranks_stay_in_sync_see_different_batches_and_draw_different_masks(tmp_path):
+    out = _torchrun(str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["initial"] == ranks[1]["initial"]  # the same starting weights on both ranks
+    assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]  # gradients synchronised: trained, and equal
+    for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert not set(a) & set(b)  # within every step the ranks read different examples
+    assert ranks[0]["draws"] != ranks[1]["draws"]  # masking and dropout draw from per-rank streams
+    assert ranks[0]["loss"] == ranks[1]["loss"]  # the logged loss is agreed (averaged over ranks)
 
 
 def test_torchrun_two_processes_on_cpu_write_one_checkpoint(corpus, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "llmctl", "pretrain",
-           *tiny("clm", corpus, tmp_path, "name=ddp", "train.max_steps=6", "device=cpu")]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = _torchrun("-m", "llmctl", "pretrain", *tiny("clm", corpus, tmp_path, "name=ddp", "train.max_steps=6", "device=cpu"))
     assert out.returncode == 0, out.stderr[-3000:]
     store = Store(tmp_path)
     assert store.versions("pretrain", "ddp") == [1]
     m = store.resolve("pretrain/ddp").manifest
     assert m["runtime"]["world_size"] == 2
     assert m["metrics"]["train/tokens"] == 6 * 8 * 2 * 32  # steps × per-rank batch × ranks × tokens
+
+
+def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, tmp_path):
+    # every rank must restore the same best weights (rank 0 writes them; the others wait, then load)
+    args = cls_args(bases, reviews, tmp_path, "name=d", "train.max_steps=12", "train.eval_every=4", "patience=0", "device=cpu",
+                    "train.warmup_ratio=0", "train.lr=3e-3", "objective_metric=eval/loss", "objective_mode=max")
+    out = _torchrun("-m", "llmctl", "finetune", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = Store(tmp_path).resolve("finetune/d")
+    m = res.manifest["metrics"]
+    assert res.manifest["runtime"]["world_size"] == 2 and m["train/best_step"] < m["train/steps"] == 12
+    at_best = next(r for r in metrics_log(res.path) if "eval/loss" in r and r["step"] == m["train/best_step"])
+    assert m["eval/loss"] == pytest.approx(at_best["eval/loss"])  # the published model is the best step's
+    # and the published weights are that step's: re-evaluated from the checkpoint and its task record alone
+    import torch
+
+    from llmctl.core.data import load_data
+    from llmctl.core.loading import load_checkpoint
+    from llmctl.core.tasks import prepare, record_data_config
+
+    loaded = load_checkpoint(Store(tmp_path), "finetune/d")
+    data = load_data(record_data_config(loaded.task), task="classification")
+    task = prepare("classification", data, loaded.tokenizer, max_seq_len=loaded.task["max_seq_len"], batch_size=8)
+    with torch.no_grad():
+        again = task.evaluate(loaded.model.eval())
+    assert again["eval/loss"] == pytest.approx(at_best["eval/loss"], abs=1e-5)

@@ -1,18 +1,19 @@
-"""Running a stage under Hydra, and turning Hydra's multi-line errors into one clear line.
+"""Running a job under Hydra, and turning Hydra's multi-line errors into one clear line.
 
-Each stage command hands its arguments to a ``hydra.main`` built at call time (the compose API
-cannot multirun), over the absolute ``conf/`` path, so overrides, ``-m``, ``--cfg``, sweepers and
-launchers all behave as in any Hydra app. ``HYDRA_FULL_ERROR=1`` makes Hydra re-raise instead of
-printing a trace, so the CLI can print one line and exit non-zero.
+The CLI hands each stage's arguments to `run_with_hydra`, which builds a ``hydra.main`` at call
+time (the compose API cannot multirun) over the absolute ``conf/`` path, so overrides, ``-m``,
+``--cfg``, sweepers and launchers all behave as in any Hydra app. ``HYDRA_FULL_ERROR=1`` makes
+Hydra re-raise instead of printing a trace, so the CLI can print one line and exit non-zero.
+Which stage runs is the CLI's business (llmctl/cli.py); nothing here imports a stage.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from llmctl.core.errors import LlmctlError
 
@@ -26,15 +27,15 @@ def config_dir() -> Path:
     raise LlmctlError(f"llmctl's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'}); reinstall llmctl")
 
 
-def run_stage(stage: str, args: list[str]) -> None:
-    """Run `llmctl <stage> <args>` through Hydra. Raises LlmctlError on bad input."""
+def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") -> None:
+    """Run `job(cfg)` through Hydra with the `stage` config root and the command line `args`
+    (`llmctl <stage> <args>`). Raises LlmctlError on bad input."""
     import hydra  # deferred: `llmctl --help` must stay fast
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    module = importlib.import_module(f"llmctl.stages.{stage}")
     if "--help" in args or "-h" in args:
-        print((module.__doc__ or "").strip() + "\n")
+        print(doc.strip() + "\n")
     sys.argv = [f"llmctl {stage}", *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise; we print one line ourselves
 
@@ -42,7 +43,7 @@ def run_stage(stage: str, args: list[str]) -> None:
 
     def task(cfg):
         try:
-            return module.run(cfg)
+            return job(cfg)
         except (LlmctlError, OmegaConfBaseException) as e:
             error = e if isinstance(e, LlmctlError) else LlmctlError(_omegaconf_line(e))
             if _multirun():  # a sweep reports the failing job through Hydra
@@ -50,7 +51,7 @@ def run_stage(stage: str, args: list[str]) -> None:
             failure.append(error)  # a single run: keep Hydra from printing its own "Error executing job" line
             return None
 
-    task.__module__ = module.__name__
+    task.__module__ = f"llmctl.stages.{stage}"
     task.__qualname__ = task.__name__ = stage
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     try:
@@ -155,6 +156,16 @@ def preset_name(default: str = "custom") -> str:
         return HydraConfig.get().runtime.choices.get("conf") or default
     except Exception:  # not running under Hydra (tests calling a stage directly)
         return default
+
+
+def job_overrides() -> tuple[list[str], list[str]]:
+    """This Hydra job's own overrides (one sweep point's values under -m, without -m or sweep lists)
+    and the user's --config-dir folders: what a child process needs to run exactly this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    dirs = [s.path for s in hc.runtime.config_sources if s.provider == "command-line" and s.schema == "file"]
+    return list(hc.overrides.task), dirs
 
 
 def command_line() -> str:

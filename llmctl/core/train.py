@@ -1,14 +1,24 @@
-"""The training loop every training stage calls (pretrain now; finetune, distill, QAT later).
+"""The training loop every training stage calls (pretrain, finetune; distill and QAT later).
 
 Why a plain PyTorch loop rather than HF Trainer or Accelerate: at equal work they run within a
 few percent of each other on CPU, and a short explicit loop lets stages plug in a custom loss
 (`loss_fn(model, batch)`, e.g. distillation against a frozen teacher) and their own evaluation,
 keeps resumable state in safetensors + JSON (nothing pickled), and runs under `torchrun` with
 plain DDP. Features: gradient accumulation, warmup + decay (transformers' schedulers), global
-norm clipping, autocast (bf16/fp16), periodic evaluation, a rich progress bar (loss, tokens/s,
-ETA), TensorBoard events and a `metrics.jsonl` log, resumable state every `save_every` steps and
-on SIGTERM/SIGINT, and `resume` restoring weights, optimizer, scheduler, RNG and data position so
-the same loss curve continues.
+norm clipping, autocast (bf16/fp16), periodic evaluation, best-checkpoint selection with early
+stopping, a rich progress bar (loss, tokens/s, ETA), TensorBoard events and a `metrics.jsonl`
+log, resumable state every `save_every` steps and on SIGTERM/SIGINT, and `resume` restoring
+weights, optimizer, scheduler, every rank's RNG, the data position and the best-so-far, so the
+same run continues as if never stopped.
+
+One piece per concern, each with its own rules:
+- `MetricSink`: the log (rank 0 writes).
+- `BestKeeper`: the best evaluation's weights and the patience counter; every rank keeps the same
+  record (rank 0 evaluates and broadcasts the selection value), so they stop and restore together.
+- `save_state` / `load_state` on the Trainer: the resumable state beside the run folder.
+- DDP: decisions that end or branch the loop (a stop signal, a non-finite loss, early stopping)
+  are agreed across ranks; masking and dropout draw from a per-rank seed while the initial
+  weights are rank 0's (DDP broadcasts them); each rank reads its own slice of every global batch.
 """
 
 from __future__ import annotations
@@ -21,19 +31,20 @@ import random
 import shutil
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llmctl.core.device import Runtime, barrier
+from llmctl.core.device import Runtime, all_ranks_sum, barrier, broadcast_floats, rank_seed, seed_everything
 from llmctl.core.errors import Interrupted, LlmctlError
+from llmctl.core.store import TRAINER_STATE
 
-STATE = "state"
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+BEST = "best.safetensors"
 
 
 def default_loss(model, batch) -> torch.Tensor:
@@ -57,25 +68,114 @@ def evaluate_model(model, fn: Callable, rt: Runtime, seed: int):
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------------
+class MetricSink:
+    """`metrics.jsonl` and TensorBoard events in the run folder; rank 0 writes, the others drop records."""
+
+    def __init__(self, run_dir: Path, rt: Runtime):
+        self.path, self.rt = Path(run_dir) / "metrics.jsonl", rt
+        self.history: list[dict] = []
+        self._writer = None
+        if rt.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def truncate(self, step: int) -> None:
+        """Drop what a stopped run logged after its last saved state (a resumed run logs those steps again)."""
+        if self.rt.is_main and self.path.is_file():
+            self.history = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def log(self, record: dict) -> None:
+        if not self.rt.is_main:
+            return
+        self.history.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
+
+    def last(self, key: str):
+        return next((r[key] for r in reversed(self.history) if key in r), None)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-checkpoint selection and early stopping
+# ---------------------------------------------------------------------------------------------
+class BestKeeper:
+    """The best evaluation so far by `metric` (`mode` min|max), its weights in `path`, and the number
+    of evaluations since it (early stopping after `patience` of them; 0 = never).
+
+    Every rank calls `update` with the same value (rank 0 evaluates and broadcasts), so every rank
+    holds the same record and takes the same decisions; only rank 0 writes the weights file. A tie
+    goes to the later, longer-trained weights."""
+
+    def __init__(self, metric: str, mode: str, patience: int, path: Path, rt: Runtime):
+        self.metric, self.mode, self.patience, self.path, self.rt = metric, mode, int(patience), Path(path), rt
+        self.step: int | None = None
+        self.value: float | None = None
+        self.metrics: dict = {}
+        self.bad_evals = 0
+
+    def update(self, step: int, value: float, metrics: dict, model) -> bool:
+        sign = 1.0 if self.mode == "min" else -1.0
+        if not math.isfinite(value) or (self.value is not None and sign * value > sign * self.value):
+            self.bad_evals += 1
+            return False
+        self.step, self.value, self.metrics, self.bad_evals = step, value, metrics, 0
+        if self.rt.is_main:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            save_model(unwrap(model), str(tmp))
+            os.replace(tmp, self.path)  # a new inode: a saved state's hard link keeps the previous best
+        return True
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad_evals >= self.patience
+
+    def restore(self, model, device) -> None:
+        """Load the best weights into `model` on every rank (rank 0 wrote them before the barrier)."""
+        barrier(self.rt)
+        load_model(unwrap(model), str(self.path), device=str(device))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "value": self.value, "metrics": self.metrics, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.value, self.metrics, self.bad_evals = state["step"], state["value"], state["metrics"], state["bad_evals"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
 class Trainer:
     """Fit `model` on `train_data` (a map-style dataset) with the knobs of the `train` config group."""
 
-    def __init__(self, model, *, train_data, collate, cfg, rt: Runtime, run_dir: Path, seed: int,
+    def __init__(self, model, *, train_data, collate, cfg, rt: Runtime, run_dir: Path, state_dir: Path, seed: int,
                  evaluate: Callable[[torch.nn.Module], dict] | None = None, loss_fn: LossFn = default_loss, console=None,
-                 select: tuple[str, str] | None = None, patience: int = 0, lr: float | None = None):
+                 select: tuple[str, str] | None = None, patience: int = 0, lr: float | None = None, identity: dict | None = None):
         """`select` = (metric, "min"|"max") keeps the best evaluated weights and restores them at the end;
-        `patience` > 0 stops after that many evaluations without improvement (early stopping)."""
-        self.cfg, self.rt, self.run_dir, self.seed = cfg, rt, Path(run_dir), seed
-        self.select, self.patience, self.lr = select, int(patience), float(lr if lr is not None else cfg.lr)
-        self.best: dict | None = None  # {"step", "value", "metrics"} of the best evaluation so far
-        self._last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
-        self._bad_evals = 0
+        `patience` > 0 stops after that many evaluations without improvement (early stopping).
+        `identity` describes what is being trained (data, model, world size); it is saved with the
+        resumable state so a resume can refuse a different run."""
+        self.cfg, self.rt, self.seed, self.console = cfg, rt, int(seed), console
+        self.run_dir, self.state_dir, self.identity = Path(run_dir), Path(state_dir), identity or {}
+        self.lr = float(lr if lr is not None else cfg.lr)
         self.train_data, self.collate, self.evaluate, self.loss_fn = train_data, collate, evaluate, loss_fn
-        self.console = console
+        self.best = BestKeeper(*select, patience, self.run_dir / BEST, rt) if select else None
         self.model = model.to(rt.device)
-        if rt.distributed:
+        if rt.distributed:  # DDP broadcasts rank 0's weights: every rank starts from the same model
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        seed_everything(rank_seed(self.seed, rt.rank))  # masking and dropout differ per rank
         self.per_rank_batch = int(cfg.batch_size)
         self.per_epoch = len(train_data) // (self.per_rank_batch * rt.world_size)
         if self.per_epoch == 0:
@@ -84,7 +184,8 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.step, self.micro, self.tokens = 0, 0, 0
-        self.history: list[dict] = []
+        self.sink: MetricSink | None = None
+        self._last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         self._stop_signal: int | None = None
 
     # ---- setup --------------------------------------------------------------------------------
@@ -107,8 +208,9 @@ class Trainer:
             raise LlmctlError(f"train.scheduler={self.cfg.scheduler!r}: {str(e).splitlines()[0][:160]}") from None
 
     # ---- data order ---------------------------------------------------------------------------
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches of one epoch: a seeded permutation, cut into global batches."""
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of one epoch: one seeded permutation shared by all ranks, cut into
+        global batches, each rank taking its own slice (the ranks never see the same example in a step)."""
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         perm = torch.randperm(len(self.train_data), generator=g).tolist()
         b, world, r = self.per_rank_batch, self.rt.world_size, self.rt.rank
@@ -121,20 +223,21 @@ class Trainer:
             epoch, offset = divmod(self.micro, self.per_epoch)
             # its own generator: creating an iterator must not draw from the global RNG (dropout, masking),
             # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one
-            loader = DataLoader(self.train_data, batch_sampler=self._epoch_batches(epoch)[offset:], collate_fn=self.collate,
-                                num_workers=int(self.cfg.get("num_workers", 0)), generator=torch.Generator().manual_seed(self.seed + epoch))
+            loader = DataLoader(self.train_data, batch_sampler=self.epoch_batches(epoch)[offset:], collate_fn=self.collate,
+                                num_workers=int(self.cfg.get("num_workers", 0)),
+                                generator=torch.Generator().manual_seed(rank_seed(self.seed, self.rt.rank) + epoch))
             yield from loader
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume_state: Path | None = None) -> dict:
-        """Train to `max_steps`; returns the final evaluation metrics."""
+        """Train to `max_steps`; returns the final (or the best) evaluation's metrics and training figures."""
+        self.sink = MetricSink(self.run_dir, self.rt)
         if resume_state is not None:
-            self._load_state(resume_state)
+            self.load_state(resume_state)
         max_steps, accum = int(self.cfg.max_steps), int(self.cfg.grad_accum)
-        writer = self._tensorboard()
         final: dict = {}
         if self.step == 0:
-            final = self._run_eval(writer)
+            final = self._run_eval()
         batches = self._micro_batches()
         old_handlers = self._catch_signals()
         t_start, tok_start, step_start = time.perf_counter(), self.tokens, self.step
@@ -143,7 +246,7 @@ class Trainer:
             with self._progress() as progress:
                 task = progress.add_task("train", total=max_steps, completed=self.step, info="") if progress else None
                 while self.step < max_steps:
-                    loss = self._optimizer_step(batches, accum)
+                    loss, stop = self._optimizer_step(batches, accum)
                     self.step += 1
                     if progress:
                         progress.update(task, completed=self.step)
@@ -151,45 +254,45 @@ class Trainer:
                         now = time.perf_counter()
                         tps = (self.tokens - window_tok) / max(now - window_t, 1e-9)
                         window_t, window_tok = now, self.tokens
-                        self._log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps}, writer)
+                        self.sink.log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps})
                         if progress:
                             progress.update(task, info=f"loss {loss:.4f} · {tps:,.0f} tok/s")
                     evaluate_now = int(self.cfg.eval_every) and self.step % int(self.cfg.eval_every) == 0
                     if evaluate_now and self.step < max_steps:
-                        self._run_eval(writer)
-                        if self._early_stop():
-                            if self.console:
-                                self.console.print(f"early stopping at step {self.step}: {self.select[0]} has not improved for {self.patience} evaluations")
+                        self._run_eval()
+                        if self.best is not None and self.best.should_stop:
+                            self._print(f"early stopping at step {self.step}: {self.best.metric} has not improved for {self.best.patience} evaluations")
                             break
                     if int(self.cfg.save_every) and self.step % int(self.cfg.save_every) == 0 and self.step < max_steps:
                         self.save_state()
-                    if self._stop_signal is not None:
+                    if stop:
                         self.save_state()
-                        raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}/{max_steps}; "
-                                          f"state saved in {self.run_dir}; continue with resume=auto")
+                        raise Interrupted(f"stopped by a signal at step {self.step}/{max_steps}; "
+                                          f"state saved in {self.state_dir}; continue with resume=auto")
             evaluated_here = self._last_eval is not None and self._last_eval[0] == self.step  # e.g. early stopping
-            final = self._last_eval[1] if evaluated_here else self._run_eval(writer)
-            if self.best is not None and self.best["step"] != self.step:
-                load_model(unwrap(self.model), str(self.run_dir / "best.safetensors"), device=str(self.rt.device))
-                final = {**self.best["metrics"]}
-                if self.console:
-                    self.console.print(f"restored the best weights: step {self.best['step']}, {self.select[0]} {self.best['value']:.4f}")
-            (self.run_dir / "best.safetensors").unlink(missing_ok=True)
+            final = self._last_eval[1] if evaluated_here else self._run_eval()
+            if self.best is not None and self.best.step is not None and self.best.step != self.step:
+                self.best.restore(self.model, self.rt.device)
+                final = dict(self.best.metrics)
+                self._print(f"restored the best weights: step {self.best.step}, {self.best.metric} {self.best.value:.4f}")
+            barrier(self.rt)  # every rank has loaded the best weights before rank 0 removes the file
+            if self.rt.is_main:
+                (self.run_dir / BEST).unlink(missing_ok=True)
         finally:
             self._restore_signals(old_handlers)
-            if writer:
-                writer.close()
+            self.sink.close()
         wall = time.perf_counter() - t_start
         return {**final,
-                "train/loss": self.history_last("loss"),
+                "train/loss": self.sink.last("loss"),
                 "train/steps": self.step,
-                "train/best_step": self.best["step"] if self.best else self.step,
+                "train/best_step": self.best.step if self.best is not None and self.best.step is not None else self.step,
                 "train/tokens": self.tokens,
                 "train/tokens_per_s": (self.tokens - tok_start) / max(wall, 1e-9),  # this process's run only
                 "train/wall_s": wall,
                 "train/steps_this_run": self.step - step_start}
 
-    def _optimizer_step(self, batches, accum: int) -> float:
+    def _optimizer_step(self, batches, accum: int) -> tuple[float, bool]:
+        """One optimizer step; returns (the loss averaged over ranks, whether any rank was asked to stop)."""
         model, rt = self.model, self.rt
         model.train()
         total = 0.0
@@ -204,69 +307,44 @@ class Trainer:
             total += float(loss.detach()) / accum
             mask = batch.get("attention_mask")
             self.tokens += int(mask.sum()) * rt.world_size if mask is not None else batch["input_ids"].numel() * rt.world_size
-        if not math.isfinite(total):
-            raise LlmctlError(f"the loss became {total} at step {self.step + 1}; lower train.lr or use precision=fp32")
+        loss_sum, stops = all_ranks_sum(rt, [total, float(self._stop_signal is not None)])  # every rank decides alike
+        mean = loss_sum / rt.world_size
+        if not math.isfinite(mean):
+            raise LlmctlError(f"the loss became {mean} at step {self.step + 1}; lower train.lr or use precision=fp32")
         if float(self.cfg.max_grad_norm) > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return mean, stops > 0
 
-    def _run_eval(self, writer) -> dict:
+    def _run_eval(self) -> dict:
+        """Rank 0 evaluates and logs; the selection value is broadcast so every rank's BestKeeper agrees."""
         if self.evaluate is None:
             return {}
         metrics = {}
         if self.rt.is_main:
             metrics = evaluate_model(self.model, self.evaluate, self.rt, self.seed)
-            self._log({"step": self.step, **metrics}, writer)
-            self._track_best(metrics)
-            if self.console:
-                shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.count("/") == 1)
-                self.console.print(f"[dim]step {self.step:>6}[/] {shown}")
+            self.sink.log({"step": self.step, **metrics})
+            shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.count("/") == 1)
+            self._print(f"[dim]step {self.step:>6}[/] {shown}")
+        if self.best is not None:
+            value = metrics.get(self.best.metric)
+            present = isinstance(value, (int, float))
+            present, value = broadcast_floats(self.rt, [float(present), float(value) if present else 0.0])
+            if not present:  # every rank raises (none is left waiting in a collective)
+                known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)) and k.count("/") == 1)
+                raise LlmctlError(f"objective_metric={self.best.metric} is not a metric this task reports ({known or 'see rank 0'}); "
+                                  f"set objective_metric to one of them")
+            self.best.update(self.step, value, metrics, self.model)
+        else:
+            barrier(self.rt)
         self._last_eval = (self.step, metrics)  # on every rank, so all skip (or all run) the final evaluation together
-        barrier(self.rt)
         return metrics
 
-    def _early_stop(self) -> bool:
-        """Rank 0 decides; every rank learns the decision (they must leave the loop together)."""
-        stop = torch.tensor([float(bool(self.patience) and self._bad_evals >= self.patience)], device=self.rt.device)
-        if self.rt.distributed:
-            torch.distributed.broadcast(stop, src=0)
-        return bool(stop.item())
-
-    def _track_best(self, metrics: dict) -> None:
-        if not self.select or self.select[0] not in metrics:
-            return
-        value, sign = float(metrics[self.select[0]]), (1.0 if self.select[1] == "min" else -1.0)
-        if self.best is None or sign * value <= sign * self.best["value"]:  # a tie goes to the later, longer-trained weights
-            self.best = {"step": self.step, "value": value, "metrics": metrics}
-            self._bad_evals = 0
-            save_model(unwrap(self.model), str(self.run_dir / "best.safetensors"))
-        else:
-            self._bad_evals += 1
-
-    # ---- logging ------------------------------------------------------------------------------
-    def _tensorboard(self):
-        if not self.rt.is_main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tb"))
-
-    def _log(self, record: dict, writer) -> None:
-        if not self.rt.is_main:
-            return
-        self.history.append(record)
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if writer:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
-
-    def history_last(self, key: str):
-        return next((r[key] for r in reversed(self.history) if key in r), None)
+    def _print(self, text: str) -> None:
+        if self.console is not None and self.rt.is_main:
+            self.console.print(text)
 
     def _progress(self):
         if not self.rt.is_main or self.console is None:
@@ -295,27 +373,31 @@ class Trainer:
 
     # ---- resumable state (safetensors + JSON; nothing pickled) ---------------------------------
     def save_state(self) -> None:
-        """Write weights, optimizer, scheduler, RNG and data position to run_dir/state atomically."""
+        """Write weights, optimizer, scheduler, every rank's RNG, the data position and the best-so-far
+        to the state folder, atomically (a crash leaves the previous state or the new one)."""
+        final = self.state_dir
+        tmp = final.with_name(f".{final.name}.tmp")
         if self.rt.is_main:
-            tmp = self.run_dir / f".{STATE}.{uuid.uuid4().hex}"
-            tmp.mkdir()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.rt)
+        _save_rng(tmp / f"rng-rank{self.rt.rank}.safetensors")
+        barrier(self.rt)
+        if self.rt.is_main:
             save_model(unwrap(self.model), str(tmp / "model.safetensors"))
             opt = self.optimizer.state_dict()
             tensors = {f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
                        for pid, st in opt["state"].items() for k, v in st.items()}
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"param_groups": json.dumps(opt["param_groups"])})
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            save_file(rng, str(tmp / "rng.safetensors"))
-            np_state = np.random.get_state()
+            if self.best is not None and (self.run_dir / BEST).is_file():
+                os.link(self.run_dir / BEST, tmp / BEST)  # the best weights as of this step, whatever is written later
             state = {"step": self.step, "micro": self.micro, "tokens": self.tokens, "world_size": self.rt.world_size,
-                     "scheduler": self.scheduler.state_dict(), "python_rng": _jsonable(random.getstate()),
-                     "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, default=str))
-            final = self.run_dir / STATE
+                     "scheduler": self.scheduler.state_dict(), "identity": self.identity,
+                     "best": self.best.state_dict() if self.best is not None else None}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, default=str))
             if final.exists():
-                old = self.run_dir / f".{STATE}.old.{uuid.uuid4().hex}"
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
                 os.rename(tmp, final)
                 shutil.rmtree(old)
@@ -323,11 +405,10 @@ class Trainer:
                 os.rename(tmp, final)
         barrier(self.rt)
 
-    def _load_state(self, folder: Path) -> None:
-        state = json.loads((folder / "trainer_state.json").read_text())
+    def load_state(self, folder: Path) -> None:
+        folder = Path(folder)
+        state = json.loads((folder / TRAINER_STATE).read_text())
         load_model(unwrap(self.model), str(folder / "model.safetensors"), device=str(self.rt.device))
-        from safetensors import safe_open
-
         with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as fh:
             groups = json.loads(fh.metadata()["param_groups"])
         flat = load_file(str(folder / "optimizer.safetensors"), device=str(self.rt.device))
@@ -337,23 +418,46 @@ class Trainer:
             opt_state.setdefault(int(pid), {})[name] = value.cpu() if name == "step" else value
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = load_file(str(folder / "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                if f"cuda{i}" in rng:
-                    torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
-        random.setstate(_tuplify(state["python_rng"]))
-        np_state = state["numpy_rng"]
-        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        _load_rng(folder / f"rng-rank{self.rt.rank}.safetensors")
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
-        log = self.run_dir / "metrics.jsonl"
-        if self.rt.is_main and log.is_file():  # drop what a killed run logged after its last saved state
-            kept = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= self.step]
-            log.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self.history = kept
-        if self.rt.is_main and self.console:
-            self.console.print(f"resumed from {folder} at step {self.step}")
+        if self.best is not None and state.get("best"):
+            self.best.load_state_dict(state["best"])
+            if self.rt.is_main and (folder / BEST).is_file():
+                tmp = self.run_dir / f".{BEST}.tmp"
+                shutil.copyfile(folder / BEST, tmp)
+                os.replace(tmp, self.run_dir / BEST)
+        self.sink.truncate(self.step)
+        self._print(f"resumed from {folder} at step {self.step}")
+        barrier(self.rt)
+
+
+def read_identity(state_dir: Path) -> dict:
+    """What an interrupted run was training (saved with its state), for the resume checks."""
+    return json.loads((Path(state_dir) / TRAINER_STATE).read_text()).get("identity") or {}
+
+
+def _save_rng(path: Path) -> None:
+    """This process's RNG streams (torch CPU and CUDA as tensors; python and numpy in the metadata)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    meta = {"python": json.dumps(_jsonable(random.getstate())), "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_rng(path: Path) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
+    random.setstate(_tuplify(json.loads(meta["python"])))
+    np_state = json.loads(meta["numpy"])
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
 def _jsonable(obj):

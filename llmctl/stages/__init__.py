@@ -1,1 +1,23 @@
-"""One module per stage; each exposes `run(cfg)`, called by Hydra with the composed config."""
+"""One module per stage, each read top to bottom; the CLI (llmctl/cli.py) dispatches to them.
+
+Stages never import one another; what more than one stage needs lives in llmctl.core.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What a stage module offers the CLI.
+
+    - Its docstring is the first part of `llmctl <stage> --help`: what it does and the commands that run it.
+    - `run(cfg)` is called once per Hydra job with the composed config (`conf/<stage>.yaml` plus
+      overrides). It raises `LlmctlError` for bad input (one line, exit 2), publishes at most one
+      new version through `core.run.publish`, and returns the value of its objective metric
+      (`objective_metric`, else the stage's default), which sweepers (Optuna) optimise and `@best`
+      ranks; None when it has no objective or on a non-zero DDP rank.
+    """
+
+    def run(self, cfg) -> float | None: ...

@@ -1,0 +1,83 @@
+"""One way in for every checkpoint: a reference → model, tokenizer and task, driven by the manifest.
+
+    loaded = load_checkpoint(store, "finetune/bbc@best", kind="seq-cls")
+    loaded.model, loaded.tokenizer, loaded.task      # the task record: re-run its task and evaluation
+    run.parents.append(loaded.parent("init"))        # lineage, with the weights' sha256 as verified
+
+A reference is anything `Store.resolve` takes (`stage/name[@vN|@latest|@best]`, an HF folder) or
+`packaged:<name>` (a registry-installed model). The weights of an llmctl checkpoint are checked
+against the sha256 its manifest recorded (one clear line when a file was changed or damaged).
+The manifest's `artifact` record says how the weights are stored: `{"format": "hf"}` (a plain
+transformers folder) today; pruned per-layer shapes and quantized formats register their own
+rebuilders in `FORMATS`, so every stage loads them through this same function. Checkpoints
+without an artifact record (plain HF folders, older manifests) are plain HF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmctl.core.errors import LlmctlError
+from llmctl.core.store import Resolved, parent_entry, verify_weights
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    source: Resolved
+    kind: str  # the kind the model was loaded as (its head)
+    task: dict | None  # the checkpoint's task record (core.tasks.read_task_record), None for plain HF folders
+    artifact: dict  # how the weights are stored: {"format": "hf", ...}
+    sha256: str | None  # the weights' hash as read and verified
+    new_tensors: list[str] = field(default_factory=list)  # base-model tensors initialised fresh (not in the checkpoint)
+
+    def parent(self, role: str) -> dict:
+        """This checkpoint as a manifest's parent entry (reference, path, verified weights hash)."""
+        return parent_entry(self.source, role, self.sha256)
+
+
+def artifact_record(model) -> dict:
+    """What a manifest records about how a model's weights are stored, for `load_checkpoint`."""
+    return {"format": "hf", "class": type(model).__name__}
+
+
+def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    from llmctl.core.models import load_model
+
+    return load_model(resolved.path, kind, head=head)
+
+
+FORMATS = {"hf": _load_hf}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
+
+
+def resolve_source(store, spec, *, what: str) -> Resolved:
+    """A store reference, an HF folder or `packaged:<name>` → where it is (nothing loaded yet)."""
+    from llmctl.core.models import resolve_model
+
+    return spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
+
+
+def source_kind(resolved: Resolved) -> str:
+    """A checkpoint's artifact kind: its manifest's, else read from its config.json."""
+    from llmctl.core.models import folder_kind
+
+    return resolved.kind or folder_kind(resolved.path)
+
+
+def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None = None, what: str = "init_from") -> Loaded:
+    """Load a checkpoint as `kind` (default: its own), with a fresh task `head` when given."""
+    from llmctl.core.tasks import read_task_record
+    from llmctl.core.tokenizer import load_tokenizer
+
+    resolved = resolve_source(store, spec, what=what)
+    sha = verify_weights(resolved, what=what)
+    artifact = (resolved.manifest or {}).get("artifact") or {"format": "hf"}
+    loader = FORMATS.get(artifact.get("format"))
+    if loader is None:
+        raise LlmctlError(f"{what} {resolved.ref}: weights stored as {artifact.get('format')!r}, which this llmctl cannot load "
+                          f"(it knows {', '.join(FORMATS)}); upgrade llmctl")
+    kind = kind or source_kind(resolved)
+    model, new = loader(resolved, kind, head, artifact)
+    return Loaded(model=model, tokenizer=load_tokenizer(resolved.path), source=resolved, kind=kind,
+                  task=read_task_record(resolved.manifest), artifact=artifact, sha256=sha, new_tensors=new)
