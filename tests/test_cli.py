@@ -68,3 +68,18 @@ def test_a_required_key_left_unset_is_named(tmp_path):
     assert out.returncode == 2
     line = out.stderr.strip()
     assert "\n" not in line and line.startswith("llmctl: error:") and "data.train=" in line
+
+
+def test_core_never_imports_a_stage_and_no_stage_imports_another():
+    import importlib
+    import re
+
+    from llmctl.stages import Stage
+
+    for path in (REPO / "llmctl" / "core").glob("*.py"):
+        assert "llmctl.stages" not in path.read_text(), f"{path.name} imports a stage"
+    for stage in STAGES:
+        text = (REPO / "llmctl" / "stages" / f"{stage}.py").read_text()
+        others = [s for s in STAGES if s != stage and re.search(rf"llmctl\.stages\.{s}\b|from llmctl\.stages import {s}\b", text)]
+        assert not others, f"stages/{stage}.py imports {others}"
+        assert isinstance(importlib.import_module(f"llmctl.stages.{stage}"), Stage)  # the contract: run(cfg) and a docstring

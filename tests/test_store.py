@@ -142,3 +142,54 @@ def test_lineage_follows_parents(tmp_path):
     b = store.publish(run, "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]})
     assert [r.ref for r in store.lineage(b.ref)] == ["finetune/b@v001", "pretrain/a@v001"]
     assert b.manifest["parents"][0]["weights_sha256"] == weights_sha256(a.path)
+
+
+def test_a_removed_versions_number_is_never_given_to_another_model(tmp_path):
+    store = Store(tmp_path)
+    for payload in (b"a", b"b", b"c"):
+        _publish(store, "x", 1.0, payload)
+    store.remove("pretrain/x@v3")
+    assert _publish(store, "x", 1.0, b"d").ref == "pretrain/x@v004"  # not v003 again: a child of v003 must not point here
+    store.remove("pretrain/x@all")
+    assert _publish(store, "x", 1.0, b"e").ref == "pretrain/x@v005"
+
+
+def test_weights_are_checked_against_the_manifest(tmp_path):
+    from llmctl.core.store import parent_entry, verify_weights
+
+    store = Store(tmp_path)
+    run = _folder(store, "pretrain", "x", b"original")
+    a = store.publish(run, "pretrain", "x", {"kind": "mlm", "weights_sha256": weights_sha256(run)})
+    assert verify_weights(a) == weights_sha256(a.path)
+    assert parent_entry(a, "init")["weights_sha256"] == weights_sha256(a.path)
+    (a.path / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(LlmctlError, match="do not match the manifest") as e:
+        verify_weights(a, what="init_from")
+    assert "\n" not in str(e.value) and "pretrain/x@v001" in str(e.value)
+    assert parent_entry(a, "init")["weights_sha256"] == weights_sha256(a.path)  # the files' hash, not the manifest's
+
+
+def _hold_lock(run_dir, ready, release):
+    from llmctl.core.store import RunLock
+
+    lock = RunLock(run_dir)
+    assert lock.try_acquire()
+    ready.set()
+    release.wait(60)
+
+
+def test_a_run_lock_is_exclusive_across_processes(tmp_path):
+    from llmctl.core.store import RunLock
+
+    run_dir = Store(tmp_path).new_run_dir("pretrain", "x")
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(run_dir), ready, release))
+    holder.start()
+    assert ready.wait(60)
+    mine = RunLock(run_dir)
+    assert not mine.try_acquire() and mine.holder() == str(holder.pid)
+    release.set()
+    holder.join()
+    assert mine.try_acquire()  # the lock dies with its process
+    mine.release()

@@ -51,7 +51,7 @@ def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") ->
             failure.append(error)  # a single run: keep Hydra from printing its own "Error executing job" line
             return None
 
-    task.__module__ = f"llmctl.stages.{stage}"
+    task.__module__ = job.__module__
     task.__qualname__ = task.__name__ = stage
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=stage)(task)
     try:

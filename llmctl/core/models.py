@@ -76,11 +76,13 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
         raise LlmctlError(f"cannot load {folder} as {kind}: {str(e).splitlines()[0][:200]}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
-    for key, in_ckpt, in_model in sorted(info["mismatched_keys"]):
-        if not (head and in_head(key)):
-            raise LlmctlError(f"cannot load {folder} as {kind}: tensor {key} has shape {list(in_ckpt)} in the checkpoint but "
-                              f"{list(in_model)} in its config.json; the config does not describe these weights "
-                              f"(load a checkpoint through its llmctl reference, or fix config.json)")
+    wrong = sorted((key, a, b) for key, a, b in info["mismatched_keys"] if not (head and in_head(key)))
+    if wrong:
+        key, in_ckpt, in_model = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise LlmctlError(f"cannot load {folder} as {kind}: tensor {key} has shape {list(in_ckpt)} in the checkpoint but "
+                          f"{list(in_model)} in its config.json{more}; the config does not describe these weights "
+                          f"(load a checkpoint through its llmctl reference, or fix config.json)")
     base = [k for k in model.state_dict() if k.startswith(prefix)]
     missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
     if base and len(missing) == len(base):

@@ -1,0 +1,91 @@
+"""Runs around a stage: resume takes only what the interrupted run was, never a live process's run,
+and the resumable state outlives every failure until the version is published."""
+
+import multiprocessing as mp
+import os
+import signal
+
+from conftest import metrics_log, run_inprocess, tiny
+
+from llmctl.core.store import RunLock, Store
+from llmctl.core.train import Trainer
+
+
+def _interrupted(corpus, out, monkeypatch, *extra):
+    """A pretrain run stopped by SIGTERM at step 4: resumable, unpublished."""
+    real = Trainer._optimizer_step
+
+    def step(self, batches, accum):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches, accum)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, out, "name=r", *extra))
+    monkeypatch.undo()
+    assert code == 143, err
+    runs = Store(out).resumable_runs("pretrain", "r")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _hold(run_dir, ready, release):
+    lock = RunLock(run_dir)
+    assert lock.try_acquire()
+    ready.set()
+    release.wait(120)
+
+
+def test_resume_auto_leaves_a_run_that_a_live_process_holds(corpus, tmp_path, monkeypatch, capsys):
+    held = _interrupted(corpus, tmp_path, monkeypatch)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(held), ready, release))  # e.g. another sweep job still on it
+    holder.start()
+    try:
+        assert ready.wait(60)
+        code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=r", "resume=auto"))
+        assert code == 0, err
+    finally:
+        release.set()
+        holder.join()
+    assert "belongs to a live process" in capsys.readouterr().out
+    published = Store(tmp_path).resolve("pretrain/r")
+    assert metrics_log(published.path)[0]["step"] == 0  # a fresh run, not a take-over
+    assert Store(tmp_path).resumable_runs("pretrain", "r") == [held]  # the live run is untouched
+
+
+def test_resume_refuses_a_run_of_other_data(corpus, tmp_path, monkeypatch):
+    _interrupted(corpus, tmp_path, monkeypatch)
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=r", "resume=auto", "data.max_docs=20"))
+    assert code == 2 and "trained with another data" in err and "\n" not in err
+    assert Store(tmp_path).versions("pretrain", "r") == []
+
+
+def test_the_resumable_state_survives_a_failed_publish(corpus, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Store, "publish", broken)
+    args = tiny("clm", corpus, tmp_path, "name=r", "train.max_steps=10", "train.save_every=5")
+    try:
+        run_inprocess("pretrain", *args)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert Store(tmp_path).versions("pretrain", "r") == []
+    assert len(Store(tmp_path).resumable_runs("pretrain", "r")) == 1  # still resumable: the state was kept
+    code, err = run_inprocess("pretrain", *args, "resume=auto")
+    assert code == 0, err
+    assert Store(tmp_path).versions("pretrain", "r") == [1]
+
+
+def test_a_damaged_parent_is_refused_in_one_line(corpus, tmp_path):
+    assert run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=p", "train.max_steps=2"))[0] == 0
+    weights = Store(tmp_path).resolve("pretrain/p").path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    weights.write_bytes(bytes(data))
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=c", "init_from=pretrain/p"))
+    assert code == 2 and "do not match the manifest" in err and "\n" not in err
+    assert Store(tmp_path).versions("pretrain", "c") == []
