@@ -172,6 +172,11 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
     table.add_row("path", str(res.path))
     for key in ("kind", "created", "command"):
         table.add_row(key, str(m.get(key, "")))
+    task = m.get("task") or {}
+    if task.get("name"):
+        objective = task.get("objective") or {}
+        labels = f" · {len(task['labels'])} labels" if task.get("labels") else ""
+        table.add_row("task", f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len {task.get('max_seq_len')}")
     for p in m.get("parents", []):
         table.add_row(f"parent ({p.get('role')})", f"{p.get('ref')}  sha256={str(p.get('weights_sha256'))[:16]}…")
     for key, value in (m.get("metrics") or {}).items():

@@ -138,6 +138,14 @@ def test_ddp_ranks_stay_in_sync_see_different_batches_and_draw_different_masks(t
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the logged loss is agreed (averaged over ranks)
 
 
+def test_ddp_ranks_stop_together_when_one_is_signalled(tmp_path):
+    out = _torchrun(str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), "stop", timeout=180)  # a hang fails by timeout
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["stopped_at"] == ranks[1]["stopped_at"] == 3  # rank 0 was never signalled, yet stops with rank 1
+    assert {p.name for p in (tmp_path / "run.state").iterdir()} >= {"rng-rank0.safetensors", "rng-rank1.safetensors", "trainer_state.json"}
+
+
 def test_torchrun_two_processes_on_cpu_write_one_checkpoint(corpus, tmp_path):
     out = _torchrun("-m", "llmctl", "pretrain", *tiny("clm", corpus, tmp_path, "name=ddp", "train.max_steps=6", "device=cpu"))
     assert out.returncode == 0, out.stderr[-3000:]

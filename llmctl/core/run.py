@@ -27,6 +27,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, state_dir, weights_sha256
 
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
+_FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when it refuses the run
 RESULT_FILE_ENV = "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
 IDENTITY_WORDS = {"stage": "stage", "task": "task", "data_fingerprint": "data", "world_size": "number of processes",
                   "model": "model", "tokenizer": "tokenizer"}
@@ -100,18 +101,25 @@ def open_run_dir(run: StageRun, identity: dict) -> None:
 
     chosen = None
     if run.rt.is_main:
-        resume = run.cfg.get("resume")
-        if resume == "auto":
-            chosen = _take_newest_free_run(run)
-        elif resume:
-            chosen = _take_named_run(run, Path(str(resume)))
-        if chosen is not None:
-            _check_identity(run, chosen, identity)
-        else:
-            chosen = run.store.new_run_dir(run.stage, run.name)
-            run.lock = RunLock(chosen)
-            run.lock.try_acquire()
-    path = Path(broadcast_str(run.rt, str(chosen) if chosen else None))
+        try:
+            resume = run.cfg.get("resume")
+            if resume == "auto":
+                chosen = _take_newest_free_run(run)
+            elif resume:
+                chosen = _take_named_run(run, Path(str(resume)))
+            if chosen is not None:
+                _check_identity(run, chosen, identity)
+            else:
+                chosen = run.store.new_run_dir(run.stage, run.name)
+                run.lock = RunLock(chosen)
+                run.lock.try_acquire()
+        except LlmctlError as e:
+            broadcast_str(run.rt, _FAILED + str(e))  # the other ranks fail with it rather than wait forever
+            raise
+    path = broadcast_str(run.rt, str(chosen) if chosen else None)
+    if path.startswith(_FAILED):
+        raise LlmctlError(path[len(_FAILED):])
+    path = Path(path)
     run.run_dir, run.state_dir = path, state_dir(path)
     run.resume_state = run.state_dir if (run.state_dir / TRAINER_STATE).is_file() else None
     run.identity = identity
