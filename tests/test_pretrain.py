@@ -103,3 +103,14 @@ def test_ckpt_commands(corpus, tmp_path):
     assert "pretrain/c@v001" in run_cli("ckpt", "lineage", "pretrain/c", "-o", str(tmp_path)).stdout
     assert run_cli("ckpt", "rm", "pretrain/c@v1", "-o", str(tmp_path)).returncode == 0
     assert Store(tmp_path).versions("pretrain", "c") == []
+
+
+def test_tokenizer_from_a_folder_that_holds_only_a_tokenizer(corpus, tmp_path):
+    from llmctl.core.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([p.read_text() for p in sorted(corpus.iterdir())], family="gpt2", vocab_size=280, lowercase=False,
+                          max_len=32, cache_root=tmp_path / "c", data_fp="t")
+    tok.save_pretrained(tmp_path / "tok")
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=t", "train.max_steps=2", f"tokenizer.from={tmp_path / 'tok'}"))
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(Store(tmp_path).resolve("pretrain/t").path).get_vocab() == tok.get_vocab()

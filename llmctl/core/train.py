@@ -92,11 +92,12 @@ class MetricSink:
     def log(self, record: dict) -> None:
         if not self.rt.is_main:
             return
+        record = {**record, "time": round(time.time(), 3)}  # wall clock (unix seconds): time-to-loss comparisons
         self.history.append(record)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "time") and isinstance(v, (int, float)):
                 self._writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
 
     def last(self, key: str):

@@ -99,7 +99,7 @@ def _setup_data(run, cfg, source, family: str, objective: str):
     for turn in ("main", "others"):
         if (turn == "main") == run.rt.is_main:
             if cfg.tokenizer.get("from"):
-                tok = load_tokenizer(resolve_source(run.store, cfg.tokenizer["from"], what="tokenizer.from").path)
+                tok = load_tokenizer(_tokenizer_folder(run, str(cfg.tokenizer["from"])))
             elif source is not None:
                 tok = load_tokenizer(source.path)
             else:
@@ -113,6 +113,14 @@ def _setup_data(run, cfg, source, family: str, objective: str):
     run.print(f"{data.summary()} → " + " / ".join(f"{len(v)} {k}" for k, v in result[2].splits.items())
               + f" sequences of ≤{max_len} tokens · vocab {len(result[1])}")
     return result
+
+
+def _tokenizer_folder(run, spec: str) -> Path:
+    """tokenizer.from: a checkpoint reference, an HF model folder, or a folder holding only a tokenizer."""
+    folder = Path(spec).expanduser()
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return folder
+    return resolve_source(run.store, spec, what="tokenizer.from").path
 
 
 def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
