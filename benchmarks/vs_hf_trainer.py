@@ -21,7 +21,8 @@ evaluate every `--eval-every` steps on the same validation blocks with the same 
 task evaluation: for MLM the same masks), and are scored at the end by that function on the whole
 validation set. Printed per pipeline: final eval loss (mean ± standard deviation, min / median over
 seeds); steady training tokens/s (log windows without an evaluation); wall time from process start
-— imports and tokenization included — to the plain Trainer's median final eval loss; ratios
+— imports and tokenization included — until a periodic evaluation reaches the plain Trainer's
+median last periodic evaluation (`--eval-batches` validation batches); ratios
 against the Trainer and the HF pipeline; MFU: model FLOPs (6 × matmul parameters + attention, per
 token, dense) × tokens/s over a matmul peak measured in this run on the same threads and precision.
 """
@@ -228,7 +229,8 @@ def steady_tokens_per_s(steps: list, evals: list, tokens_per_step: int) -> float
 
 
 def time_to(evals: list, target: float) -> float:
-    return next((t for _, t, loss in evals if loss <= target), float("nan"))
+    """Seconds from process start to the first evaluation at or below `target` (inf: never reached)."""
+    return next((t for _, t, loss in evals if loss <= target), float("inf"))
 
 
 def main() -> None:
@@ -254,9 +256,16 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--report-from", metavar="DIR", help="print the table of an earlier run's --workdir without running anything")
     a = ap.parse_args()
     if a.run:
         return child(a)
+    if a.report_from:
+        saved = json.loads((Path(a.report_from) / "results.json").read_text())
+        a = argparse.Namespace(**{**saved["args"], "report_from": a.report_from})
+        from transformers import AutoTokenizer
+
+        return report(a, saved["results"], model_config(a, AutoTokenizer.from_pretrained(str(Path(a.report_from) / "tokenizer"))), saved["peak"])
 
     import datasets
     import transformers
@@ -291,13 +300,14 @@ def main() -> None:
             r["tokens_per_s"] = steady_tokens_per_s(r["steps"], r["evals"], a.batch * a.seq)
             results[pipeline].append(r)
             print(f"  {pipeline:<9} seed {seed}: eval loss {r['final']:.4f} · {r['tokens_per_s']:,.0f} tokens/s · {r['wall']:.0f} s", flush=True)
+    (work / "results.json").write_text(json.dumps({"args": vars(a), "peak": peak, "results": results}))
     report(a, results, config, peak)
 
 
 def report(a, results: dict, config, peak: float) -> None:
     fpt = flops_per_token(config, a.seq)
     ref = results.get("trainer") or next(iter(results.values()))
-    target = statistics.median(r["final"] for r in ref)
+    target = statistics.median(r["evals"][-1][2] for r in ref)  # the Trainer's last periodic evaluation (same blocks for all)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     rows = {}
     for p, runs in results.items():
@@ -305,7 +315,7 @@ def report(a, results: dict, config, peak: float) -> None:
         rows[p] = {"finals": finals, "tps": med([r["tokens_per_s"] for r in runs]),
                    "to_target": med([time_to(r["evals"], target) for r in runs]), "wall": med([r["wall"] for r in runs])}
     print(f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds {' '.join(map(str, a.seeds))} · "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads) · target = trainer's median final eval loss {target:.4f}")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads) · target = the trainer's median last periodic eval loss {target:.4f}")
     print(f"{'pipeline':<10}{'eval loss mean ± sd':<22}{'min / median':<18}{'tokens/s':>10}{'×trainer':>10}{'time to target':>16}"
           f"{'×pipeline':>11}{'wall':>8}{'MFU':>7}")
     for p, row in rows.items():
@@ -314,7 +324,11 @@ def report(a, results: dict, config, peak: float) -> None:
         x_tr = row["tps"] / rows["trainer"]["tps"] if "trainer" in rows else float("nan")
         x_pl = row["to_target"] / rows["pipeline"]["to_target"] if "pipeline" in rows else float("nan")
         print(f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}{x_tr:>10.2f}"
-              f"{row['to_target']:>14.1f} s{x_pl:>11.2f}{row['wall']:>7.0f}s{100 * fpt * row['tps'] / peak:>6.1f}%")
+              f"{_seconds(row['to_target']):>16}{x_pl:>11.2f}{row['wall']:>7.0f}s{100 * fpt * row['tps'] / peak:>6.1f}%")
+
+
+def _seconds(t: float) -> str:
+    return "not reached" if t == float("inf") else f"{t:.1f} s"
 
 
 def torch_threads() -> int:
