@@ -21,8 +21,10 @@ evaluate every `--eval-every` steps on the same validation blocks with the same 
 task evaluation: for MLM the same masks), and are scored at the end by that function on the whole
 validation set. Printed per pipeline: final eval loss (mean ± standard deviation, min / median over
 seeds); steady training tokens/s (log windows without an evaluation); wall time from process start
-— imports and tokenization included — until a periodic evaluation reaches the plain Trainer's
-median last periodic evaluation (`--eval-batches` validation batches); ratios
+— imports and tokenization included — to the last step, and until the pipeline's mean curve over
+seeds (periodic evaluations on `--eval-batches` validation batches, interpolated) reaches the
+plain Trainer's mean loss at the last step (where the losses at equal steps agree within the seed
+spread, the time to the last step is the steadier of the two); ratios
 against the Trainer and the HF pipeline; MFU: model FLOPs (6 × matmul parameters + attention, per
 token, dense) × tokens/s over a matmul peak measured in this run on the same threads and precision.
 """
@@ -228,9 +230,21 @@ def steady_tokens_per_s(steps: list, evals: list, tokens_per_step: int) -> float
     return statistics.median(rates) if rates else float("nan")
 
 
-def time_to(evals: list, target: float) -> float:
-    """Seconds from process start to the first evaluation at or below `target` (inf: never reached)."""
-    return next((t for _, t, loss in evals if loss <= target), float("inf"))
+def mean_curve(runs: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, mean seconds since start, mean eval loss) over seeds at each periodic evaluation."""
+    steps = sorted(set.intersection(*[{e[0] for e in r["evals"]} for r in runs]))
+    return [(s, statistics.mean(e[1] for r in runs for e in r["evals"] if e[0] == s),
+             statistics.mean(e[2] for r in runs for e in r["evals"] if e[0] == s)) for s in steps]
+
+
+def time_to(curve: list, target: float) -> float:
+    """Seconds until the mean curve reaches `target`, interpolated between evaluations (inf: not within the run)."""
+    if curve[0][2] <= target:
+        return curve[0][1]
+    for (_, t0, l0), (_, t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return float("inf")
 
 
 def main() -> None:
@@ -306,25 +320,29 @@ def main() -> None:
 
 def report(a, results: dict, config, peak: float) -> None:
     fpt = flops_per_token(config, a.seq)
-    ref = results.get("trainer") or next(iter(results.values()))
-    target = statistics.median(r["evals"][-1][2] for r in ref)  # the Trainer's last periodic evaluation (same blocks for all)
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    rows = {}
-    for p, runs in results.items():
-        finals = [r["final"] for r in runs]
-        rows[p] = {"finals": finals, "tps": med([r["tokens_per_s"] for r in runs]),
-                   "to_target": med([time_to(r["evals"], target) for r in runs]), "wall": med([r["wall"] for r in runs])}
+    curves = {p: mean_curve(runs) for p, runs in results.items()}
+    target = (curves.get("trainer") or next(iter(curves.values())))[-1][2]
+    med = statistics.median
+    rows = {p: {"finals": [r["final"] for r in runs], "tps": med([r["tokens_per_s"] for r in runs]),
+                "to_steps": curves[p][-1][1], "to_target": time_to(curves[p], target), "gap": curves[p][-1][2] - target}
+            for p, runs in results.items()}
+    def ratio(p, key, ref) -> str:
+        x = rows[p][key] / rows[ref][key] if ref in rows else float("nan")
+        return f"{x:.2f}" if 0 < x < float("inf") else "—"
+
     print(f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds {' '.join(map(str, a.seeds))} · "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads) · target = the trainer's median last periodic eval loss {target:.4f}")
-    print(f"{'pipeline':<10}{'eval loss mean ± sd':<22}{'min / median':<18}{'tokens/s':>10}{'×trainer':>10}{'time to target':>16}"
-          f"{'×pipeline':>11}{'wall':>8}{'MFU':>7}")
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads)")
+    print(f"times: from process start (imports, tokenization included), means over seeds; target = the trainer's mean periodic eval "
+          f"loss at step {a.steps} ({target:.4f}), reached on each pipeline's mean curve")
+    print(f"{'pipeline':<10}{'eval loss mean ± sd':<22}{'min / median':<18}{'tokens/s':>10}{'×trainer':>10}"
+          f"{f'time to step {a.steps}':>20}{'×pipeline':>11}{'time to target':>26}{'×pipeline':>11}{'MFU':>7}")
     for p, row in rows.items():
         f = row["finals"]
         sd = statistics.stdev(f) if len(f) > 1 else 0.0
-        x_tr = row["tps"] / rows["trainer"]["tps"] if "trainer" in rows else float("nan")
-        x_pl = row["to_target"] / rows["pipeline"]["to_target"] if "pipeline" in rows else float("nan")
-        print(f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}{x_tr:>10.2f}"
-              f"{_seconds(row['to_target']):>16}{x_pl:>11.2f}{row['wall']:>7.0f}s{100 * fpt * row['tps'] / peak:>6.1f}%")
+        reached = _seconds(row["to_target"]) if row["to_target"] != float("inf") else f"not by step {a.steps} ({row['gap']:+.4f})"
+        print(f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}"
+              f"{ratio(p, 'tps', 'trainer'):>10}{_seconds(row['to_steps']):>20}{ratio(p, 'to_steps', 'pipeline'):>11}"
+              f"{reached:>26}{ratio(p, 'to_target', 'pipeline'):>11}{100 * fpt * row['tps'] / peak:>6.1f}%")
 
 
 def _seconds(t: float) -> str:

@@ -208,7 +208,7 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         "objective": {"metric": metric, "mode": mode, "value": metrics.get(metric)},
         "model": {"family": getattr(model.config, "model_type", None), "architecture": type(model).__name__,
                   "parameters": total, "trainable_parameters": trainable},
-        "tokenizer_sha256": tokenizer_hash(tokenizer) if getattr(tokenizer, "is_fast", False) else None,
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
         "data": data.record(),
         "runtime": run.rt.record(),
         "weights_sha256": weights_sha256(folder),

@@ -38,8 +38,11 @@ def load_tokenizer(folder: Path):
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's full definition (vocabulary, merges, normalizer, templates)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """sha256 of the tokenizer's full definition (vocabulary, merges, normalizer, templates); for a
+    slow (Python) tokenizer, of its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def train_tokenizer(texts, *, family: str, vocab_size: int, lowercase: bool, max_len: int, cache_root: Path, data_fp: str, say=None):
