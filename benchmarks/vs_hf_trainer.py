@@ -110,7 +110,7 @@ def evaluator(a, shared: dict, tok, eval_batches: int | None, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 def run_llmctl(a, shared: dict, out: Path, t0: float) -> dict:
     overrides = [f"conf={a.shape}", f"data={a.data}", f"tokenizer.from={shared['tokenizer']}", f"data.max_seq_len={a.seq}",
-                 f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}", f"train.warmup_ratio={a.warmup}",
+                 f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.lr={a.lr}", f"train.warmup_ratio={a.warmup}",
                  "train.scheduler=cosine", f"train.weight_decay={a.weight_decay}", "train.betas=[0.9,0.999]", "train.max_grad_norm=1.0",
                  f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}", "train.log_every=10", "train.save_every=0",
                  f"precision={a.precision}", f"seed={a.seed}", f"output_root={a.store}", "name=bench", "device=cpu", *a.set]
