@@ -112,7 +112,7 @@ def run_llmctl(a, shared: dict, out: Path, t0: float) -> dict:
     overrides = [f"conf={a.shape}", f"data={a.data}", f"tokenizer.from={shared['tokenizer']}", f"data.max_seq_len={a.seq}",
                  f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.lr={a.lr}", f"train.warmup_ratio={a.warmup}",
                  "train.scheduler=cosine", f"train.weight_decay={a.weight_decay}", "train.betas=[0.9,0.999]", "train.max_grad_norm=1.0",
-                 f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}", "train.log_every=10", "train.save_every=0",
+                 f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}", f"train.log_every={a.log_every}", "train.save_every=0",
                  f"precision={a.precision}", f"seed={a.seed}", f"output_root={a.store}", "name=bench", "device=cpu", *a.set]
     proc = subprocess.run([sys.executable, "-m", "llmctl", "pretrain", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -169,7 +169,7 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step % 10 == 0:
+            if state.global_step % a.log_every == 0:
                 steps.append((state.global_step, time.time() - t0))
             if state.global_step % a.eval_every == 0 or state.global_step == a.steps:
                 evals.append((state.global_step, time.time() - t0, evaluate(kw["model"])))
@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=20)
+    ap.add_argument("--log-every", type=int, default=None, help="steps between timing records (default: 10, or steps/10 for short runs)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="llmctl overrides of the shape for everyone, e.g. model.config.n_layer=4 tokenizer.vocab_size=8192")
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--report-from", metavar="DIR", help="print the table of an earlier run's --workdir without running anything")
     a = ap.parse_args()
+    a.log_every = a.log_every or max(1, min(10, a.steps // 10))  # short runs need several windows for a steady rate
     if a.run:
         return child(a)
     if a.report_from:

@@ -58,7 +58,9 @@ def run_stage(stage: str, args: list[str]) -> None:
 
     def job(cfg):
         from llmctl.core.device import gpu_ids
+        from llmctl.core.schema import StageConfig, validate
 
+        validate(cfg, getattr(module, "Config", StageConfig))  # every value typed and in range, before anything runs
         ids = gpu_ids(cfg.device)
         if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
             return _run_under_torchrun(stage, ids)
@@ -106,59 +108,80 @@ for _stage in STAGES:
 
 
 def _console():
-    """A rich console; when piped, wide enough that tables are not folded (scripts read them)."""
+    """A rich console; when piped (and COLUMNS unset), wide enough that tables are not folded (scripts read them)."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=220)
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=220)
 
 
-def _store(output_root: str):
+def _store(output_root: str, *, must_exist: bool = True):
     from llmctl.core.store import Store
 
-    return Store(output_root)
+    return Store(output_root, must_exist=must_exist)
 
 
 ROOT_OPT = typer.Option("outputs", "--output-root", "-o", help="Checkpoint store root.")
 
 
+def _fit(columns: list[tuple[str, list[str]]], width: int, wide: bool) -> list[tuple[str, list[str]]]:
+    """The columns that fit `width` side by side, in order of importance (the first always stays)."""
+    if wide:
+        return columns
+    kept, used = [], 4
+    for name, cells in columns:
+        need = max([len(name), *map(len, cells)]) + 3
+        if not kept or used + need <= width:
+            kept.append((name, cells))
+            used += need
+    return kept
+
+
 @ckpt_app.command("list")
-def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help="Only this stage.")) -> None:
-    """Every complete version: reference, kind, objective, parameters, size, parent."""
+def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help="Only this stage."),
+              wide: bool = typer.Option(False, "--wide", "-w", help="Every column, even if the table has to fold.")) -> None:
+    """Every complete version: reference, kind, objective, size, parameters, age, parent (as many as fit)."""
     from rich.table import Table
 
     from llmctl.core.store import age, folder_size
 
-    store = _store(output_root)
-    table = Table(title=f"checkpoints in {store.root}/")
-    table.add_column("ref", no_wrap=True)  # scripts grep for refs: never fold them
-    for col in ("kind", "objective", "params", "size", "created", "parent"):
-        table.add_column(col, overflow="fold")
-    for st, name, v, m in store.entries():
-        if stage and st != stage:
-            continue
-        latest = store.latest_version(st, name) == v
+    try:
+        store = _store(output_root)
+        rows = [(st, name, v, m) for st, name, v, m in store.entries() if not stage or st == stage]
+    except LlmctlError as e:
+        _fail(e)
+    cells: dict[str, list[str]] = {k: [] for k in ("ref", "kind", "objective", "size", "params", "created", "parent")}
+    for st, name, v, m in rows:
         obj = m.get("objective") or {}
         value = obj.get("value")
-        parent = (m.get("parents") or [{}])[0].get("ref", "")
-        table.add_row(
-            f"{st}/{name}@v{v:03d}" + (" (latest)" if latest else ""),
-            m.get("kind", "?"),
-            f"{obj.get('metric')}={value:.4g}" if isinstance(value, (int, float)) else "",
-            f"{m.get('model', {}).get('parameters', 0) / 1e6:.2f}M",
-            f"{folder_size(store.name_dir(st, name) / f'v{v:03d}') / 2**20:.1f} MiB",
-            age(m.get("created")),
-            parent,
-        )
-    _console().print(table)
+        latest = store.latest_version(st, name) == v
+        cells["ref"].append(f"{st}/{name}@v{v:03d}" + (" (latest)" if latest else ""))
+        cells["kind"].append(m.get("kind", "?"))
+        cells["objective"].append(f"{obj.get('metric')}={value:.4g}" if isinstance(value, (int, float)) else "")
+        cells["size"].append(f"{folder_size(store.name_dir(st, name) / f'v{v:03d}') / 2**20:.1f} MiB")
+        cells["params"].append(f"{m.get('model', {}).get('parameters', 0) / 1e6:.2f}M")
+        cells["created"].append(age(m.get("created")))
+        cells["parent"].append((m.get("parents") or [{}])[0].get("ref", ""))
+    console = _console()
+    columns = _fit(list(cells.items()), console.width, wide)
+    if wide:  # every column at full width: lines longer than the terminal rather than folded cells
+        from rich.console import Console
+
+        console = Console(width=max(console.width, 4 + sum(max([len(n), *map(len, c)]) + 3 for n, c in columns)))
+    table = Table(title=f"checkpoints in {store.root}/" + (f" ({len(cells) - len(columns)} more columns with --wide)" if len(columns) < len(cells) else ""))
+    for name, _ in columns:
+        table.add_column(name, no_wrap=name == "ref", overflow="fold")  # scripts grep for refs: never fold them
+    for i in range(len(rows)):
+        table.add_row(*(col[i] for _, col in columns))
+    console.print(table)
 
 
 @ckpt_app.command("show")
 def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
-    """One checkpoint's manifest: kind, metrics, parents, data, config."""
+    """One checkpoint's manifest: kind, metrics, parents, data, the overrides and training config it ran with."""
     from rich.table import Table
 
     try:
-        res = _store(output_root).resolve(ref)
+        res = _store(output_root, must_exist=False).resolve(ref)
     except LlmctlError as e:
         _fail(e)
     m = res.manifest or {}
@@ -172,6 +195,8 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
     table.add_row("path", str(res.path))
     for key in ("kind", "created", "command"):
         table.add_row(key, str(m.get(key, "")))
+    if "overrides" in m:
+        table.add_row("overrides", " ".join(m["overrides"]) or "(none: the embedded defaults)")
     task = m.get("task") or {}
     if task.get("name"):
         objective = task.get("objective") or {}
@@ -179,12 +204,20 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
         table.add_row("task", f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len {task.get('max_seq_len')}")
     for p in m.get("parents", []):
         table.add_row(f"parent ({p.get('role')})", f"{p.get('ref')}  sha256={str(p.get('weights_sha256'))[:16]}…")
+    if m.get("resumed"):
+        r = m["resumed"]
+        table.add_row("resumed", f"{r.get('run')} from step {r.get('from_step')}"
+                      + "".join(f" · {k} {a} → {b}" for k, (a, b) in (r.get("changed") or {}).items()))
     for key, value in (m.get("metrics") or {}).items():
         table.add_row(f"metric {key}", f"{value:.6g}" if isinstance(value, float) else str(value))
     for key, value in (m.get("model") or {}).items():
         table.add_row(f"model {key}", str(value))
     for key, value in (m.get("data") or {}).items():
         table.add_row(f"data {key}", str(value))
+    config = m.get("config") or {}
+    for section in ("train", "method"):
+        if isinstance(config.get(section), dict):
+            table.add_row(section, " ".join(f"{k}={v}" for k, v in config[section].items()))
     for key, value in (m.get("runtime") or {}).items():
         table.add_row(f"runtime {key}", str(value))
     table.add_row("weights sha256", str(m.get("weights_sha256")))
@@ -198,23 +231,88 @@ def ckpt_lineage(ref: str, output_root: str = ROOT_OPT) -> None:
     from rich.tree import Tree
 
     try:
-        chain = _store(output_root).lineage(ref)
+        chain = _store(output_root, must_exist=False).lineage(ref)
     except LlmctlError as e:
         _fail(e)
-    root = node = Tree(f"[bold]{chain[0].ref}[/] ({chain[0].kind})")
+
+    def label(item) -> str:
+        m = item.manifest or {}
+        state = f"{m.get('kind') or '?'}, {m['missing']}" if m.get("missing") else (item.kind or "external")
+        return f"[bold]{item.ref}[/] ({state})"
+
+    root = node = Tree(label(chain[0]))
     for item in chain[1:]:
-        node = node.add(f"[bold]{item.ref}[/] ({item.kind or 'external'})")
+        node = node.add(label(item))
     _console().print(root)
 
 
 @ckpt_app.command("rm")
-def ckpt_rm(ref: str = typer.Argument(..., help="<stage>/<name>@vN, or <stage>/<name>@all"), output_root: str = ROOT_OPT) -> None:
-    """Delete a version (or every version of a name); `latest` moves to the newest left."""
+def ckpt_rm(ref: str = typer.Argument(..., help="<stage>/<name>@vN, or <stage>/<name>@all"), output_root: str = ROOT_OPT,
+            yes: bool = typer.Option(False, "--yes", "-y", help="Remove even versions that other checkpoints were made from.")) -> None:
+    """Delete a version (or every version of a name); `latest` moves to the newest left. Asks first when
+    other checkpoints were made from what is removed (their lineage will say "removed")."""
     try:
-        for removed in _store(output_root).remove(ref):
+        store = _store(output_root)
+        stage, name, versions = store.removal(ref)
+        children = store.children(stage, name, versions)
+        if children and not yes:
+            shown = ", ".join(f"{child} (from {parent})" for child, parent in children[:4]) + (" …" if len(children) > 4 else "")
+            if not sys.stdin.isatty():  # a script: refuse rather than wait for an answer
+                raise LlmctlError(f"not removing {ref}: {len(children)} checkpoint(s) were made from it ({shown}); "
+                                  f"pass --yes to remove it anyway (their lineage will then say 'removed')")
+            print(f"llmctl: warning: {len(children)} checkpoint(s) were made from {ref}: {shown}", file=sys.stderr)
+            if not typer.confirm(f"remove {ref} anyway?", default=False):
+                raise typer.Exit(1)
+        for removed in store.remove(ref):
             print(f"removed {removed}")
     except LlmctlError as e:
         _fail(e)
+
+
+@ckpt_app.command("runs")
+def ckpt_runs(output_root: str = ROOT_OPT) -> None:
+    """Unpublished runs: interrupted (resumable with resume=auto), failed, or still running."""
+    from rich.table import Table
+
+    from llmctl.core.store import duration
+
+    try:
+        runs = _store(output_root).runs()
+    except LlmctlError as e:
+        _fail(e)
+    table = Table(title=f"unpublished runs in {output_root}/")
+    for col in ("name", "run", "step", "state", "age", "size"):
+        table.add_column(col, no_wrap=col in ("name", "run"))
+    for r in runs:
+        state = "running" if r["live"] else "resumable" if r["resumable"] else "not resumable"
+        table.add_row(r["ref"], r["id"], "" if r["step"] is None else str(r["step"]), state, duration(r["age"]) + " ago",
+                      f"{r['size'] / 2**20:.1f} MiB")
+    _console().print(table)
+
+
+@ckpt_app.command("gc")
+def ckpt_gc(output_root: str = ROOT_OPT,
+            older_than: str = typer.Option(None, "--older-than", help="Also remove resumable runs idle this long: 30m, 12h, 7d."),
+            yes: bool = typer.Option(False, "--yes", "-y", help="Delete; without it, only say what would be deleted.")) -> None:
+    """Remove unpublished runs that cannot be resumed (and, with --older-than, stale resumable ones).
+    Runs a live process holds are never touched. A dry run unless --yes."""
+    from llmctl.core.store import duration, parse_duration
+
+    try:
+        store = _store(output_root)
+        limit = parse_duration(older_than, "--older-than") if older_than else None
+        doomed = [r for r in store.runs() if not r["live"] and (not r["resumable"] or (limit is not None and r["age"] > limit))]
+    except LlmctlError as e:
+        _fail(e)
+    freed = 0
+    for r in doomed:
+        why = "not resumable" if not r["resumable"] else f"resumable at step {r['step']}, idle {duration(r['age'])}"
+        if yes and not store.remove_run(r["path"]):
+            continue
+        freed += r["size"]
+        print(f"{'removed' if yes else 'would remove'} {r['ref']} run {r['id']} ({why}, {r['size'] / 2**20:.1f} MiB)")
+    print(f"{'freed' if yes else 'would free'} {freed / 2**20:.1f} MiB in {len(doomed)} run(s)"
+          + ("" if yes or not doomed else "; run again with --yes to delete"))
 
 
 def main() -> None:

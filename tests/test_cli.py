@@ -21,7 +21,7 @@ def test_stage_help_shows_description_and_hydra_help():
     out = run_cli("pretrain", "--help")
     assert out.returncode == 0
     assert "llmctl pretrain" in out.stdout and "Objectives" in out.stdout  # the stage's own description
-    assert "Powered by Hydra" in out.stdout  # Hydra's help follows
+    assert "Powered by Hydra" in run_cli("pretrain", "--hydra-help").stdout  # Hydra's own help, on request
 
 
 def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
@@ -83,3 +83,64 @@ def test_core_never_imports_a_stage_and_no_stage_imports_another():
         others = [s for s in STAGES if s != stage and re.search(rf"llmctl\.stages\.{s}\b|from llmctl\.stages import {s}\b", text)]
         assert not others, f"stages/{stage}.py imports {others}"
         assert isinstance(importlib.import_module(f"llmctl.stages.{stage}"), Stage)  # the contract: run(cfg) and a docstring
+
+
+def test_ckpt_runs_and_gc_dry_run_by_default(tmp_path):
+    from llmctl.core.store import Store
+
+    dead = Store(tmp_path).new_run_dir("pretrain", "x")
+    out = run_cli("ckpt", "runs", "-o", str(tmp_path))
+    assert out.returncode == 0 and dead.name in out.stdout and "not resumable" in out.stdout
+    out = run_cli("ckpt", "gc", "-o", str(tmp_path))
+    assert out.returncode == 0 and "would remove" in out.stdout and dead.exists()
+    out = run_cli("ckpt", "gc", "--yes", "-o", str(tmp_path))
+    assert out.returncode == 0 and "removed" in out.stdout and not dead.exists()
+
+
+def test_ckpt_rm_of_a_parent_asks_unless_yes(tmp_path):
+    from llmctl.core.store import Store, parent_entry
+
+    store = Store(tmp_path)
+    a = store.publish(_run(store, "pretrain", "a"), "pretrain", "a", {"kind": "mlm"})
+    store.publish(_run(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]})
+    out = run_cli("ckpt", "rm", "pretrain/a@all", "-o", str(tmp_path))  # not a terminal: refused, one line
+    assert out.returncode == 2 and "finetune/b@v001" in out.stderr and "--yes" in out.stderr
+    assert store.versions("pretrain", "a") == [1]
+    out = run_cli("ckpt", "rm", "pretrain/a@all", "--yes", "-o", str(tmp_path))
+    assert out.returncode == 0 and store.versions("pretrain", "a") == []
+    out = run_cli("ckpt", "lineage", "finetune/b", "-o", str(tmp_path))
+    assert "pretrain/a@v001 (mlm, removed)" in out.stdout
+
+
+def _run(store, stage, name):
+    run = store.new_run_dir(stage, name)
+    (run / "model.safetensors").write_bytes(b"w")
+    (run / "config.json").write_text("{}")
+    return run
+
+
+def test_ckpt_list_fits_80_columns_and_wide_shows_everything(tmp_path):
+    from llmctl.core.store import Store
+
+    store = Store(tmp_path)
+    for name in ("a-rather-long-checkpoint-name", "b"):
+        store.publish(_run(store, "pretrain", name), "pretrain", name,
+                      {"kind": "mlm", "objective": {"metric": "eval/loss", "mode": "min", "value": 6.25},
+                       "model": {"parameters": 1_500_000}, "parents": [{"ref": "packaged/minilm-l6@v001"}]})
+    narrow = run_cli("ckpt", "list", "-o", str(tmp_path), env={"COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(map(len, narrow.stdout.splitlines())) <= 80
+    assert "pretrain/a-rather-long-checkpoint-name@v001" in narrow.stdout and "--wide" in narrow.stdout
+    wide = run_cli("ckpt", "list", "--wide", "-o", str(tmp_path), env={"COLUMNS": "80"})
+    assert "parent" in wide.stdout and "params" in wide.stdout
+
+
+def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
+    out = run_cli("pretrain", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "conf: bert-base, bert-tiny (default)" in out.stdout and "method:" not in out.stdout
+    assert "lr: 0.003  # peak learning rate (AdamW)" in out.stdout  # the bert-tiny preset's value, the knob's comment
+    out = run_cli("finetune", "--help")
+    assert "method: freeze, full (default), lora" in out.stdout and "conf:" not in out.stdout
+    out = run_cli("finetune", "--cfg", "job", "method=lora")
+    assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout

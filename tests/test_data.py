@@ -146,3 +146,51 @@ def test_packing_is_cached(corpus, tmp_path):
     caches = list((tmp_path / "packed").iterdir())
     _packed(corpus, tmp_path, "clm", "gpt2")
     assert list((tmp_path / "packed").iterdir()) == caches and len(caches) == 1
+
+
+def _labelled_csv(path, rows: int, classes: int = 4):
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(rows):
+            w.writerow([f"example number {i} about topic {i % classes}", f"topic-{i % classes}"])
+    return path
+
+
+@pytest.mark.parametrize("rows", [40, 600])
+def test_string_labels_are_split_stratified_with_a_validation_set_large_enough_to_select_on(tmp_path, rows):
+    from collections import Counter
+
+    csv_path = _labelled_csv(tmp_path / "d.csv", rows)
+    splits = load_splits(_cfg(train=str(csv_path), split_ratio=[0.95, 0.05, 0.0]), task="classification")
+    val = Counter(splits["validation"]["label"][:])
+    assert len(splits["validation"]) == min(100, rows // 5)  # 5 % would be 2 rows of 40, 30 of 600
+    assert len(val) == 4 and max(val.values()) - min(val.values()) <= 1  # every class, in proportion
+    assert len(splits["train"]) + len(splits["validation"]) == rows
+
+
+BBC_FINGERPRINT = "34c93f3cb0ef"  # measured before stratification covered plain labels: the split must not move
+
+
+def test_the_bbc_split_is_unchanged_by_stratifying_plain_labels():
+    a = load_data(_cfg(source="bbc-news"), task="classification")
+    assert {k: len(v) for k, v in a.splits.items()} == {"train": 1699, "validation": 213, "test": 213}
+    assert a.fingerprint.startswith(BBC_FINGERPRINT)
+
+
+
+def test_text_in_another_encoding_is_read_with_data_encoding(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait in Z\xfcrich.\nA second line, na\xefve.\nA third: \xa3 5.\nA fourth, \xbd.\n".encode("latin-1"))
+    cfg = _cfg(train=str(tmp_path / "latin1.txt"), split_ratio=[0.5, 0.5, 0.0])
+    with pytest.raises(LlmctlError, match=r"not valid utf-8 text \(byte 0xe9 at offset 3\).*data.encoding"):
+        load_splits(cfg)
+    texts = load_splits(OmegaConf.merge(cfg, {"encoding": "latin-1"}))
+    assert {t for s in texts.values() for t in s["text"][:]} == {"Café au lait in Zürich.", "A second line, naïve.", "A third: £ 5.", "A fourth, ½."}
+
+
+def test_local_files_are_cached_under_the_given_folder_not_the_home_cache(tmp_path):
+    csv_path = _labelled_csv(tmp_path / "d.csv", 40)
+    load_data(_cfg(train=str(csv_path)), task="classification", cache_dir=tmp_path / "store" / ".cache" / "datasets")
+    assert list((tmp_path / "store" / ".cache" / "datasets").rglob("*.arrow"))

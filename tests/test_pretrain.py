@@ -57,8 +57,18 @@ def test_multirun_sweep_writes_one_version_per_job(corpus, tmp_path):
     assert code == 0, err
     store = Store(tmp_path)
     assert store.versions("pretrain", "sweep") == [1, 2]
-    lrs = {store.resolve(f"pretrain/sweep@v{v}").manifest["config"]["train"]["lr"] for v in (1, 2)}
-    assert lrs == {3e-4, 1e-3}
+    manifests = [store.resolve(f"pretrain/sweep@v{v}").manifest for v in (1, 2)]
+    assert {m["config"]["train"]["lr"] for m in manifests} == {3e-4, 1e-3}
+    overrides = sorted(o for m in manifests for o in m["overrides"] if o.startswith("train.lr="))
+    assert overrides == ["train.lr=0.0003", "train.lr=0.001"]  # each job's own value, not the sweep's list
+
+
+def test_the_optuna_sweeper_logs_no_alembic_set_up_and_no_colour(corpus, tmp_path):
+    out = run_cli("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=opt", "train.max_steps=2", "train.eval_every=0"),
+                  "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "train.lr=interval(1e-4,1e-3)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "alembic" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr
+    assert "Best parameters" in out.stdout + out.stderr
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(corpus, tmp_path):

@@ -89,3 +89,46 @@ def test_a_damaged_parent_is_refused_in_one_line(corpus, tmp_path):
     code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=c", "init_from=pretrain/p"))
     assert code == 2 and "do not match the manifest" in err and "\n" not in err
     assert Store(tmp_path).versions("pretrain", "c") == []
+
+
+def test_a_resume_may_extend_max_steps_and_the_manifest_records_it(corpus, tmp_path, monkeypatch):
+    _interrupted(corpus, tmp_path, monkeypatch)  # 16 steps planned, stopped at step 4
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=r", "resume=auto", "train.max_steps=20"))
+    assert code == 0, err
+    published = Store(tmp_path).resolve("pretrain/r")
+    resumed = published.manifest["resumed"]
+    assert resumed["changed"] == {"train.max_steps": [16, 20]} and resumed["from_step"] >= 4
+    assert metrics_log(published.path)[-1]["step"] == 20
+
+
+def test_a_crash_after_a_saved_state_leaves_each_step_once_in_tensorboard(corpus, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real = Trainer._optimizer_step
+
+    def crash(self, batches, accum):
+        if self.step == 7:
+            raise RuntimeError("power cut")  # steps 5-7 were logged after the state saved at step 4
+        return real(self, batches, accum)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crash)
+    args = tiny("clm", corpus, tmp_path, "name=r", "train.save_every=4")
+    try:
+        run_inprocess("pretrain", *args)
+    except RuntimeError:
+        pass
+    monkeypatch.undo()
+    assert len(Store(tmp_path).resumable_runs("pretrain", "r")) == 1  # failed after a saved state: kept, resumable
+    assert run_inprocess("pretrain", *args, "resume=auto")[0] == 0
+    events = EventAccumulator(str(Store(tmp_path).resolve("pretrain/r").path / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(1, 17)), steps  # each step once: what the crashed run logged after step 4 is purged
+
+
+def test_a_run_that_fails_before_saving_a_state_leaves_nothing(bases, reviews, tmp_path):
+    from conftest import cls_args
+
+    code, err = run_inprocess("finetune", *cls_args(bases, reviews, tmp_path, "method=freeze", "method.freeze_layers=99"))
+    assert code == 2 and "freeze_layers" in err
+    assert [p for p in tmp_path.rglob("*") if ".cache" not in p.parts] == []

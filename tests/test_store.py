@@ -193,3 +193,78 @@ def test_a_run_lock_is_exclusive_across_processes(tmp_path):
     holder.join()
     assert mine.try_acquire()  # the lock dies with its process
     mine.release()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00binary\x9c", b"", b"v999\n", b"hello ../../etc\n", b"v001extra"])
+def test_a_garbled_latest_is_reported_and_repaired_under_the_lock(tmp_path, capsys, garbage):
+    store = Store(tmp_path)
+    _publish(store, "x", 1.0)
+    _publish(store, "x", 2.0)
+    pointer = store.name_dir("pretrain", "x") / "latest"
+    pointer.write_bytes(garbage)
+    assert [e[2] for e in store.entries()] == [1, 2]  # listing the store does not fail on it
+    assert store.resolve("pretrain/x").ref == "pretrain/x@v002"
+    assert "warning" in capsys.readouterr().err
+    assert pointer.read_text() == "v002\n"  # repaired: the next reader is not warned again
+    store.resolve("pretrain/x")
+    assert capsys.readouterr().err == ""
+
+
+def test_latest_naming_an_older_version_is_respected(tmp_path, capsys):
+    store = Store(tmp_path)
+    _publish(store, "x", 1.0)
+    _publish(store, "x", 2.0)
+    (store.name_dir("pretrain", "x") / "latest").write_text("v001\n")  # a user pinned it back on purpose
+    assert store.resolve("pretrain/x").ref == "pretrain/x@v001"
+    assert capsys.readouterr().err == ""
+
+
+def test_lineage_says_removed_for_a_parent_that_was_removed(tmp_path):
+    from llmctl.core.store import parent_entry
+
+    store = Store(tmp_path)
+    a = _publish(store, "a", 1.0)
+    b = store.publish(_folder(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]})
+    assert store.children("pretrain", "a", [1]) == [("finetune/b@v001", "pretrain/a@v001")]
+    store.remove("pretrain/a@all")
+    _publish(store, "a", 5.0, b"another model")  # takes v002, never v001
+    chain = store.lineage(b.ref)
+    assert [r.ref for r in chain] == ["finetune/b@v001", "pretrain/a@v001"]
+    assert chain[1].manifest["missing"] == "removed"
+
+
+def test_a_store_root_that_is_a_file_or_missing_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LlmctlError, match="is a file"):
+        Store(tmp_path / "f")
+    with pytest.raises(LlmctlError, match="no checkpoint store"):
+        Store(tmp_path / "typo", must_exist=True)
+    assert Store(tmp_path / "new").root == tmp_path / "new"  # a stage creates it
+
+
+def test_runs_lists_unpublished_runs_and_gc_removes_what_cannot_resume(tmp_path):
+    import time
+
+    from llmctl.core.store import RunLock, state_dir
+
+    store = Store(tmp_path)
+    dead = store.new_run_dir("pretrain", "x")  # killed before it saved any state
+    (dead / "metrics.jsonl").write_text("{}\n")
+    resumable = store.new_run_dir("pretrain", "x")
+    state_dir(resumable).mkdir()
+    (state_dir(resumable) / "trainer_state.json").write_text(json.dumps({"step": 7}))
+    live = store.new_run_dir("pretrain", "y")
+    lock = RunLock(live)
+    assert lock.try_acquire()
+    try:
+        runs = {r["id"]: r for r in store.runs()}
+        assert set(runs) == {dead.name, resumable.name, live.name}
+        assert runs[resumable.name]["step"] == 7 and runs[resumable.name]["resumable"]
+        assert not runs[dead.name]["resumable"] and not runs[dead.name]["live"]
+        assert runs[live.name]["live"]
+        assert not store.remove_run(live)  # a live process's run is never removed
+        assert store.remove_run(dead)
+        assert not dead.exists() and {r["id"] for r in store.runs()} == {resumable.name, live.name}
+        assert runs[resumable.name]["age"] < 60 and time.time() > 0
+    finally:
+        lock.release()

@@ -71,3 +71,10 @@ def test_the_cache_says_which_tokenizer_it_reuses_and_ignores_older_formats(tmp_
     monkeypatch.setattr(tokenizer_module, "FORMAT_VERSION", tokenizer_module.FORMAT_VERSION + 1)
     train_tokenizer(DOCS, family="gpt2", vocab_size=300, lowercase=False, max_len=64, cache_root=tmp_path, data_fp="c", say=said.append)
     assert "trained" in said[2] and len(list((tmp_path / "tokenizers").iterdir())) == 2
+
+
+def test_the_hash_names_the_tokenizer_not_its_last_call(tmp_path):
+    tok = train_tokenizer(TEXTS, family="bert", vocab_size=300, lowercase=True, max_len=64, cache_root=tmp_path, data_fp="h")
+    before = tokenizer_hash(tok)
+    tok("a sentence long enough to be cut", truncation=True, max_length=4, padding="max_length")  # sets backend state
+    assert tokenizer_hash(tok) == before

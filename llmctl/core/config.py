@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -30,14 +31,25 @@ def config_dir() -> Path:
 def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") -> None:
     """Run `job(cfg)` through Hydra with the `stage` config root and the command line `args`
     (`llmctl <stage> <args>`). Raises LlmctlError on bad input."""
-    import hydra  # deferred: `llmctl --help` must stay fast
+    if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
+        args = [a if a != "--hydra-help" else "--help" for a in args]
+    elif "--help" in args or "-h" in args:
+        print(stage_help(stage, [a for a in args if a not in ("--help", "-h")], doc))
+        return
+    if "--cfg" in args and args[args.index("--cfg") + 1:][:1] == ["job"] and not {"--package", "-p"} & set(args):
+        print(_commented(stage, args))
+        return
+    _hydra(stage, args, job)
+
+
+def _hydra(stage: str, args: list[str], job: Callable) -> None:
+    import hydra
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    if "--help" in args or "-h" in args:
-        print(doc.strip() + "\n")
     sys.argv = [f"llmctl {stage}", *args]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # re-raise; we print one line ourselves
+    _quiet_sweepers(args)
 
     failure: list[LlmctlError] = []
 
@@ -70,6 +82,105 @@ def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") ->
         raise LlmctlError(_omegaconf_line(e)) from None
     finally:
         _clear_hydra()
+
+
+# ---------------------------------------------------------------------------------------------
+# --help and --cfg job: the composed config with each knob's one-line comment from its YAML file
+# ---------------------------------------------------------------------------------------------
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.+-]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
+
+
+def stage_help(stage: str, args: list[str], doc: str) -> str:
+    """The stage's description, the config groups it takes, and its composed config with comments."""
+    groups = _stage_groups(stage)
+    lines = [doc.strip(), "", "Config groups (choose with group=option; add your own with --config-dir DIR holding <group>/<name>.yaml):"]
+    for group, default in groups.items():
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(o + (' (default)' if o == default else '') for o in options)}")
+    lines += ["", "Flags: -m/--multirun (sweeps: key=a,b; hydra/sweeper=optuna; hydra/launcher=joblib), --cfg job (the composed",
+              "config, nothing run), --config-dir DIR, --hydra-help (Hydra's own help).", "",
+              f"Config{' with your overrides' if args else ''} (every key can be overridden: key=value):", "",
+              _commented(stage, [*args, "--cfg", "job"])]
+    return "\n".join(lines)
+
+
+def _stage_groups(stage: str) -> dict[str, str | None]:
+    """group → default option, for the config groups in the stage's defaults list (conf/<stage>.yaml)."""
+    from omegaconf import OmegaConf
+
+    groups: dict[str, str | None] = {}
+    for entry in OmegaConf.load(config_dir() / f"{stage}.yaml").get("defaults", []):
+        if isinstance(entry, str) or entry is None:
+            continue
+        for key, value in entry.items():
+            if not str(key).startswith("override ") and (config_dir() / str(key)).is_dir():
+                groups[str(key)] = value
+    return groups
+
+
+def _commented(stage: str, args: list[str]) -> str:
+    """Hydra's `--cfg job` output for these arguments, each key followed by its comment."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        _hydra(stage, [a for a in args if a not in ("--cfg", "job")] + ["--cfg", "job"], job=lambda cfg: None)
+    comments = _comments(stage, args)
+    out, stack = [], []
+    for line in buffer.getvalue().rstrip("\n").splitlines():
+        m = _KEY_LINE.match(line)
+        if m and not line.lstrip().startswith("- "):
+            depth = len(m.group("indent")) // 2
+            stack = stack[:depth] + [m.group("key")]
+            comment = comments.get(".".join(stack))
+            if comment:
+                line = f"{line}  # {comment}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def _comments(stage: str, args: list[str]) -> dict[str, str]:
+    """Dotted key → its comment, from every YAML file the stage can use; the stage's own file, common.yaml
+    and the chosen option of each group (`group=option` in `args`, else the default) take precedence
+    over other options and presets."""
+    root = config_dir()
+    defaults = _stage_groups(stage)
+    defaults.update({k: v for k, _, v in (a.partition("=") for a in args) if k in defaults and v})
+    files = sorted(root.glob("conf/*.yaml"))  # presets (lowest precedence)
+    files += [p for g in defaults for p in sorted((root / g).glob("*.yaml")) if p.stem != defaults[g] and g != "conf"]
+    files += [root / g / f"{o}.yaml" for g, o in defaults.items() if o and g != "conf"] + [root / "common.yaml", root / f"{stage}.yaml"]
+    found: dict[str, str] = {}
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if path.parent == root or "@package _global_" in text else path.parent.name + "."
+        stack: list[str] = []
+        for line in text.splitlines():
+            m = _KEY_LINE.match(line)
+            if not m or line.lstrip().startswith("-"):
+                continue
+            depth = len(m.group("indent")) // 2
+            stack = stack[:depth] + [m.group("key")]
+            if m.group("comment") and stack[0] not in ("defaults", "hydra"):
+                found[prefix + ".".join(stack)] = m.group("comment").strip()
+    return found
+
+
+def _quiet_sweepers(args: list[str]) -> None:
+    """The Optuna sweeper's storage set-up logs a line per alembic plugin, and Optuna logs in colour
+    through its own handler: keep alembic to warnings and route Optuna's lines through Hydra's log."""
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if any("sweeper=optuna" in a for a in args):
+        try:
+            import optuna
+        except ImportError:
+            return
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
 
 
 def _omegaconf_line(e) -> str:
@@ -163,6 +274,8 @@ def job_overrides() -> tuple[list[str], list[str]]:
     and the user's --config-dir folders: what a child process needs to run exactly this job."""
     from hydra.core.hydra_config import HydraConfig
 
+    if not HydraConfig.initialized():  # a stage called directly, not through the CLI
+        return [], []
     hc = HydraConfig.get()
     dirs = [s.path for s in hc.runtime.config_sources if s.provider == "command-line" and s.schema == "file"]
     return list(hc.overrides.task), dirs

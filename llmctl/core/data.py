@@ -26,6 +26,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import random
 import re
 import shutil
@@ -72,17 +73,19 @@ class Data:
                 + (f" · {dropped} exact duplicate{'s' * (dropped != 1)} dropped" if dropped else ""))
 
 
-def load_data(data_cfg, *, task: str = "text") -> Data:
+def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = None) -> Data:
     """Load, deduplicate and split the configured data, with the columns `task` reads
-    (text | classification | ner | sft: see TASK_COLUMNS)."""
+    (text | classification | ner | sft: see TASK_COLUMNS). `cache_dir`: where `datasets` keeps its
+    Arrow caches (stages pass `<output_root>/.cache/datasets`; None = the HF default)."""
+    cache_dir = str(cache_dir) if cache_dir else None
     from datasets import DatasetDict
 
     if data_cfg.get("train"):
-        dsd = _load_local_splits(data_cfg, task)
+        dsd = _load_local_splits(data_cfg, task, cache_dir)
     elif data_cfg.get("source") in BUILTIN:
-        dsd = {k: _normalize(v, data_cfg, task, f"data={data_cfg.source}") for k, v in _load_builtin(data_cfg.source).items()}
+        dsd = {k: _normalize(v, data_cfg, task, f"data={data_cfg.source}") for k, v in _load_builtin(data_cfg.source, cache_dir).items()}
     elif data_cfg.get("source"):
-        dsd = _load_source(data_cfg, task)
+        dsd = _load_source(data_cfg, task, cache_dir)
     else:
         raise LlmctlError("data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>")
     dropped = _dedupe(dsd, task) if data_cfg.get("dedupe", True) else {}
@@ -159,7 +162,7 @@ def _describe(data_cfg) -> str:
     return f"data.train={data_cfg.train}" if data_cfg.get("train") else f"data.source={data_cfg.get('source')}"
 
 
-def _load_builtin(name: str) -> dict:
+def _load_builtin(name: str, cache_dir: str | None = None) -> dict:
     from datasets import ClassLabel, Dataset, Features, Value
 
     if name == "bbc-news":
@@ -191,17 +194,17 @@ def _load_builtin(name: str) -> dict:
     if name == "tiny-instruct":
         from datasets import load_dataset
 
-        return {"all": load_dataset("json", data_files=str(ASSETS / "sft" / "instructions.jsonl"), split="train")}
+        return {"all": load_dataset("json", data_files=str(ASSETS / "sft" / "instructions.jsonl"), split="train", cache_dir=cache_dir)}
     raise AssertionError(name)
 
 
-def read_conll(files: list[str], key: str):
+def read_conll(files: list[str], key: str, encoding: str = "utf-8"):
     """CoNLL-2003-style files: `token ... tag` per line, blank line between sentences, -DOCSTART- skipped."""
     from datasets import Dataset
 
     tokens, tags, sent_tokens, sent_tags = [], [], [], []
     for f in files:
-        for n, line in enumerate(Path(f).read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(Path(f).read_text(encoding=encoding).splitlines(), 1):
             parts = line.split()
             if not parts or parts[0] == "-DOCSTART-":
                 if sent_tokens:
@@ -244,7 +247,7 @@ def _format_of(files: list[str], key: str) -> str:
     return formats.pop()
 
 
-def _read_files(files: list[str], key: str, data_cfg, task: str):
+def _read_files(files: list[str], key: str, data_cfg, task: str, cache_dir: str | None = None):
     from datasets import load_dataset
 
     fmt = _format_of(files, key)
@@ -254,14 +257,56 @@ def _read_files(files: list[str], key: str, data_cfg, task: str):
     if all(Path(f).stat().st_size == 0 for f in files):
         wanted = "a CoNLL file" if conll else "a file with text" if fmt == "text" else "a file with rows"
         raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give {wanted}")
+    encoding = str(data_cfg.get("encoding") or "utf-8")
+    if fmt != "parquet":
+        for f in files:
+            check_text_file(f, key, encoding, csv_rows=fmt == "csv")
     if conll:
-        return read_conll(files, key)
-    if fmt == "text":
-        # several files = one document each; one file = one example per line
-        ds = load_dataset("text", data_files=files, sample_by="document" if len(files) > 1 else "line", split="train")
-        return ds.filter(lambda t: bool(t.strip()), input_columns="text")
-    ds = load_dataset(fmt, data_files=files, split="train")
+        return read_conll(files, key, encoding)
+    try:
+        if fmt == "text":
+            # several files = one document each; one file = one example per line
+            ds = load_dataset("text", data_files=files, sample_by="document" if len(files) > 1 else "line", split="train",
+                              encoding=encoding, cache_dir=cache_dir)
+            return ds.filter(lambda t: bool(t.strip()), input_columns="text")
+        ds = load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **({} if fmt == "parquet" else {"encoding": encoding}))
+    except Exception as e:  # a malformed file: datasets wraps the cause in a long DatasetGenerationError
+        cause = e.__cause__ or e.__context__ or e
+        raise LlmctlError(f"data.{key}: cannot read {', '.join(files[:3])} as {fmt} ({type(cause).__name__}: "
+                          f"{_first_line(str(cause))}); check the file's format") from None
     return _normalize(ds, data_cfg, task, f"data.{key}")
+
+
+def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: bool = False) -> None:
+    """One clear line for a file that is binary, not valid text in `encoding` (naming the byte offset),
+    or a CSV with a header and no rows, before `datasets` fails on it with a long trace."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(8192)
+        if b"\x00" in head and not encoding.lower().replace("-", "").startswith(("utf16", "utf32")):
+            raise LlmctlError(f"data.{key}: {path} looks like a binary file (it holds NUL bytes), not text; give a text file")
+        fh.seek(0)
+        decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (byte 0x{block[e.start]:02x} at offset {at}); "
+                                  f"convert it to {encoding} or set data.encoding=<its encoding>, e.g. data.encoding=latin-1") from None
+            offset += len(block)
+    if csv_rows:
+        import csv
+
+        with open(path, encoding=encoding, newline="") as fh:
+            rows = [row for _, row in zip(range(2), (r for r in csv.reader(fh) if any(c.strip() for c in r)))]
+        if len(rows) < 2:
+            raise LlmctlError(f"data.{key}: {path} has a header but no rows; add rows or remove the file")
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)[:200]
 
 
 def _normalize(ds, data_cfg, task: str, where: str):
@@ -288,22 +333,22 @@ def _normalize(ds, data_cfg, task: str, where: str):
     return ds
 
 
-def _load_local_splits(data_cfg, task: str) -> dict:
-    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg, task)}
+def _load_local_splits(data_cfg, task: str, cache_dir: str | None) -> dict:
+    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg, task, cache_dir)}
     for key in ("validation", "test"):
         if data_cfg.get(key):
-            out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg, task)
+            out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg, task, cache_dir)
     return out
 
 
-def _load_source(data_cfg, task: str) -> dict:
+def _load_source(data_cfg, task: str, cache_dir: str | None) -> dict:
     src = str(data_cfg.source)
     if Path(src).expanduser().exists() or any(ch in src for ch in "*?"):
-        return {"all": _read_files(_expand(src, "source"), "source", data_cfg, task)}
+        return {"all": _read_files(_expand(src, "source"), "source", data_cfg, task, cache_dir)}
     from datasets import load_dataset
 
     try:
-        dsd = load_dataset(src, data_cfg.get("config_name"))
+        dsd = load_dataset(src, data_cfg.get("config_name"), cache_dir=cache_dir)
     except Exception as e:  # network, unknown id, ...
         raise LlmctlError(f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     out = {k: _normalize(v, data_cfg, task, f"data.source={src}") for k, v in dsd.items()}
@@ -312,23 +357,46 @@ def _load_source(data_cfg, task: str) -> dict:
     return out
 
 
+MIN_VALIDATION = 100  # labelled data: validation gets at least min(100, a fifth of the examples) to select a checkpoint on
+
+
 def _split(dsd: dict, data_cfg) -> dict:
-    """Deterministic train/validation/test split of an unsplit ('all') dataset."""
+    """Deterministic train/validation/test split of an unsplit ('all') dataset.
+
+    Labelled data (a `label` column, class names or plain values) is split stratified, and its
+    validation split holds at least min(MIN_VALIDATION, 20 %) examples and one per class, so the best
+    checkpoint is chosen on more than a handful of rows: 5 % of a 40-row CSV would be 2."""
     if "all" not in dsd:
         return dsd
     ds = dsd.pop("all")
     ratio = [float(x) for x in data_cfg.get("split_ratio") or [0.9, 0.1, 0.0]]
     seed = int(data_cfg.get("split_seed") or 0)
-    stratify = "label" if "label" in ds.column_names and type(ds.features["label"]).__name__ == "ClassLabel" else None
     if len(ds) < 3:
         raise LlmctlError(f"data: {_describe(data_cfg)} has {len(ds)} examples; need at least 3 to split off validation")
-    total = sum(ratio)
+    labelled = "label" in ds.column_names
     if ratio[2] > 0 and "test" not in dsd:
-        parts = ds.train_test_split(test_size=ratio[2] / total, seed=seed, stratify_by_column=stratify)
-        ds, dsd["test"] = parts["train"], parts["test"]
-    parts = ds.train_test_split(test_size=ratio[1] / (ratio[0] + ratio[1]), seed=seed, stratify_by_column=stratify)
-    dsd["train"], dsd["validation"] = parts["train"], parts["test"]
+        ds, dsd["test"] = _split_off(ds, math.ceil(ratio[2] / sum(ratio) * len(ds)), seed, labelled)  # datasets' own rounding
+    n_val = math.ceil(ratio[1] / (ratio[0] + ratio[1]) * len(ds))
+    if labelled:
+        n_val = max(n_val, min(MIN_VALIDATION, len(ds) // 5), len(set(ds["label"][:])))
+    dsd["train"], dsd["validation"] = _split_off(ds, min(n_val, len(ds) - 1), seed, labelled)
     return dsd
+
+
+def _split_off(ds, n: int, seed: int, labelled: bool):
+    """(rest, n held-out examples), stratified by label where every class has at least two examples."""
+    labels = ds["label"][:] if labelled else []
+    counts = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    if not labelled or min(counts.values()) < 2 or n < len(counts) or len(ds) - n < len(counts):
+        parts = ds.train_test_split(test_size=n, seed=seed)
+        return parts["train"], parts["test"]
+    keyed = ds.add_column("_row", list(range(len(ds))))
+    if type(ds.features["label"]).__name__ != "ClassLabel":  # strings or ints: stratify on their sorted classes
+        keyed = keyed.class_encode_column("label")
+    parts = keyed.train_test_split(test_size=n, seed=seed, stratify_by_column="label")
+    return ds.select(parts["train"]["_row"][:]), ds.select(parts["test"]["_row"][:])
 
 
 def fingerprint(dsd) -> str:

@@ -68,12 +68,14 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
 
     if not any(Path(folder).glob("*.safetensors")):
         raise LlmctlError(f"{folder} has no .safetensors weights; llmctl loads only safetensors (never pickled .bin files)")
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        check_safetensors(weights)
     cls = getattr(transformers, KIND_CLASS[kind])
     try:
         model, info = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, ignore_mismatched_sizes=True,
                                           output_loading_info=True, **(head or {}))
-    except (ValueError, OSError) as e:
-        raise LlmctlError(f"cannot load {folder} as {kind}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever the library raised
+        raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
     wrong = sorted((key, a, b) for key, a, b in info["mismatched_keys"] if not (head and in_head(key)))
@@ -89,6 +91,26 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
         raise LlmctlError(f"cannot load {folder} as {kind}: none of the {type(model).__name__} base weights are in the checkpoint; "
                           f"is it a different architecture?")
     return model, missing
+
+
+def check_safetensors(path: Path) -> None:
+    """One clear line for a .safetensors file that is truncated, padded or not safetensors at all (read
+    from its header alone: 8 bytes of header length, a JSON header, then the tensors' bytes)."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise LlmctlError(f"{path} is not a readable safetensors file (damaged header, {size} bytes); re-create or re-download it") from None
+    if 8 + n + end != size:
+        raise LlmctlError(f"{path} is truncated or damaged: {size} bytes on disk, its header describes {8 + n + end}; "
+                          f"re-create or re-download it") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

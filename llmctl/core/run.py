@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from llmctl.core.config import command_line, preset_name, to_container
+from llmctl.core.config import command_line, job_overrides, preset_name, to_container
 from llmctl.core.errors import LlmctlError
 from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, state_dir, weights_sha256
 
@@ -31,6 +31,13 @@ _FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when i
 RESULT_FILE_ENV = "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
 IDENTITY_WORDS = {"stage": "stage", "task": "task", "data_fingerprint": "data", "world_size": "number of processes",
                   "model": "model", "tokenizer": "tokenizer"}
+# What a resume may change (recorded in the manifest's `resumed`): the length of the run (the schedule is
+# recomputed for the new max_steps, as the HF Trainer does), how often it logs / evaluates / saves, where
+# it runs. Everything else in the config must be what the interrupted run had; data, model and tokenizer
+# are compared by their fingerprints / hashes instead of their config keys.
+RESUME_ADJUSTABLE = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
+                     "train.num_workers", "patience", "sft.num_samples", "sft.max_new_tokens", "device", "output_root", "resume", "name")
+RESUME_BY_HASH = ("data.", "model.", "tokenizer.", "init_from", "hydra.")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class StageRun:
     parents: list = field(default_factory=list)
     identity: dict = field(default_factory=dict)  # what this run trains (saved with its state, checked on resume)
     lock: RunLock | None = None
+    resumed: dict | None = None  # set when continuing an interrupted run: which run, and the settings it changed
 
     def print(self, *args, **kwargs) -> None:
         if self.console is not None:
@@ -55,8 +63,18 @@ class StageRun:
     def __enter__(self) -> "StageRun":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:  # a stopped run stays resumable; its lock goes with this process
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A stopped run with a resumable state stays (resume=auto continues it); a run that failed
+        before saving any state is removed, so failures leave nothing behind in the store."""
+        if self.lock is None:
+            return
+        resumable = self.state_dir is not None and (self.state_dir / TRAINER_STATE).is_file()
+        if exc_type is not None and not resumable and self.run_dir is not None and self.run_dir.exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.lock.release(remove=True)
+            self.store.prune_empty(self.stage, self.name)
+        else:
             self.lock.release()
 
 
@@ -99,6 +117,7 @@ def open_run_dir(run: StageRun, identity: dict) -> None:
     data, model, tokenizer, task or number of processes) is refused rather than silently mixed."""
     from llmctl.core.device import broadcast_str
 
+    identity = {**identity, "settings": resume_settings(run.cfg)}
     chosen = None
     if run.rt.is_main:
         try:
@@ -149,15 +168,59 @@ def _take_named_run(run: StageRun, folder: Path) -> Path:
 
 
 def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
-    from llmctl.core.train import read_identity
+    """Refuse to continue a run that trained something else; allow (and record) the adjustable settings."""
+    from llmctl.core.train import read_state
 
-    saved = read_identity(state_dir(folder))
+    state = read_state(state_dir(folder))
+    saved = state.get("identity") or {}
+    problem = None
     for key, value in identity.items():
-        if key in saved and saved[key] != value:
-            run.lock.release()
-            what = IDENTITY_WORDS.get(key, key)
-            raise LlmctlError(f"resume: the interrupted run {folder} trained with another {what} ({_short(saved[key])}, "
-                              f"now {_short(value)}); resume it with the settings it had, or start a new run without resume=")
+        if key == "settings" or key not in saved or saved[key] == value:
+            continue
+        problem = f"trained with another {IDENTITY_WORDS.get(key, key)} ({_short(saved[key])}, now {_short(value)})"
+        break
+    old, new = (saved.get("settings") or {}), identity["settings"]
+    fixed = [k for k in sorted(set(old["fixed"]) | set(new["fixed"])) if old["fixed"].get(k) != new["fixed"].get(k)] if old else []
+    if problem is None and fixed:
+        problem = f"trained with {fixed[0]}={_show(old['fixed'].get(fixed[0]))} (now {_show(new['fixed'].get(fixed[0]))})"
+    if problem is not None:
+        run.lock.release()
+        raise LlmctlError(f"resume: the interrupted run {folder} {problem}; resume it with the settings it had (what may change: "
+                          f"{', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), or start a new run without resume=")
+    step = int(state.get("step", 0))
+    max_steps = int(run.cfg.train.max_steps) if "train" in run.cfg else None
+    if max_steps is not None and max_steps < step:
+        run.lock.release()
+        raise LlmctlError(f"resume: the interrupted run {folder} has {step} steps already, more than train.max_steps={max_steps}; "
+                          f"set train.max_steps={step} or more")
+    changed = {k: [old.get("adjustable", {}).get(k), v] for k, v in new["adjustable"].items()
+               if old and old.get("adjustable", {}).get(k) != v and k not in ("resume", "output_root")}
+    run.resumed = {"run": folder.name, "from_step": step, "changed": changed}
+    run.print(f"resume: continuing {folder.name} from step {step}"
+              + "".join(f" · {k} {_show(a)} → {_show(b)}" for k, (a, b) in changed.items()))
+
+
+def resume_settings(cfg) -> dict:
+    """The run's settings as flat dotted keys: `fixed` (a resume must match them) and `adjustable`."""
+    from omegaconf import OmegaConf
+
+    flat: dict = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), "")
+    keep = {k: v for k, v in flat.items() if not k.startswith(RESUME_BY_HASH) or k == "data.max_seq_len"}
+    return {"fixed": {k: v for k, v in keep.items() if k not in RESUME_ADJUSTABLE},
+            "adjustable": {k: v for k, v in keep.items() if k in RESUME_ADJUSTABLE}}
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def _short(value) -> str:
@@ -213,7 +276,9 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         "runtime": run.rt.record(),
         "weights_sha256": weights_sha256(folder),
         "command": command_line(),
+        "overrides": job_overrides()[0],
         "config": to_container(run.cfg),
+        **({"resumed": run.resumed} if run.resumed else {}),
         "libraries": library_versions(),
         **(extra or {}),
     }

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -144,8 +145,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class Store:
     """The checkpoint store rooted at ``output_root``."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, must_exist: bool = False):
+        """`must_exist`: the root is only read (`llmctl ckpt ...`), so a missing one is a typo, not an empty store."""
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise LlmctlError(f"output_root={root} is a file, not a folder; choose a folder for the checkpoint store")
+        if must_exist and not self.root.is_dir():
+            raise LlmctlError(f"no checkpoint store at {root} (relative to {Path.cwd()}); check -o/--output-root "
+                              f"(the default is outputs, where stages write)")
 
     # ---- layout -------------------------------------------------------------------------------
     def name_dir(self, stage: str, name: str) -> Path:
@@ -164,13 +171,27 @@ class Store:
         return sorted(found)
 
     def latest_version(self, stage: str, name: str) -> int | None:
-        pointer = self.name_dir(stage, name) / LATEST
-        if pointer.is_file():
-            m = _VERSION_DIR.match(pointer.read_text().strip())
-            if m and (self.name_dir(stage, name) / m.group(0) / MANIFEST).is_file():
-                return int(m.group(1))
+        """The version `latest` names. A `latest` that names no complete version (garbage, empty, a
+        removed version) is reported on stderr and repaired under the name's lock to the newest one."""
+        d = self.name_dir(stage, name)
         versions = self.versions(stage, name)
-        return versions[-1] if versions else None
+        pointer = _read_pointer(d / LATEST)
+        m = _VERSION_DIR.match(pointer or "")
+        if m and int(m.group(1)) in versions:
+            return int(m.group(1))
+        if not versions:
+            return None
+        if pointer is not None:
+            try:
+                with self._locked(stage, name):
+                    if _read_pointer(d / LATEST) == pointer:  # nobody fixed it meanwhile
+                        self._write_latest(d, versions[-1])
+                fixed = "reset it"
+            except OSError:
+                fixed = "left it (read-only store)"
+            print(f"llmctl: warning: {d / LATEST} named {pointer[:40]!r}, not a version of {stage}/{name}; "
+                  f"{fixed} to {version_dirname(versions[-1])}", file=sys.stderr)
+        return versions[-1]
 
     def entries(self) -> list[tuple[str, str, int, dict]]:
         """Every complete version in the store as (stage, name, version, manifest)."""
@@ -287,8 +308,8 @@ class Store:
     def _write_latest(name_dir: Path, version: int) -> None:
         _write_text_atomic(name_dir / LATEST, version_dirname(version) + "\n")
 
-    def remove(self, ref: str) -> list[str]:
-        """Delete one version (stage/name@vN) or every version of a name (stage/name@all)."""
+    def removal(self, ref: str) -> tuple[str, str, list[int]]:
+        """What `remove(ref)` would delete: (stage, name, versions). Raises when there is no such thing."""
         m = re.match(r"^(?P<stage>[a-z]+)/(?P<name>[^@]+)@(?P<sel>v\d+|all)$", ref.strip())
         if not m or m.group("stage") not in STORE_STAGES:
             raise LlmctlError(f"cannot remove {ref!r}: name one version (<stage>/<name>@vN) or all of them (<stage>/<name>@all)")
@@ -297,6 +318,22 @@ class Store:
         doomed = versions if sel == "all" else [int(sel[1:])]
         if not versions or not set(doomed) <= set(versions):
             raise LlmctlError(f"cannot remove {ref!r}: no such checkpoint; `llmctl ckpt list` shows what exists")
+        return stage, name, doomed
+
+    def children(self, stage: str, name: str, versions: list[int]) -> list[tuple[str, str]]:
+        """(child ref, parent ref) for every version in the store made from one of these versions."""
+        folders = {str((self.name_dir(stage, name) / version_dirname(v)).resolve()): f"{stage}/{name}@{version_dirname(v)}" for v in versions}
+        found = []
+        for st, nm, v, manifest in self.entries():
+            for parent in manifest.get("parents") or []:
+                hit = folders.get(str(parent.get("path"))) or (parent.get("ref") if parent.get("ref") in folders.values() else None)
+                if hit and not (st == stage and nm == name and v in versions):
+                    found.append((f"{st}/{nm}@{version_dirname(v)}", hit))
+        return found
+
+    def remove(self, ref: str) -> list[str]:
+        """Delete one version (stage/name@vN) or every version of a name (stage/name@all)."""
+        stage, name, doomed = self.removal(ref)
         removed = []
         with self._locked(stage, name) as d:
             for v in doomed:
@@ -311,8 +348,54 @@ class Store:
                 (d / LATEST).unlink(missing_ok=True)
         return removed
 
+    # ---- runs in progress: listing and cleaning -------------------------------------------------
+    def runs(self) -> list[dict]:
+        """Every unpublished run in the store: where it is, its step, whether it can be resumed, whether a
+        live process holds it, its age (seconds since it last wrote) and size on disk."""
+        out = []
+        for stage in STORE_STAGES:
+            for runs in sorted((self.root / stage).glob(f"*/{RUNS}")) if (self.root / stage).is_dir() else []:
+                names = {p.name.removesuffix(STATE_SUFFIX).removesuffix(".lock") for p in runs.iterdir() if not p.name.startswith(".")}
+                for run_id in sorted(names):
+                    run_dir = runs / run_id
+                    state = state_dir(run_dir)
+                    lock = RunLock(run_dir)
+                    parts = [p for p in (run_dir, state, lock.path) if p.exists()]
+                    age = time.time() - max(p.stat().st_mtime for p in parts)
+                    live = lock.path.exists() and not lock.try_acquire()
+                    lock.release()
+                    step = None
+                    try:
+                        step = json.loads((state / TRAINER_STATE).read_text()).get("step")
+                    except (OSError, ValueError):
+                        pass
+                    out.append({"ref": f"{stage}/{runs.parent.name}", "id": run_id, "path": run_dir, "step": step,
+                                "resumable": step is not None, "live": live,
+                                "age": age,
+                                "size": sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in parts)})
+        return out
+
+    def remove_run(self, run_dir: Path) -> bool:
+        """Delete an unpublished run (its folder, state and lock) unless a live process holds it."""
+        lock = RunLock(run_dir)
+        if not lock.try_acquire():
+            return False
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(state_dir(run_dir), ignore_errors=True)
+        lock.release(remove=True)
+        return True
+
+    def prune_empty(self, stage: str, name: str) -> None:
+        """Remove the `.runs` folder, the name's folder and the stage's folder where nothing is left in them."""
+        for folder in (self.name_dir(stage, name) / RUNS, self.name_dir(stage, name), self.root / stage):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+
     def lineage(self, ref: str) -> list[Resolved]:
-        """The reference followed by its ancestors (first parent at each step)."""
+        """The reference followed by its ancestors (first parent at each step). A parent that is gone
+        comes back with the manifest {"kind": ..., "missing": "removed" | "missing"} and ends the chain."""
         chain = [self.resolve(ref)]
         seen = {chain[0].path}
         while chain[-1].manifest and chain[-1].manifest.get("parents"):
@@ -320,7 +403,10 @@ class Store:
             try:
                 nxt = self.resolve(parent.get("path") or parent["ref"])
             except LlmctlError:
-                nxt = Resolved(path=Path(parent.get("path") or "?"), ref=parent.get("ref", "?"), manifest=None)
+                gone = "removed" if parse_ref(parent.get("ref", "")) else "missing"
+                chain.append(Resolved(path=Path(parent.get("path") or "?"), ref=parent.get("ref", "?"),
+                                      manifest={"kind": parent.get("kind"), "missing": gone}))
+                break
             if nxt.path in seen:
                 break
             seen.add(nxt.path)
@@ -384,6 +470,16 @@ class RunLock:
         self._fh = None
 
 
+def _read_pointer(path: Path) -> str | None:
+    """The text of a `latest` file (None when there is none); undecodable bytes come back escaped."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="backslashreplace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip())
@@ -409,7 +505,19 @@ def age(created: str) -> str:
         secs = time.time() - datetime.fromisoformat(created).timestamp()
     except (TypeError, ValueError):
         return "?"
+    return duration(secs) + " ago"
+
+
+def duration(secs: float) -> str:
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= n:
-            return f"{int(secs // n)}{unit} ago"
-    return f"{int(secs)}s ago"
+            return f"{int(secs // n)}{unit}"
+    return f"{int(max(secs, 0))}s"
+
+
+def parse_duration(text: str, where: str) -> float:
+    """'90s', '30m', '12h', '7d' → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(text))
+    if not m:
+        raise LlmctlError(f"{where}={text!r} is not a duration; write a number and a unit: 90s, 30m, 12h or 7d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]

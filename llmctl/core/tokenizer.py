@@ -41,7 +41,10 @@ def tokenizer_hash(tokenizer) -> str:
     """sha256 of the tokenizer's full definition (vocabulary, merges, normalizer, templates); for a
     slow (Python) tokenizer, of its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is None:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    else:  # truncation / padding are call-time state (set by the last call with truncation=True), not the tokenizer
+        text = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

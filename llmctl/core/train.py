@@ -77,17 +77,22 @@ class MetricSink:
     def __init__(self, run_dir: Path, rt: Runtime):
         self.path, self.rt = Path(run_dir) / "metrics.jsonl", rt
         self.history: list[dict] = []
-        self._writer = None
-        if rt.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(Path(run_dir) / "tb"))
+        self._writer, self._tb, self._purge = None, Path(run_dir) / "tb", None
 
     def truncate(self, step: int) -> None:
-        """Drop what a stopped run logged after its last saved state (a resumed run logs those steps again)."""
+        """Drop what a stopped run logged after its last saved state (a resumed run logs those steps again),
+        from metrics.jsonl and from TensorBoard (whose writer hides events from `purge_step` on)."""
         if self.rt.is_main and self.path.is_file():
             self.history = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self._purge = step + 1
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self._tb), purge_step=self._purge)
+        return self._writer
 
     def log(self, record: dict) -> None:
         if not self.rt.is_main:
@@ -98,7 +103,7 @@ class MetricSink:
             fh.write(json.dumps(record) + "\n")
         for k, v in record.items():
             if k not in ("step", "time") and isinstance(v, (int, float)):
-                self._writer.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
+                self._tensorboard().add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
 
     def last(self, key: str):
         return next((r[key] for r in reversed(self.history) if key in r), None)
@@ -435,9 +440,13 @@ class Trainer:
         barrier(self.rt)
 
 
-def read_identity(state_dir: Path) -> dict:
-    """What an interrupted run was training (saved with its state), for the resume checks."""
-    return json.loads((Path(state_dir) / TRAINER_STATE).read_text()).get("identity") or {}
+def read_state(state_dir: Path) -> dict:
+    """An interrupted run's saved state (step, best, identity: what it was training), for the resume checks."""
+    try:
+        return json.loads((Path(state_dir) / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise LlmctlError(f"resume: the state in {state_dir} is unreadable ({type(e).__name__}); remove that run with "
+                          f"`llmctl ckpt gc` and start a new run") from None
 
 
 def _save_rng(path: Path) -> None:

@@ -18,6 +18,8 @@ class Stage(Protocol):
       new version through `core.run.publish`, and returns the value of its objective metric
       (`objective_metric`, else the stage's default), which sweepers (Optuna) optimise and `@best`
       ranks; None when it has no objective or on a non-zero DDP rank.
+    - Optionally `Config`: a `core.schema.StageConfig` subclass typing the stage's own keys; the CLI
+      validates the composed config against it before `run` (default: the shared keys only).
     """
 
     def run(self, cfg) -> float | None: ...

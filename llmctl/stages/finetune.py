@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from llmctl.core import run as stage_run
+from llmctl.core import schema
 from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
@@ -31,6 +35,24 @@ from llmctl.core.models import max_positions
 from llmctl.core.store import parse_ref
 from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, check_task, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
+
+
+class Sft(schema.Section):
+    system_prompt: Optional[str] = None
+    num_samples: int = Field(ge=0)
+    max_new_tokens: int = Field(ge=1)
+
+
+class Config(schema.StageConfig):
+    """conf/finetune.yaml, checked before the stage runs (core/schema.py)."""
+
+    task: Literal["classification", "ner", "sft"]
+    patience: int = Field(ge=0)
+    sft: Sft
+    model: schema.Model
+    method: schema.Method
+    data: schema.Data
+    train: schema.Train
 
 
 def run(cfg) -> float | None:
@@ -42,7 +64,7 @@ def run(cfg) -> float | None:
         source, where = _source(run, cfg, task)
         tokenizer = load_tokenizer(source.path)
         _check_length(cfg, source)
-        data = load_data(cfg.data, task=DATA_TASK[task])
+        data = load_data(cfg.data, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
         prepared = prepare(task, data, tokenizer, max_seq_len=int(cfg.data.max_seq_len), batch_size=int(cfg.train.batch_size),
                            seed=int(cfg.seed), system_prompt=cfg.sft.get("system_prompt"))
         run.print(f"{data.summary()} · {_summary(prepared.info)}")

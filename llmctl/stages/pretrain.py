@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from llmctl.core import run as stage_run
+from llmctl.core import schema
 from llmctl.core.data import load_data, unigram_loss
 from llmctl.core.device import barrier
 from llmctl.core.errors import LlmctlError
@@ -34,6 +38,24 @@ from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash, train_tokenize
 from llmctl.core.train import Trainer, default_loss
 
 FAMILIES = {"mlm": ("bert",), "mlm+nsp": ("bert",), "clm": ("gpt2", "llama")}
+
+
+class Tokenizer(schema.Section):
+    from_: Optional[str] = Field(default=None, alias="from")
+    vocab_size: int = Field(ge=64)
+    lowercase: bool
+
+
+class Config(schema.StageConfig):
+    """conf/pretrain.yaml, checked before the stage runs (core/schema.py)."""
+
+    objective: Literal["mlm", "mlm+nsp", "clm"]
+    mlm_probability: float = Field(gt=0, lt=1)
+    mlm_sparse_head: bool
+    tokenizer: Tokenizer
+    model: schema.Model
+    data: schema.Data
+    train: schema.Train
 
 
 def run(cfg) -> float | None:
@@ -92,7 +114,7 @@ def _family(cfg, source, objective: str) -> str:
 
 def _setup_data(run, cfg, source, family: str, objective: str):
     """Corpus → tokenizer (reused or trained) → packed sequences; rank 0 builds the caches first."""
-    data = load_data(cfg.data, task="text")
+    data = load_data(cfg.data, task="text", cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
     cache = Path(cfg.output_root) / ".cache"
     max_len = int(cfg.data.max_seq_len)
     result = None

@@ -1,0 +1,215 @@
+"""Every bad input is one line and exit 2, and leaves the store as it was.
+
+Each case runs the real CLI (`llmctl.cli.app`, in-process for speed) and checks: exit code 2; stderr
+is exactly one line, `llmctl: error: ...`, naming what is wrong and where (the fragments listed);
+nothing new in the store: no version, no `.runs/` folder, no lock or pointer written (the shared
+`.cache/` is a cache, not the store). The coming stages add their cases to CASES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import cls_args, run_inprocess, tiny
+from typer.testing import CliRunner
+
+from llmctl.cli import app
+from llmctl.core.store import Store
+from llmctl.core.train import Trainer
+
+
+@dataclass
+class World:
+    """What the cases point at: a fresh store `out`, a folder of bad files, tiny checkpoints."""
+
+    out: Path
+    files: Path
+    corpus: Path
+    bases: dict
+    reviews: Path
+    interrupted: Path  # a store holding one interrupted (resumable) pretrain run of pretrain/r
+    published: Path  # a store holding pretrain/p@v001 and its child finetune/c@v001
+
+
+def _pre(w: World, *extra: str) -> list[str]:
+    return ["pretrain", *tiny("clm", w.corpus, w.out, *extra)]
+
+
+def _ft(w: World, *extra: str) -> list[str]:
+    return ["finetune", *cls_args(w.bases, w.reviews, w.out, *extra)]
+
+
+def _ft_files(w: World, train: str, *extra: str) -> list[str]:
+    return ["finetune", "task=classification", f"init_from={w.bases['enc']}", "data=files", f"data.train={train}", "precision=fp32",
+            f"output_root={w.out}", "train.max_steps=2", *extra]
+
+
+def _resume(w: World, *extra: str) -> list[str]:
+    return ["pretrain", *tiny("clm", w.corpus, _at(w, w.interrupted).out, "name=r", "resume=auto", *extra)]
+
+
+def _at(w: World, root: Path) -> World:
+    """The case writes to `root` instead of a fresh store."""
+    w.out = root
+    return w
+
+
+CASES = {  # id → (the command line, fragments the error line must hold)
+    # data files
+    "latin-1 .txt": (lambda w: _pre(w, f"data.train={w.files / 'latin1.txt'}"), ["latin1.txt", "not valid utf-8", "offset 7", "data.encoding="]),
+    "latin-1 .csv": (lambda w: _ft_files(w, str(w.files / "latin1.csv")), ["latin1.csv", "not valid utf-8", "offset", "data.encoding="]),
+    "binary file as .txt": (lambda w: _pre(w, f"data.train={w.files / 'binary.txt'}"), ["binary.txt", "binary"]),
+    "header-only csv": (lambda w: _ft_files(w, str(w.files / "header.csv")), ["header.csv", "header but no rows"]),
+    "malformed jsonl": (lambda w: _pre(w, f"data.train={w.files / 'broken.jsonl'}"), ["broken.jsonl", "cannot read", "json"]),
+    "split_ratio [1,0,0]": (lambda w: _pre(w, "data.split_ratio=[1,0,0]"), ["data.split_ratio=[1,0,0]", "validation share"]),
+    "split_ratio negative": (lambda w: _pre(w, "data.split_ratio=[0.9,-0.1,0.2]"), ["data.split_ratio", "non-negative"]),
+    "unknown encoding": (lambda w: _pre(w, "data.encoding=klingon"), ["data.encoding=klingon", "unknown text encoding"]),
+    # values of the wrong type or range (the typed schema)
+    "train.lr=abc": (lambda w: _pre(w, "train.lr=abc"), ["train.lr=abc", "must be a number", "set train.lr="]),
+    "train.lr=0": (lambda w: _pre(w, "train.lr=0"), ["train.lr=0", "greater than 0"]),
+    "train.lr=inf": (lambda w: _pre(w, "train.lr=inf"), ["train.lr=inf"]),
+    "seed=abc": (lambda w: _pre(w, "seed=abc"), ["seed=abc", "whole number"]),
+    "seed=1.5": (lambda w: _pre(w, "seed=1.5"), ["seed=1.5", "whole number"]),
+    "train.batch_size=0": (lambda w: _pre(w, "train.batch_size=0"), ["train.batch_size=0", "greater than or equal to 1"]),
+    "train.max_steps=-5": (lambda w: _pre(w, "train.max_steps=-5"), ["train.max_steps=-5", "greater than or equal to 0"]),
+    "train.grad_accum=0": (lambda w: _pre(w, "train.grad_accum=0"), ["train.grad_accum=0"]),
+    "train.warmup_ratio=2": (lambda w: _pre(w, "train.warmup_ratio=2"), ["train.warmup_ratio=2", "less than or equal to 1"]),
+    "train.betas one value": (lambda w: _pre(w, "train.betas=[0.9]"), ["train.betas=[0.9]"]),
+    "train.betas=[0.9,1.5]": (lambda w: _pre(w, "train.betas=[0.9,1.5]"), ["train.betas", "[0, 1)"]),
+    "train.scheduler typo": (lambda w: _pre(w, "train.scheduler=cosin"), ["train.scheduler=cosin", "linear", "cosine"]),
+    "train.eval_every=-1": (lambda w: _pre(w, "train.eval_every=-1"), ["train.eval_every=-1"]),
+    "train.log_every=0": (lambda w: _pre(w, "train.log_every=0"), ["train.log_every=0"]),
+    "train.weight_decay=-1": (lambda w: _pre(w, "train.weight_decay=-1"), ["train.weight_decay=-1"]),
+    "train.eval_batches=0": (lambda w: _pre(w, "train.eval_batches=0"), ["train.eval_batches=0"]),
+    "data.max_seq_len=abc": (lambda w: _pre(w, "data.max_seq_len=abc"), ["data.max_seq_len=abc", "whole number"]),
+    "data.max_docs=0": (lambda w: _pre(w, "data.max_docs=0"), ["data.max_docs=0"]),
+    "tokenizer.vocab_size=10": (lambda w: _pre(w, "tokenizer.vocab_size=10"), ["tokenizer.vocab_size=10"]),
+    "mlm_probability=1.5": (lambda w: ["pretrain", *tiny("mlm", w.corpus, w.out, "mlm_probability=1.5")], ["mlm_probability=1.5"]),
+    "objective=gpt": (lambda w: _pre(w, "objective=gpt"), ["objective=gpt", "mlm", "clm"]),
+    "precision=fp8": (lambda w: _pre(w, "precision=fp8"), ["precision=fp8", "fp32", "bf16"]),
+    "device=gpu": (lambda w: _pre(w, "device=gpu"), ["device=gpu", "cuda:N"]),
+    "task=regression": (lambda w: _ft(w, "task=regression"), ["task=regression", "classification"]),
+    "patience=-1": (lambda w: _ft(w, "patience=-1"), ["patience=-1"]),
+    "method.r=0": (lambda w: _ft(w, "method=lora", "method.r=0"), ["method.r=0"]),
+    "method.dropout=1": (lambda w: _ft(w, "method=lora", "method.dropout=1"), ["method.dropout=1"]),
+    "objective_mode=up": (lambda w: _pre(w, "objective_mode=up"), ["objective_mode=up", "min", "max"]),
+    # config groups a stage does not take, keys and presets that do not exist
+    "pretrain method=full": (lambda w: _pre(w, "method=full"), ["method"]),
+    "finetune conf=bert-tiny": (lambda w: _ft(w, "conf=bert-tiny"), ["conf"]),
+    "unknown key": (lambda w: _pre(w, "train.lrr=1"), ["train.lrr", "did you mean train.lr"]),
+    "unknown preset": (lambda w: _pre(w, "model=bert-huge"), ["model=bert-huge", "bert-tiny"]),
+    # the store and references
+    "output_root is a file": (lambda w: _pre(_at(w, w.files / "latin1.txt")), ["output_root=", "is a file"]),
+    "bad name": (lambda w: _pre(w, "name=a b"), ["name='a b'", "letters, digits"]),
+    "init_from missing": (lambda w: _ft(w, f"init_from={w.out / 'nope'}"), ["init_from", "nope"]),
+    "init_from truncated safetensors (HF folder)": (lambda w: _ft(w, f"init_from={w.files / 'truncated'}"),
+                                                    ["model.safetensors", "truncated"]),
+    "init_from with weights changed in place": (lambda w: _pre(_at(w, w.published), "init_from=pretrain/p", "name=q"),
+                                                ["pretrain/p@v001", "do not match the manifest"]),
+    # what the model cannot take
+    "data.max_seq_len above the positions": (lambda w: _ft(w, "data.max_seq_len=100000"), ["data.max_seq_len=100000", "positions"]),
+    "freeze more layers than there are": (lambda w: _ft(w, "method=freeze", "method.freeze_layers=99"), ["method.freeze_layers=99", "layers"]),
+    "sft on an encoder": (lambda w: _ft(w, "task=sft"), ["task=sft", "causal LM"]),
+    # resume: only what the interrupted run was
+    "resume a different model": (lambda w: _resume(w, "model.config.n_embd=48"), ["resume", "another model"]),
+    "resume with other data": (lambda w: _resume(w, "data.max_docs=20"), ["resume", "another data"]),
+    "resume with another lr": (lambda w: _resume(w, "train.lr=0.01"), ["resume", "train.lr=", "now 0.01"]),
+    "resume with another batch size": (lambda w: _resume(w, "train.batch_size=4"), ["resume", "train.batch_size=8"]),
+    "resume shorter than done": (lambda w: _resume(w, "train.max_steps=2"), ["resume", "steps already", "train.max_steps=2"]),
+    # ckpt
+    "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
+    "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),
+    "ckpt rm a parent without --yes": (lambda w: ["ckpt", "rm", "pretrain/p@all", "-o", str(w.published)],
+                                       ["pretrain/p@all", "--yes"]),
+    "ckpt gc --older-than=soon": (lambda w: ["ckpt", "gc", "--older-than", "soon", "-o", str(w.published)], ["--older-than", "90s"]),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, bases) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "latin1.txt").write_bytes("The café in Zürich opened on Tuesday.\n".encode("latin-1") * 20)
+    (d / "latin1.csv").write_bytes(("text,label\n" + "Crème brûlée for the team,sport\n" * 20).encode("latin-1"))
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (d / "header.csv").write_text("text,label\n")
+    (d / "broken.jsonl").write_text('{"text": "a fine line"}\n{"text": "cut off\n')
+    trunc = d / "truncated"
+    shutil.copytree(bases["enc"], trunc)
+    weights = trunc / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (trunc / "llmctl.json").unlink()  # a plain HF folder: no manifest hash to check, the file itself is damaged
+    return d
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, corpus, bases, reviews) -> Path:
+    """pretrain/p@v001 whose weights were then overwritten in place (same size), and a child of it."""
+    root = tmp_path_factory.mktemp("published")
+    assert run_inprocess("pretrain", *tiny("clm", corpus, root, "name=p", "train.max_steps=2"))[0] == 0
+    code, err = run_inprocess("finetune", *cls_args(bases, reviews, root, f"init_from={bases['enc']}", "name=c", "train.max_steps=2"))
+    assert code == 0, err
+    store = Store(root)
+    manifest = store.resolve("finetune/c").path / "llmctl.json"
+    record = json.loads(manifest.read_text())
+    record["parents"][0].update(ref="pretrain/p@v001", path=str(store.resolve("pretrain/p").path))  # c descends from p
+    manifest.write_text(json.dumps(record))
+    weights = store.resolve("pretrain/p").path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\xc0\x7f"  # the last weight set to NaN: same size, loads fine, trains to nan
+    weights.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, corpus) -> Path:
+    """A store with pretrain/r stopped by SIGTERM at step 4 (resumable, never published)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    real = Trainer._optimizer_step
+
+    def step(self, batches, accum):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches, accum)
+
+    Trainer._optimizer_step = step
+    try:
+        code, err = run_inprocess("pretrain", *tiny("clm", corpus, root, "name=r"))
+    finally:
+        Trainer._optimizer_step = real
+    assert code == 143, err
+    assert len(Store(root).resumable_runs("pretrain", "r")) == 1
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path in the store with its size and mtime, except the shared cache (lock files: only that they exist)."""
+    if not root.is_dir():
+        return {".": (root.stat().st_size, root.stat().st_mtime_ns)} if root.exists() else {}
+    return {str(p.relative_to(root)): (0, 0) if p.name.endswith(".lock") else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if ".cache" not in p.relative_to(root).parts}  # a lock file holds the pid of whoever looked
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, files, corpus, bases, reviews, interrupted, published):
+    build, fragments = CASES[case]
+    stores = {"interrupted": tmp_path / "interrupted", "published": tmp_path / "published"}
+    shutil.copytree(interrupted, stores["interrupted"])
+    shutil.copytree(published, stores["published"])
+    w = World(out=tmp_path / "out", files=files, corpus=corpus, bases=bases, reviews=reviews, **stores)
+    args = build(w)
+    before = {name: snapshot(path) for name, path in [("out", w.out), *stores.items()]}
+    result = CliRunner().invoke(app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), f"{case}: {result.exception!r}"
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}; stderr: {result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("llmctl: error: "), f"{case}: {result.stderr}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{case}: {fragment!r} not in {lines[0]!r}"
+    after = {name: snapshot(path) for name, path in [("out", w.out), *stores.items()]}
+    assert after == before, f"{case}: the store changed"
