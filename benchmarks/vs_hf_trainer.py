@@ -172,13 +172,15 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
             if state.global_step % a.log_every == 0:
                 steps.append((state.global_step, time.time() - t0))
             if state.global_step % a.eval_every == 0 or state.global_step == a.steps:
-                evals.append((state.global_step, time.time() - t0, evaluate(kw["model"])))
+                loss = evaluate(kw["model"])  # timed after the evaluation, as llmctl's metrics.jsonl records it
+                evals.append((state.global_step, time.time() - t0, loss))
 
     args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr,
                              warmup_steps=round(a.warmup * a.steps), lr_scheduler_type="cosine", weight_decay=a.weight_decay,
                              max_grad_norm=1.0, seed=a.seed, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                              bf16=a.precision == "bf16", disable_tqdm=True, remove_unused_columns=False)
-    evals.append((0, time.time() - t0, evaluate(model)))
+    loss = evaluate(model)
+    evals.append((0, time.time() - t0, loss))
     Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[Clock()]).train()
     model.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))

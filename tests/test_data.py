@@ -194,3 +194,15 @@ def test_local_files_are_cached_under_the_given_folder_not_the_home_cache(tmp_pa
     csv_path = _labelled_csv(tmp_path / "d.csv", 40)
     load_data(_cfg(train=str(csv_path)), task="classification", cache_dir=tmp_path / "store" / ".cache" / "datasets")
     assert list((tmp_path / "store" / ".cache" / "datasets").rglob("*.arrow"))
+
+
+def test_the_offset_of_a_bad_byte_is_exact_across_read_blocks(tmp_path):
+    from llmctl.core.data import check_text_file
+
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a" * ((1 << 20) - 1) + "é".encode() + b"\xff tail\n")  # é straddles the 1 MiB read boundary
+    with pytest.raises(LlmctlError, match=r"byte 0xff at offset 1048577\)"):
+        check_text_file(str(path), "train")
+    path.write_bytes(b"fine\n" + "é".encode()[:1])  # cut inside a character at the end
+    with pytest.raises(LlmctlError, match="ends inside a character"):
+        check_text_file(str(path), "train")

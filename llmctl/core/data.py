@@ -77,8 +77,9 @@ def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = No
     """Load, deduplicate and split the configured data, with the columns `task` reads
     (text | classification | ner | sft: see TASK_COLUMNS). `cache_dir`: where `datasets` keeps its
     Arrow caches (stages pass `<output_root>/.cache/datasets`; None = the HF default)."""
-    cache_dir = str(cache_dir) if cache_dir else None
     from datasets import DatasetDict
+
+    cache_dir = str(cache_dir) if cache_dir else None
 
     if data_cfg.get("train"):
         dsd = _load_local_splits(data_cfg, task, cache_dir)
@@ -292,10 +293,15 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as e:
-                at = offset + e.start
-                raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (byte 0x{block[e.start]:02x} at offset {at}); "
+                at = offset - (len(e.object) - len(block)) + e.start  # e.object: bytes held back from the last block + this one
+                raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (byte 0x{e.object[e.start]:02x} at offset {at}); "
                                   f"convert it to {encoding} or set data.encoding=<its encoding>, e.g. data.encoding=latin-1") from None
             offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:  # a multi-byte character cut off at the end of the file
+            raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (it ends inside a character, at offset {offset}); "
+                              f"convert it to {encoding} or set data.encoding=<its encoding>") from None
     if csv_rows:
         import csv
 
