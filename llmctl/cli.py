@@ -138,7 +138,7 @@ def _fit(columns: list[tuple[str, list[str]]], width: int, wide: bool) -> list[t
 
 @ckpt_app.command("list")
 def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help="Only this stage."),
-              wide: bool = typer.Option(False, "--wide", "-w", help="Every column, even if the table has to fold.")) -> None:
+              wide: bool = typer.Option(False, "--wide", "-w", help="Every column at full width (lines may run past the terminal).")) -> None:
     """Every complete version: reference, kind, objective, size, parameters, age, parent (as many as fit)."""
     from rich.table import Table
 

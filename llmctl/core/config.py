@@ -221,6 +221,10 @@ def _composition_line(stage: str, e) -> str:
     cause = e.__cause__
     key = getattr(cause, "full_key", None)
     msg = _first_line(str(e))
+    group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", msg)
+    if group:
+        return (f"llmctl {stage} takes no config group {group.group(1)!r} (its groups: {', '.join(_stage_groups(stage))}); "
+                f"drop {group.group(1)}=..., or see `llmctl {stage} --help`")
     if key and "not in struct" in str(cause):
         known = _all_keys(stage)
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)

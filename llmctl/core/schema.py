@@ -22,6 +22,8 @@ NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class Section(BaseModel):
+    """A config section: typed keys; keys it does not declare pass (Hydra has already refused unknown ones)."""
+
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
@@ -185,9 +187,12 @@ def _line(e: ValidationError, data: dict) -> str:
         example = msg.split("Input should be ", 1)[-1].replace("'", "")
         msg = "is not one of the choices"
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        example = msg.split("Input should be ", 1)[-1]
-        msg = f"must be {example}"
-        example = f"a value {example}"
+        (bound, limit), = ((k, v) for k, v in (err.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt"))
+        words = {"ge": ("at least", "or more"), "gt": ("above", None), "le": ("at most", "or less"), "lt": ("below", None)}[bound]
+        msg = f"must be {words[0]} {limit}"
+        return f"bad config value {key}={_show(value)}: {msg}; set {key}=" + (f"{limit} {words[1]}" if words[1] else f"<a value {words[0]} {limit}>")
+    elif kind == "finite_number":
+        msg, example = "must be a finite number", "a number such as 3e-4"
     elif kind == "missing" and len(parts) < len(err["loc"]):  # an item missing from a list of fixed length
         msg, example = "has too few values", f"{len(value) + 1 if isinstance(value, list) else 'more'} values"
     elif kind in ("too_short", "too_long"):
