@@ -189,6 +189,7 @@ def _line(e: ValidationError, data: dict) -> str:
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         (bound, limit), = ((k, v) for k, v in (err.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt"))
         words = {"ge": ("at least", "or more"), "gt": ("above", None), "le": ("at most", "or less"), "lt": ("below", None)}[bound]
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         msg = f"must be {words[0]} {limit}"
         return f"bad config value {key}={_show(value)}: {msg}; set {key}=" + (f"{limit} {words[1]}" if words[1] else f"<a value {words[0]} {limit}>")
     elif kind == "finite_number":
