@@ -101,7 +101,8 @@ def apply_method(method, model, task: str):
         if task not in LORA_TASK:
             raise LlmctlError(f"method=lora is not available for task={task}; use method=full")
         config = LoraConfig(r=int(method.r), lora_alpha=int(method.alpha), lora_dropout=float(method.dropout),
-                            target_modules=targets, task_type=getattr(TaskType, LORA_TASK[task]))
+                            target_modules=targets, task_type=getattr(TaskType, LORA_TASK[task]),
+                            fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores (in, out); peft would switch it with a warning
         try:
             return get_peft_model(model, config)
         except ValueError as e:
