@@ -118,7 +118,7 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "sft on an encoder": (lambda w: _ft(w, "task=sft"), ["task=sft", "causal LM"]),
     # resume: only what the interrupted run was
     "resume a different model": (lambda w: _resume(w, "model.config.n_embd=48"), ["resume", "another model"]),
-    "resume with other data": (lambda w: _resume(w, "data.max_docs=20"), ["resume", "another data"]),
+    "resume with other data": (lambda w: _resume(w, "data.max_docs=20"), ["resume", "trained with other data"]),
     "resume with another lr": (lambda w: _resume(w, "train.lr=0.01"), ["resume", "train.lr=", "now 0.01"]),
     "resume with another batch size": (lambda w: _resume(w, "train.batch_size=4"), ["resume", "train.batch_size=8"]),
     "resume shorter than done": (lambda w: _resume(w, "train.max_steps=2"), ["resume", "steps already", "train.max_steps=2"]),

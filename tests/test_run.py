@@ -58,7 +58,7 @@ def test_resume_auto_leaves_a_run_that_a_live_process_holds(corpus, tmp_path, mo
 def test_resume_refuses_a_run_of_other_data(corpus, tmp_path, monkeypatch):
     _interrupted(corpus, tmp_path, monkeypatch)
     code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=r", "resume=auto", "data.max_docs=20"))
-    assert code == 2 and "trained with another data" in err and "\n" not in err
+    assert code == 2 and "trained with other data" in err and "\n" not in err
     assert Store(tmp_path).versions("pretrain", "r") == []
 
 

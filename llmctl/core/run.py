@@ -29,8 +29,8 @@ from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_nam
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
 _FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when it refuses the run
 RESULT_FILE_ENV = "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
-IDENTITY_WORDS = {"stage": "stage", "task": "task", "data_fingerprint": "data", "world_size": "number of processes",
-                  "model": "model", "tokenizer": "tokenizer"}
+IDENTITY_WORDS = {"stage": "another stage", "task": "another task", "data_fingerprint": "other data",
+                  "world_size": "another number of processes", "model": "another model", "tokenizer": "another tokenizer"}
 # What a resume may change (recorded in the manifest's `resumed`): the length of the run (the schedule is
 # recomputed for the new max_steps, as the HF Trainer does), how often it logs / evaluates / saves, where
 # it runs. Everything else in the config must be what the interrupted run had; data, model and tokenizer
@@ -177,7 +177,7 @@ def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
     for key, value in identity.items():
         if key == "settings" or key not in saved or saved[key] == value:
             continue
-        problem = f"trained with another {IDENTITY_WORDS.get(key, key)} ({_short(saved[key])}, now {_short(value)})"
+        problem = f"trained with {IDENTITY_WORDS.get(key, 'another ' + key)} ({_short(saved[key])}, now {_short(value)})"
         break
     old, new = (saved.get("settings") or {}), identity["settings"]
     fixed = [k for k in sorted(set(old["fixed"]) | set(new["fixed"])) if old["fixed"].get(k) != new["fixed"].get(k)] if old else []
