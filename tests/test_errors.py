@@ -122,6 +122,19 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "resume with another lr": (lambda w: _resume(w, "train.lr=0.01"), ["resume", "train.lr=", "now 0.01"]),
     "resume with another batch size": (lambda w: _resume(w, "train.batch_size=4"), ["resume", "train.batch_size=8"]),
     "resume shorter than done": (lambda w: _resume(w, "train.max_steps=2"), ["resume", "steps already", "train.max_steps=2"]),
+    # generate
+    "generate on an encoder": (lambda w: ["generate", f"ckpt={w.bases['enc']}", "prompt=hi", f"output_root={w.out}"],
+                               ["is a mlm checkpoint", "generate needs a causal LM"]),
+    "generate without a prompt": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"output_root={w.out}"], ["prompt=", "prompts_file="]),
+    "generate from an empty prompts file": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"prompts_file={w.files / 'empty.txt'}",
+                                                       f"output_root={w.out}"], ["empty.txt", "no prompts"]),
+    "generate from a latin-1 prompts file": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"prompts_file={w.files / 'latin1.txt'}",
+                                                        f"output_root={w.out}"], ["latin1.txt", "not valid utf-8"]),
+    "generate from a missing checkpoint": (lambda w: ["generate", "ckpt=pretrain/ghost", "prompt=hi", f"output_root={w.out}"],
+                                           ["ckpt", "pretrain/ghost"]),
+    "generate into a missing folder": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}",
+                                                  f"output_root={w.out}"], ["out=", "does not exist"]),
+    "generate sample.top_p=0": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", "prompt=hi", "sample.top_p=0"], ["sample.top_p=0"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
     "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),
@@ -138,6 +151,7 @@ def files(tmp_path_factory, bases) -> Path:
     (d / "latin1.csv").write_bytes(("text,label\n" + "Crème brûlée for the team,sport\n" * 20).encode("latin-1"))
     (d / "binary.txt").write_bytes(bytes(range(256)) * 64)
     (d / "header.csv").write_text("text,label\n")
+    (d / "empty.txt").write_text("\n  \n")
     (d / "broken.jsonl").write_text('{"text": "a fine line"}\n{"text": "cut off\n')
     trunc = d / "truncated"
     shutil.copytree(bases["enc"], trunc)

@@ -78,10 +78,11 @@ class StageRun:
             self.lock.release()
 
 
-def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
+def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool = True) -> StageRun:
     """Validate the shared keys, choose device and precision (printed once), seed everything.
 
-    The checkpoint name is `name`, else `default_name`, else the chosen preset (conf=...)."""
+    The checkpoint name is `name`, else `default_name`, else the chosen preset (conf=...);
+    `publishes=False` for stages that write no version (generate)."""
     from rich.console import Console
 
     from llmctl.core.device import seed_everything, setup_runtime
@@ -91,7 +92,7 @@ def start(stage: str, cfg, default_name: str | None = None) -> StageRun:
     rt = setup_runtime(cfg.device, cfg.precision)
     console = Console(highlight=False) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)
-    run.print(f"[bold]llmctl {stage}[/] → {stage}/{name} · {rt.describe()}")
+    run.print(f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}")
     seed_everything(int(cfg.seed))
     return run
 

@@ -1,11 +1,271 @@
-"""llmctl generate — not built yet: it lands with its own issue (see ../shared/roadmap.md).
+"""llmctl generate — text from any causal-LM checkpoint: one prompt streamed to the terminal, a
+file of prompts in batches into jsonl, or an interactive chat.
 
-The command and its config root (conf/generate.yaml) exist so scripts and sweeps can name it; running
-it says so and exits non-zero instead of producing fake output.
+    llmctl generate ckpt=finetune/smollm2-chat prompt="Write a haiku about autumn." chat=true
+    llmctl generate ckpt=pretrain/kjv-gpt prompt="In the beginning" sample.temperature=0.8 seed=3
+    llmctl generate ckpt=pretrain/kjv-gpt prompts_file=prompts.txt out=gen.jsonl sample.top_p=0.9
+    llmctl generate ckpt=finetune/smollm2-chat chat=true system_prompt="Be brief." interactive=true
+
+Decoding: greedy, sampling (temperature, top-k, top-p, repetition penalty; `seed` makes it
+repeatable) or beam search (`sample.strategy=beam`), with the KV cache; generation stops at
+end-of-text (and at `<|im_end|>` for chat models) or after `max_new_tokens`. `chat=true` applies
+the tokenizer's chat template (a plain `### user:` format when it has none). Every run reports
+time to first token and tokens/s; `out=` writes one jsonl line per prompt, atomically. The
+checkpoint is loaded through the manifest (`core.loading`), so fine-tuned, LoRA-merged and the
+coming distilled / pruned / quantized artifacts all work; nothing is written to the store.
 """
 
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from llmctl.core import run as stage_run
+from llmctl.core import schema
+from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
+from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
+from llmctl.core.tasks import end_of_turn_ids, prompt_ids
+
+
+class Sample(schema.Section):
+    strategy: Literal["auto", "greedy", "sample", "beam"]
+    temperature: float = Field(gt=0)
+    top_k: Optional[int] = Field(default=None, ge=1)
+    top_p: float = Field(gt=0, le=1)
+    repetition_penalty: float = Field(gt=0)
+    num_beams: int = Field(ge=1)
+
+
+class Config(schema.StageConfig):
+    """conf/generate.yaml, checked before the stage runs (core/schema.py)."""
+
+    ckpt: str
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    out: Optional[str] = None
+    chat: bool
+    system_prompt: Optional[str] = None
+    interactive: bool
+    stream: bool
+    batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    sample: Sample
 
 
 def run(cfg) -> None:
-    raise LlmctlError("`llmctl generate` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl ckpt")
+    prompts = _prompts(cfg)
+    out = _out_path(cfg)
+    with stage_run.start("generate", cfg, default_name="generate", publishes=False) as run:
+        source = resolve_source(run.store, cfg.ckpt, what="ckpt")
+        if source_kind(source) != "causal-lm":
+            raise LlmctlError(f"ckpt={cfg.ckpt} is a {source_kind(source)} checkpoint; generate needs a causal LM "
+                              f"(a pretrain/... clm, an SFT fine-tune, model folders like SmolLM2)")
+        loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
+        model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
+        run.print(f"model {type(model).__name__} from {source.ref} · {_describe(cfg.sample)}")
+        settings = _settings(cfg, tok)
+        encode = lambda prompt: _encode(tok, prompt, chat=bool(cfg.chat), system_prompt=cfg.system_prompt)  # noqa: E731
+        if cfg.interactive:
+            return _interactive(run, model, tok, settings, cfg.system_prompt)
+        results = []
+        if len(prompts) == 1 and cfg.stream and settings.get("num_beams", 1) == 1:
+            results.append(_one(run, model, tok, encode(prompts[0]), prompts[0], settings, stream=True))
+        else:
+            for i in range(0, len(prompts), int(cfg.batch_size)):
+                chunk = prompts[i:i + int(cfg.batch_size)]
+                results += _batch(run, model, tok, [encode(p) for p in chunk], chunk, settings)
+        if out is not None:
+            _write_jsonl(out, results)
+            run.print(f"[green]wrote[/] {len(results)} generation(s) to {out}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and decoding settings
+# ---------------------------------------------------------------------------------------------
+def _prompts(cfg) -> list:
+    """The prompts (strings, or chat message lists from jsonl), checked before any model is loaded."""
+    if cfg.interactive:
+        return []
+    if bool(cfg.prompt) == bool(cfg.prompts_file):
+        raise LlmctlError("generate needs exactly one of prompt=\"...\" or prompts_file=<.txt or .jsonl> (or interactive=true)")
+    if cfg.prompt:
+        return [str(cfg.prompt)]
+    path = Path(str(cfg.prompts_file)).expanduser()
+    if not path.is_file():
+        raise LlmctlError(f"prompts_file={cfg.prompts_file}: no such file (relative to {Path.cwd()})")
+    check_text_file(str(path), "prompts_file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise LlmctlError(f"prompts_file={path} holds no prompts; write one per line (.txt) or one JSON object per line (.jsonl)")
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise LlmctlError(f"prompts_file={path}:{n} is not JSON; write one object per line with a \"prompt\" or \"messages\" field") from None
+        prompt = record.get("messages") or record.get("prompt") if isinstance(record, dict) else None
+        if not prompt:
+            raise LlmctlError(f"prompts_file={path}:{n} has no \"prompt\" or \"messages\" field")
+        prompts.append(prompt)
+    return prompts
+
+
+def _out_path(cfg) -> Path | None:
+    if not cfg.out:
+        return None
+    path = Path(str(cfg.out)).expanduser()
+    if not path.parent.is_dir():
+        raise LlmctlError(f"out={cfg.out}: the folder {path.parent} does not exist; create it or choose another path")
+    return path
+
+
+def _strategy(sample) -> str:
+    if sample.strategy != "auto":
+        return sample.strategy
+    changed = float(sample.temperature) != 1.0 or sample.top_k is not None or float(sample.top_p) < 1.0
+    return "sample" if changed else "greedy"
+
+
+def _describe(sample) -> str:
+    strategy = _strategy(sample)
+    if strategy == "sample":
+        return f"sampling (temperature {sample.temperature}, top-k {sample.top_k or 'off'}, top-p {sample.top_p})"
+    return f"beam search ({sample.num_beams} beams)" if strategy == "beam" else "greedy"
+
+
+def _settings(cfg, tok) -> dict:
+    """Keyword arguments for `model.generate`."""
+    strategy = _strategy(cfg.sample)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stop = list(dict.fromkeys([*end_of_turn_ids(tok), *eos])) if cfg.chat else eos or None
+    settings = {"max_new_tokens": int(cfg.max_new_tokens), "use_cache": True, "eos_token_id": stop,
+                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
+                "repetition_penalty": float(cfg.sample.repetition_penalty), "do_sample": strategy == "sample"}
+    if strategy == "sample":
+        settings.update(temperature=float(cfg.sample.temperature), top_p=float(cfg.sample.top_p), top_k=cfg.sample.top_k or 0)
+    if strategy == "beam":
+        settings.update(num_beams=int(cfg.sample.num_beams), early_stopping=True)
+    return settings
+
+
+def _encode(tok, prompt, *, chat: bool, system_prompt: str | None) -> list[int]:
+    """Token ids of a prompt: plain text, or (chat=true, or chat messages from jsonl) the chat template."""
+    if chat or isinstance(prompt, list):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": str(system_prompt)}, *messages]
+        return prompt_ids(tok, messages)
+    ids = tok(prompt)["input_ids"]
+    return ids if ids else [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating: one prompt streamed, a batch, a conversation
+# ---------------------------------------------------------------------------------------------
+def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream: bool) -> dict:
+    """One prompt; with `stream`, tokens are printed as they come. Returns the jsonl record."""
+    import torch
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        first: float | None = None
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt and self.first is None:
+                self.first = time.perf_counter()
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            sys.stdout.write(text + ("\n" if stream_end else ""))
+            sys.stdout.flush()
+
+    ids = torch.tensor([encoded], device=run.rt.device)
+    streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    start = time.perf_counter()
+    with torch.no_grad(), run.rt.autocast():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **settings)
+    elapsed = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    record = _record(prompt, tok.decode(new, skip_special_tokens=True), len(new), elapsed,
+                     (streamer.first - start) if streamer is not None and streamer.first else None)
+    if not stream:
+        print(record["completion"])  # plain text: generated brackets are not rich markup
+    _report(run, record)
+    return record
+
+
+def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: dict) -> list[dict]:
+    """Several prompts in one left-padded generate() call."""
+    import torch
+
+    width = max(map(len, encoded))
+    pad = settings["pad_token_id"]
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=run.rt.device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=run.rt.device)
+    start = time.perf_counter()
+    with torch.no_grad(), run.rt.autocast():
+        out = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    elapsed = time.perf_counter() - start
+    records = []
+    stops = set(settings["eos_token_id"] or [])
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
+        n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))  # up to and including the first stop token
+        records.append(_record(prompt, tok.decode(row[:n], skip_special_tokens=True), n, elapsed, None))
+        print(f"> {_show_prompt(prompt)}\n{records[-1]['completion']}")
+    total = sum(r["new_tokens"] for r in records)
+    run.print(f"[dim]batch of {len(prompts)}: {total} tokens in {elapsed:.2f} s · {total / elapsed:,.1f} tokens/s[/]")
+    return records
+
+
+def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> None:
+    """A chat loop: every turn sees the whole conversation so far."""
+    messages = [{"role": "system", "content": str(system_prompt)}] if system_prompt else []
+    stop = list(dict.fromkeys([*end_of_turn_ids(tok), *(settings["eos_token_id"] or [])]))
+    run.print("[dim]interactive chat: an empty line or Ctrl-D ends it[/]")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        sys.stdout.write("model> ")
+        record = _one(run, model, tok, prompt_ids(tok, messages), messages, {**settings, "eos_token_id": stop}, stream=True)
+        messages.append({"role": "assistant", "content": record["completion"].strip()})
+
+
+def _record(prompt, completion: str, new_tokens: int, elapsed: float, first: float | None) -> dict:
+    return {"prompt": prompt, "completion": completion, "new_tokens": int(new_tokens), "seconds": round(elapsed, 4),
+            "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
+            "time_to_first_token_s": round(first, 4) if first is not None else None}
+
+
+def _report(run, record: dict) -> None:
+    first = record["time_to_first_token_s"]
+    run.print(f"[dim]{record['new_tokens']} tokens in {record['seconds']:.2f} s · {record['tokens_per_s'] or 0:,.1f} tokens/s"
+              + (f" · first token after {first:.2f} s" if first is not None else "") + "[/]")
+
+
+def _show_prompt(prompt) -> str:
+    text = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """All lines or none: written beside the target, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -8,4 +8,4 @@ from llmctl.core.errors import LlmctlError
 
 
 def run(cfg) -> None:
-    raise LlmctlError("`llmctl quantize` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl ckpt")
+    raise LlmctlError("`llmctl quantize` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl generate, llmctl ckpt")
