@@ -54,6 +54,11 @@ def _resume(w: World, *extra: str) -> list[str]:
     return ["pretrain", *tiny("clm", w.corpus, _at(w, w.interrupted).out, "name=r", "resume=auto", *extra)]
 
 
+def _gen(w: World, *extra: str) -> list[str]:
+    ckpt = [] if any(e.startswith("ckpt=") for e in extra) else [f"ckpt={w.bases['gpt']}"]
+    return ["generate", *ckpt, f"output_root={w.out}", *extra]
+
+
 def _at(w: World, root: Path) -> World:
     """The case writes to `root` instead of a fresh store."""
     w.out = root
@@ -123,18 +128,13 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "resume with another batch size": (lambda w: _resume(w, "train.batch_size=4"), ["resume", "train.batch_size=8"]),
     "resume shorter than done": (lambda w: _resume(w, "train.max_steps=2"), ["resume", "steps already", "train.max_steps=2"]),
     # generate
-    "generate on an encoder": (lambda w: ["generate", f"ckpt={w.bases['enc']}", "prompt=hi", f"output_root={w.out}"],
-                               ["is a mlm checkpoint", "generate needs a causal LM"]),
-    "generate without a prompt": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"output_root={w.out}"], ["prompt=", "prompts_file="]),
-    "generate from an empty prompts file": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"prompts_file={w.files / 'empty.txt'}",
-                                                       f"output_root={w.out}"], ["empty.txt", "no prompts"]),
-    "generate from a latin-1 prompts file": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", f"prompts_file={w.files / 'latin1.txt'}",
-                                                        f"output_root={w.out}"], ["latin1.txt", "not valid utf-8"]),
-    "generate from a missing checkpoint": (lambda w: ["generate", "ckpt=pretrain/ghost", "prompt=hi", f"output_root={w.out}"],
-                                           ["ckpt", "pretrain/ghost"]),
-    "generate into a missing folder": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}",
-                                                  f"output_root={w.out}"], ["out=", "does not exist"]),
-    "generate sample.top_p=0": (lambda w: ["generate", f"ckpt={w.bases['gpt']}", "prompt=hi", "sample.top_p=0"], ["sample.top_p=0"]),
+    "generate on an encoder": (lambda w: _gen(w, f"ckpt={w.bases['enc']}", "prompt=hi"), ["is a mlm checkpoint", "needs a causal LM"]),
+    "generate without a prompt": (lambda w: _gen(w), ["prompt=", "prompts_file="]),
+    "generate from an empty prompts file": (lambda w: _gen(w, f"prompts_file={w.files / 'empty.txt'}"), ["empty.txt", "no prompts"]),
+    "generate from a latin-1 prompts file": (lambda w: _gen(w, f"prompts_file={w.files / 'latin1.txt'}"), ["latin1.txt", "not valid utf-8"]),
+    "generate from a missing checkpoint": (lambda w: _gen(w, "ckpt=pretrain/ghost", "prompt=hi"), ["ckpt", "pretrain/ghost"]),
+    "generate into a missing folder": (lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"), ["out=", "does not exist"]),
+    "generate sample.top_p=0": (lambda w: _gen(w, "prompt=hi", "sample.top_p=0"), ["sample.top_p=0"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
     "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),
