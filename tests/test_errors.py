@@ -134,6 +134,7 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "generate from a latin-1 prompts file": (lambda w: _gen(w, f"prompts_file={w.files / 'latin1.txt'}"), ["latin1.txt", "not valid utf-8"]),
     "generate from a missing checkpoint": (lambda w: _gen(w, "ckpt=pretrain/ghost", "prompt=hi"), ["ckpt", "pretrain/ghost"]),
     "generate into a missing folder": (lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"), ["out=", "does not exist"]),
+    "generate past the model's positions": (lambda w: _gen(w, "prompt=hi", "max_new_tokens=5000"), ["max_new_tokens=5000", "positions"]),
     "generate sample.top_p=0": (lambda w: _gen(w, "prompt=hi", "sample.top_p=0"), ["sample.top_p=0"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),

@@ -74,13 +74,15 @@ def run(cfg) -> None:
         encode = lambda prompt: _encode(tok, prompt, chat=bool(cfg.chat), system_prompt=cfg.system_prompt)  # noqa: E731
         if cfg.interactive:
             return _interactive(run, model, tok, settings, cfg.system_prompt)
+        encoded = [encode(p) for p in prompts]
+        _check_length(model, encoded, int(cfg.max_new_tokens))
         results = []
         if len(prompts) == 1 and cfg.stream and settings.get("num_beams", 1) == 1:
-            results.append(_one(run, model, tok, encode(prompts[0]), prompts[0], settings, stream=True))
+            results.append(_one(run, model, tok, encoded[0], prompts[0], settings, stream=True))
         else:
-            for i in range(0, len(prompts), int(cfg.batch_size)):
-                chunk = prompts[i:i + int(cfg.batch_size)]
-                results += _batch(run, model, tok, [encode(p) for p in chunk], chunk, settings)
+            size = int(cfg.batch_size)
+            for i in range(0, len(prompts), size):
+                results += _batch(run, model, tok, encoded[i:i + size], prompts[i:i + size], settings)
         if out is not None:
             _write_jsonl(out, results)
             run.print(f"[green]wrote[/] {len(results)} generation(s) to {out}")
@@ -118,6 +120,17 @@ def _prompts(cfg) -> list:
             raise LlmctlError(f"prompts_file={path}:{n} has no \"prompt\" or \"messages\" field")
         prompts.append(prompt)
     return prompts
+
+
+def _check_length(model, encoded: list[list[int]], max_new_tokens: int) -> None:
+    """Prompt + new tokens must fit the model's positions (learned position embeddings have no more)."""
+    from llmctl.core.models import max_positions
+
+    positions = max_positions(model.config)
+    longest = max(map(len, encoded), default=0)
+    if positions and longest + max_new_tokens > positions:
+        raise LlmctlError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} positions; "
+                          f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt")
 
 
 def _out_path(cfg) -> Path | None:
