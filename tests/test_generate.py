@@ -72,3 +72,9 @@ def test_interactive_chat_keeps_the_conversation(tmp_path, bases, monkeypatch):
     assert result.output.count("model> ") == 2
     assert seen[0] == ["Be brief.", "Who won?"]
     assert seen[1][:2] == ["Be brief.", "Who won?"] and seen[1][-1] == "And then?" and len(seen[1]) == 4  # the answer in between
+
+
+def test_an_interactive_conversation_longer_than_the_model_ends_in_one_line(tmp_path, bases):
+    result = CliRunner().invoke(app, ["generate", f"ckpt={bases['gpt']}", "precision=fp32", "max_new_tokens=40", "interactive=true",
+                                      f"output_root={tmp_path}"], input="The bank said " * 400 + "\n")
+    assert result.exit_code == 2 and "positions" in result.stderr and len(result.stderr.strip().splitlines()) == 1

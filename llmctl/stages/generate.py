@@ -254,7 +254,9 @@ def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> 
             break
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
-        record = _one(run, model, tok, prompt_ids(tok, messages), messages, {**settings, "eos_token_id": stop}, stream=True)
+        ids = prompt_ids(tok, messages)
+        _check_length(model, [ids], settings["max_new_tokens"])  # a long conversation ends with one line, not an IndexError
+        record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True)
         messages.append({"role": "assistant", "content": record["completion"].strip()})
 
 
