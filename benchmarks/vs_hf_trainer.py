@@ -312,8 +312,6 @@ def main() -> None:
                 raise SystemExit(f"{pipeline} seed {seed} failed:\n{proc.stderr[-3000:]}")
             r = json.loads((out / "result.json").read_text())
             model_cls = "AutoModelForCausalLM" if SHAPES[a.shape] == "clm" else "AutoModelForMaskedLM"
-            import transformers
-
             r["final"] = full_eval(getattr(transformers, model_cls).from_pretrained(r["model"]))
             r["tokens_per_s"] = steady_tokens_per_s(r["steps"], r["evals"], a.batch * a.seq)
             results[pipeline].append(r)

@@ -123,13 +123,17 @@ def _store(output_root: str, *, must_exist: bool = True):
 ROOT_OPT = typer.Option("outputs", "--output-root", "-o", help="Checkpoint store root.")
 
 
+def _column_width(name: str, cells: list[str]) -> int:
+    return max([len(name), *map(len, cells)]) + 3  # the cells plus rich's padding and border
+
+
 def _fit(columns: list[tuple[str, list[str]]], width: int, wide: bool) -> list[tuple[str, list[str]]]:
     """The columns that fit `width` side by side, in order of importance (the first always stays)."""
     if wide:
         return columns
     kept, used = [], 4
     for name, cells in columns:
-        need = max([len(name), *map(len, cells)]) + 3
+        need = _column_width(name, cells)
         if not kept or used + need <= width:
             kept.append((name, cells))
             used += need
@@ -150,11 +154,11 @@ def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help=
     except LlmctlError as e:
         _fail(e)
     cells: dict[str, list[str]] = {k: [] for k in ("ref", "kind", "objective", "size", "params", "created", "parent")}
+    latest = {(st, name): store.latest_version(st, name) for st, name, _, _ in rows}  # once per name, not per version
     for st, name, v, m in rows:
         obj = m.get("objective") or {}
         value = obj.get("value")
-        latest = store.latest_version(st, name) == v
-        cells["ref"].append(f"{st}/{name}@v{v:03d}" + (" (latest)" if latest else ""))
+        cells["ref"].append(f"{st}/{name}@v{v:03d}" + (" (latest)" if latest[st, name] == v else ""))
         cells["kind"].append(m.get("kind", "?"))
         cells["objective"].append(f"{obj.get('metric')}={value:.4g}" if isinstance(value, (int, float)) else "")
         cells["size"].append(f"{folder_size(store.name_dir(st, name) / f'v{v:03d}') / 2**20:.1f} MiB")
@@ -166,7 +170,7 @@ def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help=
     if wide:  # every column at full width: lines longer than the terminal rather than folded cells
         from rich.console import Console
 
-        console = Console(width=max(console.width, 4 + sum(max([len(n), *map(len, c)]) + 3 for n, c in columns)))
+        console = Console(width=max(console.width, 4 + sum(_column_width(n, c) for n, c in columns)))
     table = Table(title=f"checkpoints in {store.root}/" + (f" ({len(cells) - len(columns)} more columns with --wide)" if len(columns) < len(cells) else ""))
     for name, _ in columns:
         table.add_column(name, no_wrap=name == "ref", overflow="fold")  # scripts grep for refs: never fold them

@@ -3,7 +3,6 @@ prompts, seeded sampling, beam search, chat formatting and the interactive loop.
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from llmctl.cli import app

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from llmctl.core.errors import LlmctlError
+from llmctl.core.errors import LlmctlError, first_line
 
 
 def config_dir() -> Path:
@@ -75,7 +75,7 @@ def _hydra(stage: str, args: list[str], job: Callable) -> None:
     except MissingConfigException as e:
         raise LlmctlError(_missing_config_line(e)) from None
     except OverrideParseException as e:
-        raise LlmctlError(f"cannot parse the overrides: {_first_line(str(e))}; write key=value (quote values with spaces)") from None
+        raise LlmctlError(f"cannot parse the overrides: {first_line(str(e))}; write key=value (quote values with spaces)") from None
     except ConfigCompositionException as e:
         raise LlmctlError(_composition_line(stage, e)) from None
     except OmegaConfBaseException as e:
@@ -187,7 +187,7 @@ def _omegaconf_line(e) -> str:
     key = getattr(e, "full_key", None)
     if type(e).__name__ == "MissingMandatoryValue" and key:
         return f"{key} is required here; set {key}=<value>"
-    return f"bad config value{f' at {key}' if key else ''}: {_first_line(str(e))}"
+    return f"bad config value{f' at {key}' if key else ''}: {first_line(str(e))}"
 
 
 def _multirun() -> bool:
@@ -203,10 +203,6 @@ def _clear_hydra() -> None:
     GlobalHydra.instance().clear()
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)
-
-
 def _missing_config_line(e) -> str:
     missing = getattr(e, "missing_cfg_file", None) or ""
     options = getattr(e, "options", None) or []
@@ -214,13 +210,13 @@ def _missing_config_line(e) -> str:
     if group and options is not None:
         return (f"unknown preset {group}={choice}; available: {', '.join(sorted(options)) or '(none)'}"
                 " (add your own with --config-dir DIR holding <group>/<name>.yaml)")
-    return _first_line(str(e))
+    return first_line(str(e))
 
 
 def _composition_line(stage: str, e) -> str:
     cause = e.__cause__
     key = getattr(cause, "full_key", None)
-    msg = _first_line(str(e))
+    msg = first_line(str(e))
     group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", msg)
     if group:
         return (f"llmctl {stage} takes no config group {group.group(1)!r} (its groups: {', '.join(_stage_groups(stage))}); "
@@ -230,7 +226,7 @@ def _composition_line(stage: str, e) -> str:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]}?" if close else f"`llmctl {stage} --cfg job` lists the keys"
         return f"unknown config key {key!r}; {hint} (prefix with + to add a new key on purpose)"
-    return f"{msg} {_first_line(str(cause)) if cause else ''}".strip()
+    return f"{msg} {first_line(str(cause)) if cause else ''}".strip()
 
 
 def _all_keys(stage: str) -> list[str]:

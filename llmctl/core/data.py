@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmctl.core.errors import LlmctlError
+from llmctl.core.errors import LlmctlError, first_line
 
 BUILTIN = ("bbc-news", "kjv", "conll-fixture", "tiny-instruct")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -274,7 +274,7 @@ def _read_files(files: list[str], key: str, data_cfg, task: str, cache_dir: str 
     except Exception as e:  # a malformed file: datasets wraps the cause in a long DatasetGenerationError
         cause = e.__cause__ or e.__context__ or e
         raise LlmctlError(f"data.{key}: cannot read {', '.join(files[:3])} as {fmt} ({type(cause).__name__}: "
-                          f"{_first_line(str(cause))}); check the file's format") from None
+                          f"{first_line(str(cause), 200)}); check the file's format") from None
     return _normalize(ds, data_cfg, task, f"data.{key}")
 
 
@@ -310,9 +310,6 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
         if len(rows) < 2:
             raise LlmctlError(f"data.{key}: {path} has a header but no rows; add rows or remove the file")
 
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)[:200]
 
 
 def _normalize(ds, data_cfg, task: str, where: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmctl.core.errors import LlmctlError
+from llmctl.core.errors import LlmctlError, first_line
 
 KIND_CLASS = {
     "mlm": "AutoModelForMaskedLM",
@@ -75,7 +75,7 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
         model, info = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, ignore_mismatched_sizes=True,
                                           output_loading_info=True, **(head or {}))
     except Exception as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever the library raised
-        raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+        raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {first_line(str(e), 200)}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
     wrong = sorted((key, a, b) for key, a, b in info["mismatched_keys"] if not (head and in_head(key)))
@@ -94,23 +94,15 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
 
 
 def check_safetensors(path: Path) -> None:
-    """One clear line for a .safetensors file that is truncated, padded or not safetensors at all (read
-    from its header alone: 8 bytes of header length, a JSON header, then the tensors' bytes)."""
-    import json
+    """One clear line for a .safetensors file that is truncated, padded or not safetensors at all
+    (safetensors checks that the header's tensor extents cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open
 
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError
-            header = json.loads(fh.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise LlmctlError(f"{path} is not a readable safetensors file (damaged header, {size} bytes); re-create or re-download it") from None
-    if 8 + n + end != size:
-        raise LlmctlError(f"{path} is truncated or damaged: {size} bytes on disk, its header describes {8 + n + end}; "
-                          f"re-create or re-download it") from None
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as e:
+        raise LlmctlError(f"{path} is truncated or damaged ({first_line(str(e))}); re-create or re-download it") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from llmctl.core.config import command_line, job_overrides, preset_name, to_container
 from llmctl.core.errors import LlmctlError
-from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, state_dir, weights_sha256
+from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, read_state, state_dir, weights_sha256
 
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
 _FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when it refuses the run
@@ -70,9 +70,7 @@ class StageRun:
             return
         resumable = self.state_dir is not None and (self.state_dir / TRAINER_STATE).is_file()
         if exc_type is not None and not resumable and self.run_dir is not None and self.run_dir.exists():
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-            self.lock.release(remove=True)
+            self.store.remove_run(self.run_dir, self.lock)
             self.store.prune_empty(self.stage, self.name)
         else:
             self.lock.release()
@@ -170,35 +168,36 @@ def _take_named_run(run: StageRun, folder: Path) -> Path:
 
 def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
     """Refuse to continue a run that trained something else; allow (and record) the adjustable settings."""
-    from llmctl.core.train import read_state
-
     state = read_state(state_dir(folder))
     saved = state.get("identity") or {}
-    problem = None
-    for key, value in identity.items():
-        if key == "settings" or key not in saved or saved[key] == value:
-            continue
-        problem = f"trained with {IDENTITY_WORDS.get(key, 'another ' + key)} ({_short(saved[key])}, now {_short(value)})"
-        break
-    old, new = (saved.get("settings") or {}), identity["settings"]
-    fixed = [k for k in sorted(set(old["fixed"]) | set(new["fixed"])) if old["fixed"].get(k) != new["fixed"].get(k)] if old else []
-    if problem is None and fixed:
-        problem = f"trained with {fixed[0]}={_show(old['fixed'].get(fixed[0]))} (now {_show(new['fixed'].get(fixed[0]))})"
+    old = saved.get("settings") or {"fixed": identity["settings"]["fixed"], "adjustable": {}}  # states from before settings were kept
+    new = identity["settings"]
+    step = int(state.get("step", 0))
+    max_steps = int(run.cfg.train.max_steps) if "train" in run.cfg else step
+    problem = _refusal(identity, saved, old["fixed"], new["fixed"], step, max_steps)
     if problem is not None:
         run.lock.release()
-        raise LlmctlError(f"resume: the interrupted run {folder} {problem}; resume it with the settings it had (what may change: "
-                          f"{', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), or start a new run without resume=")
-    step = int(state.get("step", 0))
-    max_steps = int(run.cfg.train.max_steps) if "train" in run.cfg else None
-    if max_steps is not None and max_steps < step:
-        run.lock.release()
-        raise LlmctlError(f"resume: the interrupted run {folder} has {step} steps already, more than train.max_steps={max_steps}; "
-                          f"set train.max_steps={step} or more")
-    changed = {k: [old.get("adjustable", {}).get(k), v] for k, v in new["adjustable"].items()
-               if old and old.get("adjustable", {}).get(k) != v and k not in ("resume", "output_root")}
+        raise LlmctlError(f"resume: the interrupted run {folder} {problem}")
+    changed = {k: [old["adjustable"].get(k), v] for k, v in new["adjustable"].items()
+               if old["adjustable"] and old["adjustable"].get(k) != v and k not in ("resume", "output_root")}
     run.resumed = {"run": folder.name, "from_step": step, "changed": changed}
     run.print(f"resume: continuing {folder.name} from step {step}"
               + "".join(f" · {k} {_show(a)} → {_show(b)}" for k, (a, b) in changed.items()))
+
+
+def _refusal(identity: dict, saved: dict, old_fixed: dict, new_fixed: dict, step: int, max_steps: int) -> str | None:
+    """Why a run cannot be resumed with this identity and these settings (None: it can)."""
+    keep = (f"; resume it with the settings it had (what may change: {', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), "
+            f"or start a new run without resume=")
+    for key, value in identity.items():
+        if key != "settings" and key in saved and saved[key] != value:
+            return f"trained with {IDENTITY_WORDS.get(key, 'another ' + key)} ({_short(saved[key])}, now {_short(value)})" + keep
+    for key in sorted(set(old_fixed) | set(new_fixed)):
+        if old_fixed.get(key) != new_fixed.get(key):
+            return f"trained with {key}={_show(old_fixed.get(key))} (now {_show(new_fixed.get(key))})" + keep
+    if max_steps < step:
+        return f"has {step} steps already, more than train.max_steps={max_steps}; set train.max_steps={step} or more"
+    return None
 
 
 def resume_settings(cfg) -> dict:

@@ -147,6 +147,14 @@ class StageConfig(Common):
     """A stage's whole config: the shared keys plus the stage's own (declared by each stage)."""
 
 
+class TrainingStageConfig(StageConfig):
+    """A stage that trains a model: the shared keys plus model, data and the training loop."""
+
+    model: Model
+    data: Data
+    train: Train
+
+
 def validate(cfg, schema: type[BaseModel]) -> None:
     """Check the composed config against `schema`; the first problem becomes one LlmctlError line."""
     from omegaconf import OmegaConf

@@ -364,21 +364,21 @@ class Store:
                     age = time.time() - max(p.stat().st_mtime for p in parts)
                     live = lock.path.exists() and not lock.try_acquire()
                     lock.release()
-                    step = None
                     try:
-                        step = json.loads((state / TRAINER_STATE).read_text()).get("step")
-                    except (OSError, ValueError):
-                        pass
+                        step = read_state(state).get("step")
+                    except LlmctlError:  # no state (or an unreadable one): not resumable
+                        step = None
                     out.append({"ref": f"{stage}/{runs.parent.name}", "id": run_id, "path": run_dir, "step": step,
                                 "resumable": step is not None, "live": live,
                                 "age": age,
                                 "size": sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in parts)})
         return out
 
-    def remove_run(self, run_dir: Path) -> bool:
-        """Delete an unpublished run (its folder, state and lock) unless a live process holds it."""
-        lock = RunLock(run_dir)
-        if not lock.try_acquire():
+    def remove_run(self, run_dir: Path, lock: "RunLock | None" = None) -> bool:
+        """Delete an unpublished run (its folder, state and lock) unless a live process holds it; pass
+        the `lock` this process already holds on it (a run discarding itself)."""
+        lock = lock or RunLock(run_dir)
+        if not lock.held and not lock.try_acquire():
             return False
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(state_dir(run_dir), ignore_errors=True)
@@ -432,6 +432,16 @@ def state_dir(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + STATE_SUFFIX)
 
 
+def read_state(state_dir: Path) -> dict:
+    """An interrupted run's saved state (step, best, identity: what it was training); one clear line
+    when it cannot be read."""
+    try:
+        return json.loads((Path(state_dir) / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise LlmctlError(f"resume: the state in {state_dir} is unreadable ({type(e).__name__}); remove that run with "
+                          f"`llmctl ckpt gc` and start a new run") from None
+
+
 class RunLock:
     """An exclusive flock(2) on `<run folder>.lock`, held for as long as a process works on the run,
     so `resume=auto` never takes over a run that a live process (a sweep job, say) still owns."""
@@ -453,6 +463,11 @@ class RunLock:
         fh.flush()
         self._fh = fh
         return True
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fh is not None
 
     def holder(self) -> str:
         try:

@@ -440,15 +440,6 @@ class Trainer:
         barrier(self.rt)
 
 
-def read_state(state_dir: Path) -> dict:
-    """An interrupted run's saved state (step, best, identity: what it was training), for the resume checks."""
-    try:
-        return json.loads((Path(state_dir) / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise LlmctlError(f"resume: the state in {state_dir} is unreadable ({type(e).__name__}); remove that run with "
-                          f"`llmctl ckpt gc` and start a new run") from None
-
-
 def _save_rng(path: Path) -> None:
     """This process's RNG streams (torch CPU and CUDA as tensors; python and numpy in the metadata)."""
     tensors = {"torch": torch.get_rng_state()}

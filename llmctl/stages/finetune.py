@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
@@ -33,7 +33,7 @@ from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
 from llmctl.core.models import max_positions
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, check_task, prepare, task_record
+from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
 
 
@@ -43,23 +43,25 @@ class Sft(schema.Section):
     max_new_tokens: int = Field(ge=1)
 
 
-class Config(schema.StageConfig):
+class Config(schema.TrainingStageConfig):
     """conf/finetune.yaml, checked before the stage runs (core/schema.py)."""
 
     task: Literal["classification", "ner", "sft"]
     patience: int = Field(ge=0)
     sft: Sft
-    model: schema.Model
     method: schema.Method
-    data: schema.Data
-    train: schema.Train
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _not_pretraining(cls, task):
+        if task in PACKED:
+            raise ValueError("is a pretraining objective; finetune takes classification, ner or sft "
+                             "(continue pretraining with llmctl pretrain init_from=...)")
+        return task
 
 
 def run(cfg) -> float | None:
-    task = check_task(str(cfg.task))
-    if task in PACKED:
-        raise LlmctlError(f"task={task} is a pretraining objective; finetune takes task=classification, ner or sft "
-                          f"(continue pretraining with llmctl pretrain init_from=...)")
+    task = str(cfg.task)  # classification | ner | sft: the schema (Config) checked it
     with stage_run.start("finetune", cfg, default_name=_default_name(cfg, task)) as run:
         source, where = _source(run, cfg, task)
         tokenizer = load_tokenizer(source.path)

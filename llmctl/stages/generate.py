@@ -159,8 +159,7 @@ def _describe(sample) -> str:
 def _settings(cfg, tok) -> dict:
     """Keyword arguments for `model.generate`."""
     strategy = _strategy(cfg.sample)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    stop = list(dict.fromkeys([*end_of_turn_ids(tok), *eos])) if cfg.chat else eos or None
+    stop = _stops(tok, chat=bool(cfg.chat))
     settings = {"max_new_tokens": int(cfg.max_new_tokens), "use_cache": True, "eos_token_id": stop,
                 "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
                 "repetition_penalty": float(cfg.sample.repetition_penalty), "do_sample": strategy == "sample"}
@@ -169,6 +168,12 @@ def _settings(cfg, tok) -> dict:
     if strategy == "beam":
         settings.update(num_beams=int(cfg.sample.num_beams), early_stopping=True)
     return settings
+
+
+def _stops(tok, *, chat: bool) -> list[int] | None:
+    """Token ids that end a generation: end-of-text, and in a chat also the end-of-turn token."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return list(dict.fromkeys([*end_of_turn_ids(tok), *eos])) if chat else eos or None
 
 
 def _encode(tok, prompt, *, chat: bool, system_prompt: str | None) -> list[int]:
@@ -243,7 +248,7 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
 def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> None:
     """A chat loop: every turn sees the whole conversation so far."""
     messages = [{"role": "system", "content": str(system_prompt)}] if system_prompt else []
-    stop = list(dict.fromkeys([*end_of_turn_ids(tok), *(settings["eos_token_id"] or [])]))
+    stop = _stops(tok, chat=True)
     run.print("[dim]interactive chat: an empty line or Ctrl-D ends it[/]")
     while True:
         try:

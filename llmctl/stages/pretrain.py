@@ -33,7 +33,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.loading import load_checkpoint, resolve_source
 from llmctl.core.models import build_model, count_parameters, max_positions
 from llmctl.core.objectives import SparseMLM, sparse_mlm_loss
-from llmctl.core.tasks import KIND, OBJECTIVE, PACKED, prepare, task_record
+from llmctl.core.tasks import KIND, OBJECTIVE, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from llmctl.core.train import Trainer, default_loss
 
@@ -46,22 +46,17 @@ class Tokenizer(schema.Section):
     lowercase: bool
 
 
-class Config(schema.StageConfig):
+class Config(schema.TrainingStageConfig):
     """conf/pretrain.yaml, checked before the stage runs (core/schema.py)."""
 
     objective: Literal["mlm", "mlm+nsp", "clm"]
     mlm_probability: float = Field(gt=0, lt=1)
     mlm_sparse_head: bool
     tokenizer: Tokenizer
-    model: schema.Model
-    data: schema.Data
-    train: schema.Train
 
 
 def run(cfg) -> float | None:
-    objective = str(cfg.objective)
-    if objective not in PACKED:
-        raise LlmctlError(f"objective={objective!r} is not one of {', '.join(PACKED)}")
+    objective = str(cfg.objective)  # one of PACKED: the schema (Config) checked it
     with stage_run.start("pretrain", cfg) as run:
         source = _source(run, cfg)
         family = _family(cfg, source, objective)
