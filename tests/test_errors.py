@@ -59,6 +59,10 @@ def _gen(w: World, *extra: str) -> list[str]:
     return ["generate", *ckpt, f"output_root={w.out}", *extra]
 
 
+def _ev(w: World, *extra: str) -> list[str]:
+    return ["eval", f"output_root={w.out}", "precision=fp32", *extra]
+
+
 def _at(w: World, root: Path) -> World:
     """The case writes to `root` instead of a fresh store."""
     w.out = root
@@ -136,6 +140,19 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "generate into a missing folder": (lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"), ["out=", "does not exist"]),
     "generate past the model's positions": (lambda w: _gen(w, "prompt=hi", "max_new_tokens=5000"), ["max_new_tokens=5000", "positions"]),
     "generate sample.top_p=0": (lambda w: _gen(w, "prompt=hi", "sample.top_p=0"), ["sample.top_p=0"]),
+    # eval
+    "eval on a split the data lacks": (lambda w: _ev(_at(w, w.published), "ckpt=finetune/c", "split=holdout"),
+                                       ["split=holdout", "no holdout split", "train, validation, test"]),
+    "eval of a missing checkpoint": (lambda w: _ev(w, "ckpt=[finetune/ghost]"), ["ckpt", "finetune/ghost", "ckpt list"]),
+    "eval of a folder with no data": (lambda w: _ev(w, f"ckpt={w.files / 'truncated'}"), ["records no data", "data=<preset>"]),
+    "eval of the same checkpoint twice": (lambda w: _ev(w, f"ckpt=[{w.bases['gpt']},{w.bases['gpt']}]"), ["named twice"]),
+    "eval with a report path that is a file": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", f"report={w.files / 'empty.txt'}"),
+                                               ["report=", "is a file"]),
+    "eval with a harness task that does not exist": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "harness.tasks=[llmctl_arithmetic_x]"),
+                                                     ["harness.tasks", "llmctl_arithmetic_x", "include_path"]),
+    "eval with harness tasks on an encoder": (lambda w: _ev(w, f"ckpt={w.bases['enc']}", "harness.tasks=[llmctl_arith]"),
+                                              ["is a mlm checkpoint", "causal LMs"]),
+    "eval cost.runs=0": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "cost.runs=0"), ["cost.runs=0", "at least 1"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
     "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),

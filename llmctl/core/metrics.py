@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_metrics(model, batches, device, *, causal: bool, max_batches: int | None = None) -> dict:
+def lm_metrics(model, batches, device, *, causal: bool, max_batches: int | None = None, tokenizer=None) -> dict:
     """Token-weighted validation loss and perplexity of an MLM / causal / BERT-pretraining model.
 
     For BERT pretraining (MLM + NSP heads), the masked-LM loss and the next-sentence accuracy are
-    reported apart, and perplexity is that of the MLM head.
+    reported apart, and perplexity is that of the MLM head. A causal model given its `tokenizer`
+    also gets bits per byte: the summed loss in bits over the UTF-8 bytes of the scored tokens'
+    text (special tokens count no bytes), comparable across tokenizers.
     """
-    loss_sum, n_tok, nsp_right, nsp_n = 0.0, 0, 0, 0
+    loss_sum, n_tok, nsp_right, nsp_n, n_bytes = 0.0, 0, 0, 0, 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -32,11 +34,16 @@ def lm_metrics(model, batches, device, *, causal: bool, max_batches: int | None 
         n = int((labels != -100).sum())
         loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"))
         n_tok += n
+        if causal and tokenizer is not None:
+            rows = [row[row != -100].tolist() for row in labels]
+            n_bytes += sum(len(t.encode("utf-8")) for t in tokenizer.batch_decode(rows, skip_special_tokens=True))
         if nsp is not None:
             nsp_right += int((out.seq_relationship_logits.argmax(-1) == nsp).sum())
             nsp_n += nsp.numel()
     loss = loss_sum / max(n_tok, 1)
     metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": n_tok}
+    if n_bytes:
+        metrics["eval/bits_per_byte"] = loss_sum / math.log(2) / n_bytes
     if nsp_n:
         metrics = {"eval/loss": loss, "eval/mlm_loss": loss, "eval/perplexity": metrics["eval/perplexity"],
                    "eval/nsp_accuracy": nsp_right / nsp_n, "eval/tokens": n_tok}

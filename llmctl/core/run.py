@@ -88,7 +88,8 @@ def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool =
     quiet_libraries()
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
-    console = Console(highlight=False) if rt.is_main else None
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ  # logs and CI: lines and tables are not squeezed into 80 columns
+    console = Console(highlight=False, width=160 if piped else None) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)
     run.print(f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}")
     seed_everything(int(cfg.seed))

@@ -149,7 +149,7 @@ def _prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cac
 
     def evaluate(model, split, prefix):
         metrics = lm_metrics(model, _loader(splits[split], collate, batch_size), _device(model), causal=task == "clm",
-                             max_batches=eval_batches)
+                             max_batches=eval_batches, tokenizer=tokenizer)
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
     return Prepared(task, splits, collate, evaluate)
@@ -311,7 +311,7 @@ def _prepare_sft(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     def evaluate(model, split, prefix):
-        metrics = lm_metrics(model, _loader(splits[split], collate, batch_size), _device(model), causal=True)
+        metrics = lm_metrics(model, _loader(splits[split], collate, batch_size), _device(model), causal=True, tokenizer=tokenizer)
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
     return Prepared("sft", splits, collate, evaluate, {}, {"chat_template": bool(tokenizer.chat_template), "system_prompt": system_prompt})

@@ -1,0 +1,128 @@
+"""`llmctl eval` on tiny checkpoints of every kind: the task comes back from the manifest (the metrics
+equal what the fine-tune measured on the same split), records land beside the checkpoint, a
+comparison writes its report and charts with deltas against parents, other data can be given."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+from conftest import cls_args, run_inprocess, tiny
+from typer.testing import CliRunner
+
+from llmctl.cli import app
+from llmctl.core.store import Store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bases, reviews, corpus):
+    """A store with a classifier, a child of it (same task), an NER tagger, an SFT model and a GPT."""
+    root = tmp_path_factory.mktemp("evalstore")
+    runs = [
+        ("finetune", *cls_args(bases, reviews, root, "name=cls", "train.max_steps=60")),
+        ("finetune", *cls_args(bases, reviews, root, "name=child", "init_from=finetune/cls", "train.max_steps=4")),
+        ("finetune", "task=ner", "data=conll-fixture", f"init_from={bases['nerenc']}", "name=ner", "train.max_steps=20",
+         "train.batch_size=16", "train.eval_every=20", "train.lr=3e-3", "data.max_seq_len=48", "precision=fp32", f"output_root={root}"),
+        ("finetune", "task=sft", "data=tiny-instruct", f"init_from={bases['gpt']}", "name=sft", "train.max_steps=10", "train.batch_size=8",
+         "train.eval_every=10", "sft.num_samples=0", "precision=fp32", f"output_root={root}"),
+        ("pretrain", *tiny("clm", corpus, root, "name=gpt", "train.max_steps=20", "train.lr=3e-3")),
+    ]
+    for args in runs:
+        code, err = run_inprocess(*args)
+        assert code == 0, err
+    return root
+
+
+def _eval(root, *extra):
+    result = CliRunner().invoke(app, ["eval", "precision=fp32", f"output_root={root}", "cost.runs=3", "cost.throughput_runs=1",
+                                      "cost.batch_size=4", "cost.seq_len=32", *extra])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _record(root, ref: str) -> dict:
+    store = Store(root)
+    files = sorted((store.resolve(ref).path / "evals").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no eval record for {ref}"
+    return json.loads(files[-1].read_text())
+
+
+@pytest.mark.parametrize("ref, metric", [("finetune/cls", "accuracy"), ("finetune/ner", "f1"), ("finetune/sft", "loss")])
+def test_a_checkpoint_is_judged_on_its_own_task_and_split_with_no_flags(trained, ref, metric):
+    manifest = Store(trained).resolve(ref).manifest
+    before = {p.name for p in Store(trained).resolve(ref).path.iterdir()}
+    _eval(trained, f"ckpt={ref}", "batch_size=8", "parents=false", "samples=2", "max_new_tokens=6")
+    record = _record(trained, ref)
+    split = "test" if f"test/{metric}" in manifest["metrics"] else "validation"
+    assert record["split"] == split and record["data"]["fingerprint"] == manifest["data"]["fingerprint"]
+    recorded = manifest["metrics"][f"{'test' if split == 'test' else 'eval'}/{metric}"]
+    assert record["metrics"][metric] == pytest.approx(recorded, rel=1e-4, abs=1e-6)  # the fine-tune's own measurement, re-run from the manifest
+    if ref == "finetune/cls":
+        assert len(record["metrics"]["confusion_matrix"]) == len(record["labels"]) == 5
+        assert sum(map(sum, record["metrics"]["confusion_matrix"])) == record["data"]["examples"]
+    if ref == "finetune/ner":
+        assert {"PER", "ORG", "LOC", "MISC"} <= {k.split("/")[0] for k in record["metrics"] if "/" in k}
+    if ref == "finetune/sft":
+        assert len(record["samples"]) == 2 and all(s["prompt"] and "output" in s for s in record["samples"])
+        assert record["metrics"]["perplexity"] == pytest.approx(math.exp(record["metrics"]["loss"]), rel=1e-6)
+    after = {p.name for p in Store(trained).resolve(ref).path.iterdir()}
+    assert after - before <= {"evals"}  # weights and manifest untouched; the record sits in evals/
+
+
+def test_cost_figures_are_measured_the_same_way_for_every_checkpoint(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    _eval(trained, "ckpt=finetune/cls", "parents=false")
+    cost = _record(trained, "finetune/cls")["cost"]
+    path = Store(trained).resolve("finetune/cls").path
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    embeddings = sum(m.weight.numel() for m in model.bert.embeddings.children() if isinstance(m, torch.nn.Embedding))
+    assert cost["parameters"] == sum(p.numel() for p in model.parameters())
+    assert cost["non_embedding_parameters"] == cost["parameters"] - embeddings
+    assert cost["size_bytes"] == (path / "model.safetensors").stat().st_size
+    assert 0 < cost["latency_ms_p50"] <= cost["latency_ms_p90"] and cost["latency_runs"] == 3
+    assert cost["throughput_seq_per_s"] > 0 and cost["throughput_tokens_per_s"] == pytest.approx(cost["throughput_seq_per_s"] * 32)
+    weights = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    assert cost["peak_memory_bytes"] >= weights
+
+
+def test_a_comparison_writes_table_report_and_charts_with_deltas_against_parents(trained, tmp_path):
+    report = tmp_path / "report"
+    result = _eval(trained, "ckpt=[finetune/child,finetune/ner]", f"report={report}", "batch_size=8")
+    assert "finetune/child@v001" in result.output and "finetune/ner@v001" in result.output
+    child, parent = _record(trained, "finetune/child"), _record(trained, "finetune/cls")  # the parent was judged too
+    results = json.loads((report / "results.json").read_text())
+    assert [r["ref"] for r in results] == ["finetune/child@v001", "finetune/ner@v001"]
+    delta = results[0]["delta"]
+    assert delta["ref"] == "finetune/cls@v001"
+    assert delta["metric"] == pytest.approx(child["metrics"]["accuracy"] - parent["metrics"]["accuracy"])
+    assert delta["size_bytes_ratio"] == pytest.approx(1.0)  # same architecture, same file size
+    assert results[1]["delta"] is None and results[1]["delta_note"]  # the NER model's parent is an MLM: another task
+    text = (report / "report.md").read_text()
+    assert "| checkpoint |" in text and "finetune/child@v001" in text and "Confusion matrix" in text
+    for png in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
+        data = (report / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width >= 600 and height >= 400
+
+
+def test_a_language_model_on_other_data_gets_perplexity_and_bits_per_byte(trained, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"The coach said the team had played its best football on day {i}." for i in range(60)))
+    _eval(trained, "ckpt=pretrain/gpt", "data=files", f"data.train={other}", "data.split_ratio=[0.5,0.5,0]", "parents=false")
+    record = _record(trained, "pretrain/gpt")
+    own = Store(trained).resolve("pretrain/gpt").manifest["data"]["fingerprint"]
+    assert record["split"] == "validation" and record["data"]["fingerprint"] != own  # no test split: validation
+    m = record["metrics"]
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
+    assert 0 < m["bits_per_byte"] < m["loss"] / math.log(2)  # a token covers more than one byte
+
+
+def test_a_plain_hf_folder_with_data_is_recorded_under_the_store(trained, bases, corpus):
+    _eval(trained, f"ckpt={bases['gpt']}", "data=files", f"data.train={corpus}", "parents=false", "cost.enabled=false")
+    records = list((trained / "evals").rglob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["task"] == "clm"
