@@ -32,11 +32,16 @@ def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
 
 
 def test_unbuilt_stages_say_so_and_fail():
-    for stage in ("distill", "prune", "quantize", "eval"):
+    for stage in ("distill", "prune", "quantize"):
         out = run_cli(stage)
         assert out.returncode != 0
         assert "not built yet" in out.stderr
         assert out.stdout.strip() == ""
+
+
+def test_eval_without_a_checkpoint_names_the_key(tmp_path):
+    out = run_cli("eval", f"output_root={tmp_path}")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "ckpt" in out.stderr, out.stderr
 
 
 def test_unknown_key_is_one_line_with_suggestion(tmp_path):

@@ -124,5 +124,13 @@ def test_a_language_model_on_other_data_gets_perplexity_and_bits_per_byte(traine
 
 def test_a_plain_hf_folder_with_data_is_recorded_under_the_store(trained, bases, corpus):
     _eval(trained, f"ckpt={bases['gpt']}", "data=files", f"data.train={corpus}", "parents=false", "cost.enabled=false")
-    records = list((trained / "evals").rglob("*.json"))
-    assert len(records) == 1 and json.loads(records[0].read_text())["task"] == "clm"
+    records = list((trained / "evals").rglob("clm-*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["path"] == str(bases["gpt"])
+
+
+def test_a_base_language_model_is_judged_on_its_sft_childs_task_for_the_delta(trained, bases, tmp_path):
+    _eval(trained, "ckpt=finetune/sft", f"report={tmp_path}", "cost.enabled=false", "samples=0")
+    result = json.loads((tmp_path / "results.json").read_text())[0]
+    parent = json.loads(next((trained / "evals").rglob("sft-*.json")).read_text())  # the base GPT's record, outside the store
+    assert parent["task"] == "sft" and parent["path"] == str(bases["gpt"])
+    assert result["delta"]["metric"] == pytest.approx(result["metrics"]["perplexity"] - parent["metrics"]["perplexity"])

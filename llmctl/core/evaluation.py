@@ -2,7 +2,7 @@
 
     record = evaluate(store, "finetune/bbc", rt=rt, split=None)     # the checkpoint's own task and data
     record["metrics"]["accuracy"], record["cost"]["latency_ms_p50"]
-    save_record(store, record)                                        # <version>/evals/<split>-<fingerprint>.json
+    save_record(store, record)                         # <version>/evals/<task>-<split>-<data fingerprint>.json
 
 `llmctl eval` is a thin layer over this module (tables, reports, charts); distill, prune and
 quantize call the same `evaluate` / `measure_cost` for their before / after figures, so every
@@ -46,16 +46,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 # ---------------------------------------------------------------------------------------------
 # One checkpoint
 # ---------------------------------------------------------------------------------------------
-def plan(source: Resolved, *, data_cfg=None, need_data: bool = True) -> dict:
+def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str | None = None) -> dict:
     """What evaluating `source` means, before anything is loaded: its task and the data config.
     Raises one clear line when the checkpoint has nothing to be judged on. `need_data=False`
-    (harness-only runs): a checkpoint that records no data gets cost figures and no task metrics."""
+    (harness-only runs): a checkpoint that records no data gets cost figures and no task metrics.
+    `task` judges it on another task of its kind (a base LM on its SFT child's task, for deltas)."""
     from llmctl.core.loading import source_kind
     from llmctl.core.tasks import read_task_record, record_data_config
 
     kind = source_kind(source)
     record = read_task_record(source.manifest)
-    task = (record or {}).get("name") or KIND_TASK.get(kind)
+    task = task or (record or {}).get("name") or KIND_TASK.get(kind)
     if task is None:
         raise LlmctlError(f"ckpt={source.ref} is a bare {kind} with no task head; evaluate a checkpoint that has one "
                           f"(fine-tune it first: llmctl finetune init_from={source.ref})")
@@ -71,7 +72,7 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True) -> dict:
 
 def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_size: int = 16, max_batches: int | None = None,
              max_seq_len: int | None = None, cost: dict | None = None, samples: int = 0, max_new_tokens: int = 40,
-             seed: int = 0, cache_root: Path | None = None, console=None, need_data: bool = True) -> dict:
+             seed: int = 0, cache_root: Path | None = None, console=None, need_data: bool = True, task: str | None = None) -> dict:
     """Evaluate one checkpoint on its task (see the module docstring); returns its eval record."""
     from llmctl.core.data import load_data
     from llmctl.core.loading import load_checkpoint, resolve_source
@@ -80,7 +81,7 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
     from llmctl.core.train import evaluate_model
 
     source = resolve_source(store, spec, what="ckpt")
-    p = plan(source, data_cfg=data_cfg, need_data=need_data)
+    p = plan(source, data_cfg=data_cfg, need_data=need_data, task=task)
     task, record = p["task"], p["record"] or {}
     data = None
     if p["data_cfg"] is not None:  # (None: harness only, cost figures and no task metrics)
@@ -301,11 +302,12 @@ def _rss(field: str) -> int:
 # Records: <checkpoint>/evals/<key>.json, or <output_root>/evals/... for folders outside the store
 # ---------------------------------------------------------------------------------------------
 def record_key(record: dict) -> str:
-    """`<split>-<data fingerprint>`, with `-<N>b` when only the split's first N batches were scored."""
+    """`<task>-<split>-<data fingerprint>`, with `-<N>b` when only the split's first N batches were scored
+    (`cost-only` for a harness run on a checkpoint without data)."""
     if record.get("data") is None:
-        return "no-data"
+        return "cost-only"
     capped = f"-{record['max_batches']}b" if record.get("max_batches") else ""
-    return f"{record['split']}-{record['data']['fingerprint'][:12]}{capped}"
+    return f"{record['task']}-{record['split']}-{record['data']['fingerprint'][:12]}{capped}"
 
 
 def record_dir(store, ref: str, path: str) -> Path:

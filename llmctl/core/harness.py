@@ -12,6 +12,8 @@ same text. Local task files read their data with `dataset_path: json`, so nothin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -96,10 +98,11 @@ def run_tasks(model, tokenizer, tasks: list[str], *, rt, documents: list[str] | 
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(rt.device), batch_size=int(batch_size),
                   dtype={"bf16": "bfloat16", "fp16": "float16"}.get(rt.precision, "float32"))
-        try:
-            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, bootstrap_iters=1000)
+        try:  # the harness's own progress bars (it passes tqdm's `disable` itself) go nowhere: llmctl reports what ran
+            with contextlib.redirect_stderr(io.StringIO()):
+                out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                      log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed, bootstrap_iters=1000)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise LlmctlError(f"harness.tasks={','.join(tasks)}: the harness failed ({type(e).__name__}: {first_line(str(e))})") from None
     results = {}
@@ -108,6 +111,6 @@ def run_tasks(model, tokenizer, tasks: list[str], *, rt, documents: list[str] | 
         for key, value in values.items():
             name, _, _filter = key.partition(",")
             if isinstance(value, (int, float)) and name != "alias":
-                clean[name] = float(value)  # "acc,none" → acc; "acc_stderr,none" → acc_stderr
+                clean[name] = int(value) if name == "sample_len" else float(value)  # "acc,none" → acc, "acc_stderr,none" → acc_stderr
         results[task] = clean
     return results

@@ -12,7 +12,7 @@ classification; the seqeval entity report for NER; loss, perplexity and sample a
 Every checkpoint also gets the same cost figures (parameters, non-embedding parameters, size on
 disk, batch-1 latency median / p90, throughput, peak memory) on the configured device and threads.
 
-Results go into an eval record beside the checkpoint (`<version>/evals/<split>-<data fingerprint>.json`;
+Results go into an eval record beside the checkpoint (`<version>/evals/<task>-<split>-<data fingerprint>.json`;
 the weights and manifest are never touched) and, with `report=<folder>`, into a markdown report,
 results.json and PNG charts (the metric against size and against latency). Each checkpoint's
 parent, when it does the same task, is judged too (or its saved record reused) and the table shows
@@ -146,11 +146,11 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluating
 # ---------------------------------------------------------------------------------------------
-def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True) -> dict:
+def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None) -> dict:
     c = cfg.cost
     return evaluation.evaluate(run.store, source, rt=run.rt, data_cfg=data_cfg, split=cfg.split, batch_size=int(cfg.batch_size),
                                max_batches=cfg.max_batches, max_seq_len=cfg.max_seq_len, samples=int(cfg.samples),
-                               max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.seed), console=run.console, need_data=need_data,
+                               max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.seed), console=run.console, need_data=need_data, task=task,
                                cost={"seq_len": int(c.seq_len), "batch_size": int(c.batch_size), "warmup": int(c.warmup),
                                      "runs": int(c.runs), "throughput_runs": int(c.throughput_runs)} if cost else None)
 
@@ -184,19 +184,21 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
         except (LlmctlError, TypeError):
             record["delta_note"] = f"parent {parent.get('ref')} is gone"
             return None
-    data_cfg = OmegaConf.create(record["data"]["config"])
-    try:
-        plan = evaluation.plan(source, data_cfg=data_cfg)
-    except LlmctlError:
-        plan = None
-    if plan is None or plan["task"] != record["task"]:
-        record["delta_note"] = f"parent {source.ref} does another task"
+    from llmctl.core.loading import source_kind
+
+    kind = source_kind(source)
+    if kind != record["kind"]:  # a classifier's MLM parent cannot classify: no delta
+        record["delta_note"] = f"parent {source.ref} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint"
         return None
     saved = evaluation.load_record(run.store, source.ref, str(source.path), evaluation.record_key(record))
-    if saved is not None and (saved.get("cost") or not cfg.cost.enabled):
+    if saved is not None and saved.get("task") == record["task"] and (saved.get("cost") or not cfg.cost.enabled):
         return saved
     run.print(f"[dim]parent of {record['ref']}:[/]")
-    fresh = _evaluate(run, cfg, source, data_cfg, cost=bool(cfg.cost.enabled))
+    try:  # the parent judged on the child's task and data (a base LM on its SFT child's conversations)
+        fresh = _evaluate(run, cfg, source, OmegaConf.create(record["data"]["config"]), cost=bool(cfg.cost.enabled), task=record["task"])
+    except LlmctlError as e:
+        record["delta_note"] = f"parent {source.ref} cannot be judged on this task ({e})"
+        return None
     evaluation.save_record(run.store, fresh)
     return _release(fresh)
 
