@@ -53,9 +53,9 @@ def main(out: Path, stop: bool) -> None:
         def _optimizer_step(self, batches, accum):
             if stop_at_rank1 and self.rt.rank == 1 and self.step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)  # a scheduler stopping one process only
-            loss, agreed_stop = super()._optimizer_step(batches, accum)
+            loss, agreed_stop, terms = super()._optimizer_step(batches, accum)
             losses.append(loss)
-            return loss, agreed_stop
+            return loss, agreed_stop, terms
 
     cfg = OmegaConf.create({"max_steps": 5, "batch_size": 4, "grad_accum": 1, "lr": 0.05, "weight_decay": 0.0, "betas": [0.9, 0.999],
                             "warmup_ratio": 0.0, "scheduler": "constant", "max_grad_norm": 1.0, "eval_every": 0, "log_every": 1,

@@ -78,7 +78,6 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
     from llmctl.core.loading import load_checkpoint, resolve_source
     from llmctl.core.models import max_positions
     from llmctl.core.tasks import DATA_TASK, prepare
-    from llmctl.core.train import evaluate_model
 
     source = resolve_source(store, spec, what="ckpt")
     p = plan(source, data_cfg=data_cfg, need_data=need_data, task=task)
@@ -103,11 +102,9 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
         if console is not None:
             console.print(f"[bold]{source.ref}[/] · {task} on {split} ({len(data[split])} examples, data {data.fingerprint[:12]}) · {length} tokens")
         started = time.perf_counter()
-        raw = evaluate_model(model, lambda m: prepared.evaluate(m, split, "x"), rt, seed)
-        metrics = {k.split("/", 1)[1]: v for k, v in raw.items()}
-        out.update(split=split, labels=prepared.info.get("labels"), max_seq_len=length, max_batches=max_batches,
-                   data={"fingerprint": data.fingerprint, "examples": len(data[split]), "config": data.config},
-                   metrics=metrics, primary=primary(task, metrics), eval_seconds=round(time.perf_counter() - started, 3))
+        out.update(judge(model, prepared, split, rt=rt, seed=seed), labels=prepared.info.get("labels"), max_seq_len=length,
+                   max_batches=max_batches, data={"fingerprint": data.fingerprint, "examples": len(data[split]), "config": data.config},
+                   eval_seconds=round(time.perf_counter() - started, 3))
         if task == "sft" and samples:
             from llmctl.core.tasks import sample_generations
 
@@ -118,6 +115,20 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
     if cost is not None:
         out["cost"] = measure_cost(model, source.path, rt, **cost)
     out["_model"], out["_tokenizer"], out["_split"] = model, tok, data[split] if data is not None else None  # for the caller; never saved
+    return out
+
+
+def judge(model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None = None, cost: dict | None = None) -> dict:
+    """A model's metrics on `split` of a prepared task (core.tasks), and with `cost` (and the folder its
+    weights are saved in) its cost figures: what `evaluate` records, for a model already in memory
+    (distill and prune judge before / after with it)."""
+    from llmctl.core.train import evaluate_model
+
+    raw = evaluate_model(model, lambda m: prepared.evaluate(m, split, "x"), rt, seed)
+    metrics = {k.split("/", 1)[1]: v for k, v in raw.items()}
+    out = {"task": prepared.task, "split": split, "metrics": metrics, "primary": primary(prepared.task, metrics)}
+    if cost is not None:
+        out["cost"] = measure_cost(model, folder, rt, **cost)
     return out
 
 
@@ -208,6 +219,13 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
         "peak_memory_bytes": peak.bytes if rt.device.type == "cuda" else weights_bytes + peak.bytes,
         "peak_memory_how": peak.how,
     }
+
+
+def cost_settings(section) -> dict | None:
+    """`measure_cost` keyword arguments from a config's `cost:` section (None when cost.enabled is false)."""
+    if section is None or not section.get("enabled", True):
+        return None
+    return {k: int(section[k]) for k in ("seq_len", "batch_size", "warmup", "runs", "throughput_runs")}
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -378,6 +396,19 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             latency, _num(c.get("throughput_seq_per_s")), _bytes(c.get("peak_memory_bytes")),
         ])
     return headers, rows
+
+
+def comparison_table(records: list[dict], title: str):
+    """table_rows as a rich Table for the terminal."""
+    from rich.table import Table
+
+    headers, rows = table_rows(records)
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h == "checkpoint" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _count(n) -> str:

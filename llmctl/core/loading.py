@@ -81,3 +81,14 @@ def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None =
     model, new = loader(resolved, kind, head, artifact)
     return Loaded(model=model, tokenizer=load_tokenizer(resolved.path), source=resolved, kind=kind,
                   task=read_task_record(resolved.manifest), artifact=artifact, sha256=sha, new_tensors=new)
+
+
+def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:
+    """Stages that train or reshape weights (distill, prune, finetune) need floating-point weights: a
+    quantized checkpoint (its artifact record names a `quantization`) is refused in one line."""
+    artifact = (resolved.manifest or {}).get("artifact") or {}
+    quantization = artifact.get("quantization")
+    if quantization:
+        parent = next((p.get("ref") for p in (resolved.manifest or {}).get("parents") or []), None)
+        raise LlmctlError(f"{what}={resolved.ref} is quantized ({quantization.get('method', 'quantized') if isinstance(quantization, dict) else quantization}); "
+                          f"llmctl {stage} needs floating-point weights: {stage} its parent{f' {parent}' if parent else ''} and quantize afterwards")

@@ -245,13 +245,14 @@ def library_versions() -> dict:
 
 
 def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, objective: tuple[str, str],
-            data, task: dict, extra: dict | None = None) -> Resolved | None:
+            data, task: dict, extra: dict | None = None, after_save=None) -> Resolved | None:
     """Save model + tokenizer into the run folder and publish it as the next version; only then drop
     the resumable state (a crash before leaves a resumable run, after it a complete version).
 
     `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`);
-    `data` is the core.data.Data the run used, `task` its core.tasks.task_record. Only rank 0 writes;
-    returns the new version (None on other ranks)."""
+    `data` is the core.data.Data the run used, `task` its core.tasks.task_record; `after_save(folder)`
+    returns more manifest entries measured on the saved files (size on disk, latency: distill and
+    prune's before / after). Only rank 0 writes; returns the new version (None on other ranks)."""
     from llmctl.core.loading import artifact_record
     from llmctl.core.models import count_parameters
     from llmctl.core.tokenizer import tokenizer_hash
@@ -282,6 +283,7 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         **({"resumed": run.resumed} if run.resumed else {}),
         "libraries": library_versions(),
         **(extra or {}),
+        **(after_save(folder) if after_save is not None else {}),
     }
     result = run.store.publish(folder, run.stage, run.name, manifest)
     shutil.rmtree(run.state_dir, ignore_errors=True)

@@ -111,6 +111,17 @@ class Method(Section):
     target_modules: Union[str, list[str], None] = None
 
 
+class Cost(Section):
+    """A `cost:` section (eval, distill, prune): how core.evaluation.measure_cost times a model."""
+
+    enabled: bool = True
+    seq_len: PosInt
+    batch_size: PosInt
+    warmup: NonNegInt
+    runs: PosInt
+    throughput_runs: PosInt
+
+
 class Common(Section):
     """conf/common.yaml: keys every stage shares."""
 

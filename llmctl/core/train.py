@@ -43,7 +43,7 @@ from llmctl.core.device import Runtime, all_ranks_sum, barrier, broadcast_floats
 from llmctl.core.errors import Interrupted, LlmctlError
 from llmctl.core.store import TRAINER_STATE
 
-LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict]"]  # a loss, or (loss, {term: tensor}) to log
 BEST = "best.safetensors"
 
 
@@ -255,7 +255,7 @@ class Trainer:
             with self._progress() as progress:
                 task = progress.add_task("train", total=max_steps, completed=self.step, info="") if progress else None
                 while self.step < max_steps:
-                    loss, stop = self._optimizer_step(batches, accum)
+                    loss, stop, terms = self._optimizer_step(batches, accum)
                     self.step += 1
                     if progress:
                         progress.update(task, completed=self.step)
@@ -263,7 +263,7 @@ class Trainer:
                         now = time.perf_counter()
                         tps = (self.tokens - window_tok) / max(now - window_t, 1e-9)
                         window_t, window_tok = now, self.tokens
-                        self.sink.log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps})
+                        self.sink.log({"step": self.step, "loss": loss, **terms, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps})
                         if progress:
                             progress.update(task, info=f"loss {loss:.4f} · {tps:,.0f} tok/s")
                     evaluate_now = int(self.cfg.eval_every) and self.step % int(self.cfg.eval_every) == 0
@@ -300,11 +300,12 @@ class Trainer:
                 "train/wall_s": wall,
                 "train/steps_this_run": self.step - step_start}
 
-    def _optimizer_step(self, batches, accum: int) -> tuple[float, bool]:
-        """One optimizer step; returns (the loss averaged over ranks, whether any rank was asked to stop)."""
+    def _optimizer_step(self, batches, accum: int) -> tuple[float, bool, dict]:
+        """One optimizer step; returns (the loss averaged over ranks, whether any rank was asked to stop,
+        this rank's loss terms when the loss function reports them, e.g. distillation's KL and CE)."""
         model, rt = self.model, self.rt
         model.train()
-        total = 0.0
+        total, terms = 0.0, {}
         for k in range(accum):
             batch = {key: v.to(rt.device, non_blocking=True) for key, v in next(batches).items()}
             self.micro += 1
@@ -312,6 +313,10 @@ class Trainer:
             with sync:
                 with rt.autocast():
                     loss = self.loss_fn(model, batch)
+                if isinstance(loss, tuple):
+                    loss, parts = loss
+                    for name, value in parts.items():
+                        terms[name] = terms.get(name, 0.0) + float(value) / accum
                 (loss / accum).backward()
             total += float(loss.detach()) / accum
             mask = batch.get("attention_mask")
@@ -325,7 +330,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, stops > 0
+        return mean, stops > 0, terms
 
     def _run_eval(self) -> dict:
         """Rank 0 evaluates and logs; the selection value is broadcast so every rank's BestKeeper agrees."""

@@ -1,11 +1,237 @@
-"""llmctl distill — not built yet: it lands with its own issue (see ../shared/roadmap.md).
+"""llmctl distill — train a smaller student against a frozen teacher and write distill/<name>/vNNN.
 
-The command and its config root (conf/distill.yaml) exist so scripts and sweeps can name it; running
-it says so and exits non-zero instead of producing fake output.
+    llmctl distill teacher=finetune/bbc student.num_layers=3                  # student from every 2nd teacher layer
+    llmctl distill teacher=finetune/bbc student.init=random student.num_layers=3
+    llmctl distill teacher=finetune/bbc student=prune/bbc-structured          # any checkpoint as the student (prune → distill)
+    llmctl distill teacher=finetune/smollm2-chat student.num_layers=15 data=bbc-news distill.temperature=2
+
+The teacher (a sequence classifier, token classifier or causal LM) is frozen in eval mode. The
+student is the teacher's config with fewer layers (or another width), initialised from every k-th
+teacher layer with the teacher's embeddings and head (DistilBERT), or at random; or any existing
+checkpoint with the teacher's tokenizer and family, e.g. a pruned one (Minitron's prune-then-distill).
+It trains on the teacher's own task and data, read from its manifest (`data=` for other data: a
+causal-LM teacher on a text corpus distils next-token logits), through the shared fine-tuning
+function with the distillation loss (core/distillation.py): α · KL · T² + (1 − α) · CE, plus an
+optional hidden-state loss; the log shows each term. A sequence classifier's teacher logits are
+computed once for the training split (`distill.cache_teacher`). The student is a plain HF
+checkpoint; its manifest names the teacher (role `teacher`) and holds both models' metric and cost,
+measured by eval's code, printed as one table.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import Field
+
+from llmctl.core import evaluation
+from llmctl.core import run as stage_run
+from llmctl.core import schema
+from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
+from llmctl.core.finetuning import finetune
+from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.models import max_positions
+from llmctl.core.store import parse_ref
+from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, prepare, read_task_record, record_data_config, task_record
+from llmctl.core.tokenizer import tokenizer_hash
+
+KINDS = ("seq-cls", "token-cls", "causal-lm")
 
 
-def run(cfg) -> None:
-    raise LlmctlError("`llmctl distill` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl generate, llmctl ckpt")
+class Student(schema.Section):
+    init: Literal["teacher-layers", "random"]
+    num_layers: Optional[int] = Field(default=None, ge=1)
+    hidden_size: Optional[int] = Field(default=None, ge=8)
+    num_heads: Optional[int] = Field(default=None, ge=1)
+    intermediate_size: Optional[int] = Field(default=None, ge=8)
+
+
+class Distill(schema.Section):
+    alpha: float = Field(ge=0, le=1)
+    temperature: float = Field(gt=0)
+    hidden_weight: float = Field(ge=0)
+    hidden_loss: Literal["mse", "cosine"]
+    cache_teacher: bool
+
+
+class Config(schema.StageConfig):
+    """conf/distill.yaml, checked before the stage runs (core/schema.py)."""
+
+    teacher: str
+    task: Optional[Literal["classification", "ner", "sft", "clm"]] = None
+    student: Union[Student, str]
+    distill: Distill
+    data: Optional[schema.Data] = None
+    train: schema.Train
+    max_seq_len: Optional[int] = Field(default=None, ge=8)
+    patience: int = Field(ge=0)
+    cost: schema.Cost
+
+
+def run(cfg) -> float | None:
+    with stage_run.start("distill", cfg, default_name=_default_name(cfg)) as run:
+        # ---- the teacher, its task and data ----
+        source = resolve_source(run.store, cfg.teacher, what="teacher")
+        kind = source_kind(source)
+        if kind not in KINDS:
+            raise LlmctlError(f"teacher={cfg.teacher} is a {kind} checkpoint; distill takes a teacher of kind {', '.join(KINDS)} "
+                              f"(fine-tune it first, or pretrain a causal LM)")
+        refuse_quantized(source, what="teacher", stage="distill")
+        record = read_task_record(source.manifest) or {}
+        task = _task(cfg, kind, record)
+        data_cfg = cfg.get("data") or _own_data(record, cfg.teacher)
+        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
+        teacher = load_checkpoint(run.store, source, kind=kind, what="teacher")
+        teacher.model.to(run.rt.device).eval().requires_grad_(False)
+        tok = teacher.tokenizer
+        length = _length(cfg, record, data_cfg, teacher.model)
+        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
+                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
+        evaluation.check_labels(teacher.model, prepared, source.ref)
+        run.print(f"teacher {type(teacher.model).__name__} from {source.ref} · {task} · {data.summary()}")
+
+        # ---- the student ----
+        student, kept, init = _student(run, cfg, teacher, prepared, kind)
+        run.parents.append(teacher.parent("teacher"))
+        model, projection = _with_projection(student, teacher.model, cfg)
+        run.print(f"student {init} · {_shape(student)} (teacher {_shape(teacher.model)})")
+
+        # ---- train ----
+        train_task = prepared
+        if cfg.distill.cache_teacher and kind == "seq-cls":
+            from llmctl.core.distillation import cache_teacher_logits
+
+            cached = cache_teacher_logits(teacher.model, prepared.splits["train"], prepared.collate, batch_size=int(cfg.train.batch_size),
+                                          device=run.rt.device, autocast=run.rt.autocast)
+            train_task = dataclasses.replace(prepared, splits={**prepared.splits, "train": cached})
+            run.print(f"[dim]teacher logits cached for {len(cached)} training examples[/]")
+        from llmctl.core.distillation import DistillLoss
+
+        d = cfg.distill
+        loss_fn = DistillLoss(teacher.model, kind=kind, alpha=float(d.alpha), temperature=float(d.temperature),
+                              hidden_weight=float(d.hidden_weight), hidden_loss=str(d.hidden_loss), projection=projection)
+        select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
+        stage_run.open_run_dir(run, {"stage": "distill", "task": task, "data_fingerprint": data.fingerprint, "world_size": run.rt.world_size,
+                                     "model": f"{teacher.sha256}:{init}", "tokenizer": tokenizer_hash(tok)})
+        result = finetune(model, tok, train_task, cfg.train, run, select=select, patience=int(cfg.patience), loss_fn=loss_fn)
+        student = result.model.student if projection is not None else result.model
+
+        # ---- judge both, publish the student ----
+        split = "test" if "test" in prepared.splits else "validation"
+        cost = evaluation.cost_settings(cfg.cost)
+        before = {"ref": source.ref, **evaluation.judge(teacher.model, prepared, split, rt=run.rt, seed=int(cfg.seed),
+                                                         folder=source.path, cost=cost)}
+        compared: dict = {}
+
+        def measure(folder):
+            after = {"ref": f"distill/{run.name} (new)", **evaluation.judge(student, prepared, split, rt=run.rt, seed=int(cfg.seed),
+                                                                            folder=folder, cost=cost)}
+            after["delta"] = evaluation.delta(after, before)
+            compared.update(teacher=before, student=after)
+            return {"compare": compared}
+
+        metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in before["metrics"].items() if isinstance(v, float)}}
+        settings = {"teacher": source.ref, "init": init, "kept_layers": kept, **{k: d[k] for k in d}}
+        published = stage_run.publish(run, student, tok, kind=kind, metrics=metrics, objective=select, data=data,
+                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
+                                      extra={"distill": settings}, after_save=measure)
+        if published is None:
+            return None
+        compared["student"]["ref"] = published.ref
+        run.print(evaluation.comparison_table([compared["teacher"], compared["student"]],
+                                              f"llmctl distill · {task} on {split} · teacher → student"))
+        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
+        return published.manifest["objective"]["value"]
+
+
+def _default_name(cfg) -> str:
+    ref = parse_ref(str(cfg.teacher))
+    base = ref[1] if ref else Path(str(cfg.teacher)).name
+    layers = cfg.student.get("num_layers") if not isinstance(cfg.student, str) else None
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{base}-student" + (f"-{layers}l" if layers else ""))
+
+
+def _task(cfg, kind: str, record: dict) -> str:
+    """The task: task=, else the teacher's (a causal LM given other data distils on clm)."""
+    if cfg.task:
+        task = str(cfg.task)
+    elif cfg.get("data") and kind == "causal-lm":
+        task = "clm"
+    else:
+        task = record.get("name") or evaluation.KIND_TASK[kind]
+    if KIND[task] != kind:
+        raise LlmctlError(f"task={task} makes a {KIND[task]} model, but the teacher is a {kind}; leave task unset or choose a {kind} task")
+    return task
+
+
+def _own_data(record: dict, teacher: str):
+    if not record.get("data"):
+        raise LlmctlError(f"teacher={teacher} records no data of its own; give data=<preset> or data=files data.train=<file> to distil on")
+    return record_data_config(record)
+
+
+def _length(cfg, record: dict, data_cfg, model) -> int:
+    length = int(cfg.max_seq_len or record.get("max_seq_len") or data_cfg.get("max_seq_len") or 128)
+    positions = max_positions(model.config)
+    return min(length, positions) if positions else length
+
+
+def _student(run, cfg, teacher, prepared, kind: str):
+    """(student model, teacher layers it was made from, how it was made)."""
+    if isinstance(cfg.student, str):
+        src = resolve_source(run.store, cfg.student, what="student")
+        refuse_quantized(src, what="student", stage="distill")
+        loaded = load_checkpoint(run.store, src, kind=kind, head=prepared.head or None, what="student")
+        family, theirs = loaded.model.config.model_type, teacher.model.config.model_type
+        if family != theirs:
+            raise LlmctlError(f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the teacher's family")
+        if loaded.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+            raise LlmctlError(f"student={cfg.student} has another vocabulary than the teacher ({len(loaded.tokenizer)} vs "
+                              f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one tokenizer")
+        run.parents.append(loaded.parent("init"))
+        return loaded.model, None, f"from {src.ref}"
+    from llmctl.core.distillation import WIDTH_KEYS, student_from_teacher
+
+    s = cfg.student
+    family = teacher.model.config.model_type
+    names = WIDTH_KEYS.get(family, ("hidden_size", "num_attention_heads", "intermediate_size"))
+    width = dict(zip(names, (s.hidden_size, s.num_heads, s.intermediate_size)))
+    student, kept = student_from_teacher(teacher.model, num_layers=s.num_layers, init=str(s.init), width=width, seed=int(cfg.seed))
+    how = f"from teacher layers {kept}" if kept else "random init"
+    return student, kept or None, how
+
+
+def _with_projection(student, teacher, cfg):
+    """The student alone, or (with a hidden-state loss across widths) wrapped with a learned projection."""
+    import torch
+
+    ws, wt = _width(student), _width(teacher)
+    if float(cfg.distill.hidden_weight) <= 0 or ws == wt:
+        return student, None
+
+    class WithProjection(torch.nn.Module):  # trained together; only the student is published
+        def __init__(self):
+            super().__init__()
+            self.student, self.projection = student, torch.nn.Linear(ws, wt)
+            self.config = student.config
+
+        def forward(self, **kwargs):
+            return self.student(**kwargs)
+
+    wrapper = WithProjection()
+    return wrapper, wrapper.projection
+
+
+def _width(model) -> int:
+    c = model.config
+    return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+
+
+def _shape(model) -> str:
+    from llmctl.core.models import count_parameters, transformer_layers
+
+    return f"{len(transformer_layers(model))} layers × {_width(model)} · {count_parameters(model)[0] / 1e6:.2f} M parameters"

@@ -35,15 +35,6 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.loading import resolve_source
 
 
-class Cost(schema.Section):
-    enabled: bool
-    seq_len: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    warmup: int = Field(ge=0)
-    runs: int = Field(ge=1)
-    throughput_runs: int = Field(ge=1)
-
-
 class Harness(schema.Section):
     tasks: list[str]
     include_path: Optional[str] = None
@@ -65,7 +56,7 @@ class Config(schema.StageConfig):
     max_new_tokens: int = Field(ge=1)
     parents: bool
     report: Optional[str] = None
-    cost: Cost
+    cost: schema.Cost
     harness: Harness
 
 
@@ -95,16 +86,9 @@ def run(cfg) -> float | None:
         if cfg.parents:
             for record in records:
                 record["delta"] = evaluation.delta(record, _parent_record(run, cfg, record))
-        from rich.table import Table
-
-        headers, rows = evaluation.table_rows(records)
         tasks_seen = sorted({f"{r['task']} on {r['split']}" if r["split"] else r["task"] for r in records})
-        table = Table(title=f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, {records[0]['runtime']['threads']} threads")
-        for h in headers:
-            table.add_column(h, justify="left" if h == "checkpoint" else "right")
-        for row in rows:
-            table.add_row(*row)
-        run.print(table)
+        run.print(evaluation.comparison_table(records, f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, "
+                                                       f"{records[0]['runtime']['threads']} threads"))
         if report is not None:
             written = _write_report(report, records, run.rt)
             run.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
@@ -147,12 +131,10 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 # Evaluating
 # ---------------------------------------------------------------------------------------------
 def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None) -> dict:
-    c = cfg.cost
     return evaluation.evaluate(run.store, source, rt=run.rt, data_cfg=data_cfg, split=cfg.split, batch_size=int(cfg.batch_size),
                                max_batches=cfg.max_batches, max_seq_len=cfg.max_seq_len, samples=int(cfg.samples),
-                               max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.seed), console=run.console, need_data=need_data, task=task,
-                               cost={"seq_len": int(c.seq_len), "batch_size": int(c.batch_size), "warmup": int(c.warmup),
-                                     "runs": int(c.runs), "throughput_runs": int(c.throughput_runs)} if cost else None)
+                               max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.seed), console=run.console, need_data=need_data,
+                               task=task, cost=evaluation.cost_settings(cfg.cost) if cost else None)
 
 
 def _harness(run, cfg, record: dict, tasks: list[str]) -> dict:
