@@ -63,6 +63,14 @@ def _ev(w: World, *extra: str) -> list[str]:
     return ["eval", f"output_root={w.out}", "precision=fp32", *extra]
 
 
+def _ds(w: World, *extra: str) -> list[str]:
+    return ["distill", f"output_root={w.out}", "precision=fp32", "train.max_steps=2", *extra]
+
+
+def _pr(w: World, *extra: str) -> list[str]:
+    return ["prune", f"output_root={w.out}", "precision=fp32", "train.max_steps=2", *extra]
+
+
 def _at(w: World, root: Path) -> World:
     """The case writes to `root` instead of a fresh store."""
     w.out = root
@@ -153,6 +161,25 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "eval with harness tasks on an encoder": (lambda w: _ev(w, f"ckpt={w.bases['enc']}", "harness.tasks=[llmctl_arith]"),
                                               ["is a mlm checkpoint", "causal LMs"]),
     "eval cost.runs=0": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "cost.runs=0"), ["cost.runs=0", "at least 1"]),
+    # distill
+    "distill an MLM teacher": (lambda w: _ds(w, f"teacher={w.bases['enc']}"), ["is a mlm checkpoint", "seq-cls, token-cls, causal-lm"]),
+    "distill into a student of another vocabulary": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['nerenc']}"),
+                                                     ["another vocabulary", "one tokenizer"]),
+    "distill into a student of another family": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['gpt']}"),
+                                                 ["gpt2", "bert", "family"]),
+    "distill a quantized teacher": (lambda w: _ds(_at(w, w.published), "teacher=quantize/q"), ["quantize/q", "quantized", "floating-point"]),
+    "distill student.num_layers too deep": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", "student.num_layers=9"),
+                                            ["student.num_layers=9", "1..2"]),
+    "distill distill.alpha=2": (lambda w: _ds(w, "teacher=x", "distill.alpha=2"), ["distill.alpha=2", "at most 1"]),
+    # prune
+    "prune amount=1.5": (lambda w: _pr(w, "init_from=x", "amount=1.5"), ["amount=1.5", "below 1"]),
+    "prune amount=0": (lambda w: _pr(w, "init_from=x", "amount=0"), ["amount=0", "above 0"]),
+    "prune without init_from": (lambda w: _pr(w), ["init_from="]),
+    "prune more heads than exist": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=structured", "prune.heads=5"),
+                                    ["prune.heads=5", "removes all 2 heads"]),
+    "prune a quantized checkpoint": (lambda w: _pr(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantized", "its parent"]),
+    "prune method=lora": (lambda w: _pr(w, "init_from=x", "method=lora"), ["method.name=lora", "magnitude, structured or layers"]),
+    "prune layers without a choice": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=layers"), ["prune.keep_layers"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
     "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),
@@ -191,6 +218,12 @@ def published(tmp_path_factory, corpus, bases, reviews) -> Path:
     record = json.loads(manifest.read_text())
     record["parents"][0].update(ref="pretrain/p@v001", path=str(store.resolve("pretrain/p").path))  # c descends from p
     manifest.write_text(json.dumps(record))
+    quantized = root / "q-draft"  # a stand-in for quantize's output: an artifact record naming its quantization
+    shutil.copytree(store.resolve("finetune/c").path, quantized)
+    record = json.loads((quantized / "llmctl.json").read_text())
+    record["artifact"] = {"format": "hf", "quantization": {"method": "int8-dynamic"}}
+    record["parents"] = [{"role": "init", "ref": "finetune/c@v001", "path": str(store.resolve("finetune/c").path)}]
+    store.publish(quantized, "quantize", "q", record)
     weights = store.resolve("pretrain/p").path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-4:] = b"\x00\x00\xc0\x7f"  # the last weight set to NaN: same size, loads fine, trains to nan

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.models import transformer_layers
+from llmctl.core.models import DEPTH_KEY, layers_prefix, transformer_layers
 
 TEACHER_LOGITS = "teacher_logits"  # the column holding cached teacher logits in a training split
-DEPTH_KEY = {"bert": "num_hidden_layers", "gpt2": "n_layer", "llama": "num_hidden_layers"}
 WIDTH_KEYS = {"bert": ("hidden_size", "num_attention_heads", "intermediate_size"), "gpt2": ("n_embd", "n_head", "n_inner"),
               "llama": ("hidden_size", "num_attention_heads", "intermediate_size")}
 
@@ -29,12 +28,6 @@ WIDTH_KEYS = {"bert": ("hidden_size", "num_attention_heads", "intermediate_size"
 # ---------------------------------------------------------------------------------------------
 # The student
 # ---------------------------------------------------------------------------------------------
-def layers_prefix(model) -> str:
-    """The state-dict prefix of the model's transformer blocks, e.g. 'bert.encoder.layer.'."""
-    layers = transformer_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers) + "."
-
-
 def evenly_spaced(total: int, keep: int) -> list[int]:
     """DistilBERT's choice generalised: every (total / keep)-th layer, from the first (6 → 3: 0, 2, 4)."""
     return [int(i * total / keep) for i in range(keep)]

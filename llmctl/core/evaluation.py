@@ -63,10 +63,7 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str |
     if data_cfg is None:
         if (record is None or not record.get("data")) and not need_data:
             return {"kind": kind, "task": task, "record": record, "data_cfg": None}
-        if record is None or not record.get("data"):
-            raise LlmctlError(f"ckpt={source.ref} records no data of its own (a plain model folder); give data=<preset> "
-                              f"or data=files data.train=<file> to evaluate it on")
-        data_cfg = record_data_config(record)
+        data_cfg = record_data_config(record, f"ckpt={source.ref}")
     return {"kind": kind, "task": task, "record": record, "data_cfg": data_cfg}
 
 
@@ -76,8 +73,7 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
     """Evaluate one checkpoint on its task (see the module docstring); returns its eval record."""
     from llmctl.core.data import load_data
     from llmctl.core.loading import load_checkpoint, resolve_source
-    from llmctl.core.models import max_positions
-    from llmctl.core.tasks import DATA_TASK, prepare
+    from llmctl.core.tasks import DATA_TASK, prepare, sequence_length
 
     source = resolve_source(store, spec, what="ckpt")
     p = plan(source, data_cfg=data_cfg, need_data=need_data, task=task)
@@ -93,9 +89,7 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
            "metrics": {}, "primary": primary(task, {}), "parent": first_parent(source.manifest), "weights_sha256": loaded.sha256,
            "runtime": {**rt.record(), "threads": _threads()}, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if data is not None:
-        length = int(max_seq_len or record.get("max_seq_len") or p["data_cfg"].get("max_seq_len") or 128)
-        positions = max_positions(model.config)
-        length = min(length, positions) if positions else length
+        length = sequence_length(max_seq_len, record, p["data_cfg"], model.config)
         prepared = prepare(task, data, tok, max_seq_len=length, batch_size=batch_size, seed=seed, cache_root=cache_root,
                            eval_batches=max_batches, system_prompt=record.get("system_prompt"))
         check_labels(model, prepared, source.ref)
@@ -161,10 +155,11 @@ def primary(task: str, metrics: dict) -> dict:
 
 
 def first_parent(manifest: dict | None) -> dict | None:
-    """The checkpoint this one was made from (a distilled student's teacher is not its parent)."""
-    for parent in (manifest or {}).get("parents") or []:
-        if parent.get("role") != "teacher":
-            return {"ref": parent.get("ref"), "path": parent.get("path"), "role": parent.get("role")}
+    """What a checkpoint is compared against: the checkpoint it was made from, else (a student built
+    from the teacher's layers or at random) its teacher."""
+    parents = (manifest or {}).get("parents") or []
+    for parent in sorted(parents, key=lambda p: p.get("role") == "teacher"):
+        return {"ref": parent.get("ref"), "path": parent.get("path"), "role": parent.get("role")}
     return None
 
 
@@ -195,6 +190,8 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
 
     one = batch(1)
     times = []
+    was_training = model.training
+    model.eval()  # dropout off: what inference costs
     with torch.inference_mode(), rt.autocast():
         for i in range(int(warmup) + int(runs)):
             start = time.perf_counter()
@@ -208,6 +205,7 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
             for _ in range(int(throughput_runs)):
                 forward(big)
             elapsed = time.perf_counter() - start
+    model.train(was_training)
     seqs_per_s = int(batch_size) * int(throughput_runs) / elapsed
     weights_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {

@@ -38,8 +38,11 @@ class Loaded:
 
 
 def artifact_record(model) -> dict:
-    """What a manifest records about how a model's weights are stored, for `load_checkpoint`."""
-    return {"format": "hf", "class": type(model).__name__}
+    """What a manifest records about how a model's weights are stored, for `load_checkpoint`: plain HF,
+    or per-layer shapes config.json cannot say (pruned BERT heads: core.pruning)."""
+    from llmctl.core.pruning import shapes_record
+
+    return {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
 
 
 def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
@@ -48,7 +51,43 @@ def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
     return load_model(resolved.path, kind, head=head)
 
 
-FORMATS = {"hf": _load_hf}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
+def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    """Build the model from config.json, give its layers the recorded shapes, then load the weights (strict)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmctl.core.models import KIND_CLASS, check_safetensors
+    from llmctl.core.pruning import apply_shapes
+
+    config = transformers.AutoConfig.from_pretrained(str(resolved.path))
+    if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
+        raise LlmctlError(f"{resolved.ref}: a pruned checkpoint keeps its own head; give it data with its labels "
+                          f"({', '.join(config.id2label.values())})")
+    if kind != resolved.kind:
+        raise LlmctlError(f"{resolved.ref} is a pruned {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
+    model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
+    apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
+    state = {}
+    for file in sorted(resolved.path.glob("*.safetensors")):
+        check_safetensors(file)
+        state.update(load_file(str(file)))
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise LlmctlError(f"{resolved.ref}: its weights do not fit the recorded shapes ({str(e).splitlines()[1].strip()[:160]})") from None
+    missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
+    if missing:
+        raise LlmctlError(f"{resolved.ref}: {len(missing)} tensors missing from its weights (e.g. {missing[0]})")
+    return model.eval(), []
+
+
+def _tied(model, key: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and key.endswith("weight") and key.startswith(("lm_head", "cls.predictions.decoder")) and \
+        out.weight is model.get_input_embeddings().weight
+
+
+FORMATS = {"hf": _load_hf, "pruned": _load_pruned}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
 
 
 def resolve_source(store, spec, *, what: str) -> Resolved:

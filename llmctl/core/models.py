@@ -36,6 +36,15 @@ def transformer_layers(model):
     raise LlmctlError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
+DEPTH_KEY = {"bert": "num_hidden_layers", "gpt2": "n_layer", "llama": "num_hidden_layers"}  # the config key of a family's depth
+
+
+def layers_prefix(model) -> str:
+    """The state-dict prefix of the model's transformer blocks, e.g. 'bert.encoder.layer.'."""
+    layers = transformer_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers) + "."
+
+
 def max_positions(config) -> int | None:
     """The longest sequence a model config accepts (BERT/Llama max_position_embeddings, GPT-2 n_positions)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -107,13 +107,24 @@ def read_task_record(manifest: dict | None) -> dict | None:
             **{k: v for k, v in task.items() if k not in ("task", "objective", "labels", "max_seq_len")}}
 
 
-def record_data_config(record: dict):
+def record_data_config(record: dict | None, where: str = "this checkpoint"):
     """The data config a task record names, ready for `load_data` (paths are absolute, so any folder works)."""
     from omegaconf import OmegaConf
 
     if not record or not record.get("data"):
-        raise LlmctlError("this checkpoint's manifest does not record its data; give data=... explicitly")
+        raise LlmctlError(f"{where} records no data of its own (a plain model folder); give data=<preset> "
+                          f"or data=files data.train=<file>")
     return OmegaConf.create(record["data"])
+
+
+def sequence_length(override, record: dict | None, data_cfg, config) -> int:
+    """Tokens per example / packed sequence: `override`, else what the checkpoint was trained with, else
+    the data config's; never more than the model's positions."""
+    from llmctl.core.models import max_positions
+
+    length = int(override or (record or {}).get("max_seq_len") or data_cfg.get("max_seq_len") or 128)
+    positions = max_positions(config)
+    return min(length, positions) if positions else length
 
 
 # ---------------------------------------------------------------------------------------------

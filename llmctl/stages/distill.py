@@ -34,9 +34,8 @@ from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
-from llmctl.core.models import max_positions
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, prepare, read_task_record, record_data_config, task_record
+from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 KINDS = ("seq-cls", "token-cls", "causal-lm")
@@ -83,12 +82,12 @@ def run(cfg) -> float | None:
         refuse_quantized(source, what="teacher", stage="distill")
         record = read_task_record(source.manifest) or {}
         task = _task(cfg, kind, record)
-        data_cfg = cfg.get("data") or _own_data(record, cfg.teacher)
+        data_cfg = cfg.get("data") or record_data_config(record, f"teacher={cfg.teacher}")
         data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
         teacher = load_checkpoint(run.store, source, kind=kind, what="teacher")
         teacher.model.to(run.rt.device).eval().requires_grad_(False)
         tok = teacher.tokenizer
-        length = _length(cfg, record, data_cfg, teacher.model)
+        length = sequence_length(cfg.max_seq_len, record, data_cfg, teacher.model.config)
         prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
                            cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
         evaluation.check_labels(teacher.model, prepared, source.ref)
@@ -166,18 +165,6 @@ def _task(cfg, kind: str, record: dict) -> str:
     if KIND[task] != kind:
         raise LlmctlError(f"task={task} makes a {KIND[task]} model, but the teacher is a {kind}; leave task unset or choose a {kind} task")
     return task
-
-
-def _own_data(record: dict, teacher: str):
-    if not record.get("data"):
-        raise LlmctlError(f"teacher={teacher} records no data of its own; give data=<preset> or data=files data.train=<file> to distil on")
-    return record_data_config(record)
-
-
-def _length(cfg, record: dict, data_cfg, model) -> int:
-    length = int(cfg.max_seq_len or record.get("max_seq_len") or data_cfg.get("max_seq_len") or 128)
-    positions = max_positions(model.config)
-    return min(length, positions) if positions else length
 
 
 def _student(run, cfg, teacher, prepared, kind: str):

@@ -1,11 +1,188 @@
-"""llmctl prune — not built yet: it lands with its own issue (see ../shared/roadmap.md).
+"""llmctl prune — make a checkpoint smaller and write prune/<name>/vNNN.
 
-The command and its config root (conf/prune.yaml) exist so scripts and sweeps can name it; running
-it says so and exits non-zero instead of producing fake output.
+    llmctl prune init_from=finetune/bbc method=magnitude amount=0.5 recover=true
+    llmctl prune init_from=finetune/bbc method=structured amount=0.3 recover=true
+    llmctl prune init_from=finetune/smollm2-chat method=structured prune.heads=0.25 prune.ffn=0.3
+    llmctl prune init_from=finetune/bbc method=layers prune.keep_layers=[0,2,4]
+
+Methods (core/pruning.py):
+- `magnitude`: unstructured L1 over the transformer layers' weight matrices, global or per matrix;
+  made permanent (no masks left) and the real sparsity reported per matrix. The file stays dense
+  and dense CPU kernels do not skip zeros: it saves no time or disk by itself (it is the input to
+  sparse formats and to compression), which the before / after table shows.
+- `structured`: the least important attention heads and FFN neurons (L1 magnitude, or first-order
+  Taylor scores on calibration batches of the checkpoint's own data) are removed, the same number
+  in every layer, shrinking the matrices and config.json. Llama heads go in whole key-value groups;
+  BERT heads are recorded per layer in the artifact record (config.json cannot say them).
+- `layers`: drop whole layers (`prune.keep_layers`, or `prune.num_layers` evenly spaced).
+
+`recover=true` fine-tunes the pruned model on the checkpoint's own task and data, read from its
+manifest, with the shared fine-tuning function (magnitude masks stay on during it, so zeros stay
+zero). Before and after (parameters, size on disk, batch-1 latency, throughput, the task metric)
+are measured by eval's code, recorded in the manifest and printed as one table.
 """
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from llmctl.core import evaluation, pruning
+from llmctl.core import run as stage_run
+from llmctl.core import schema
+from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
+from llmctl.core.finetuning import finetune
+from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.models import transformer_layers
+from llmctl.core.store import parse_ref
+from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_record
+from llmctl.core.tokenizer import tokenizer_hash
 
 
-def run(cfg) -> None:
-    raise LlmctlError("`llmctl prune` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl generate, llmctl ckpt")
+class Method(schema.Section):
+    name: Literal["magnitude", "structured", "layers"]
+
+
+class Prune(schema.Section):
+    scope: Literal["global", "layer"]
+    heads: Optional[float] = Field(default=None, ge=0)
+    ffn: Optional[float] = Field(default=None, ge=0, lt=1)
+    importance: Literal["magnitude", "taylor"]
+    calibration_batches: int = Field(ge=1)
+    keep_layers: Optional[list[int]] = None
+    num_layers: Optional[int] = Field(default=None, ge=1)
+
+
+class Config(schema.StageConfig):
+    """conf/prune.yaml, checked before the stage runs (core/schema.py)."""
+
+    method: Method
+    amount: float = Field(gt=0, lt=1)
+    recover: bool
+    prune: Prune
+    data: Optional[schema.Data] = None
+    train: schema.Train
+    max_seq_len: Optional[int] = Field(default=None, ge=8)
+    patience: int = Field(ge=0)
+    cost: schema.Cost
+
+
+def run(cfg) -> float | None:
+    method = str(cfg.method.name)
+    if not cfg.init_from:
+        raise LlmctlError("prune needs the checkpoint to prune: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc")
+    with stage_run.start("prune", cfg, default_name=_default_name(cfg, method)) as run:
+        # ---- the checkpoint, its task and data ----
+        source = resolve_source(run.store, cfg.init_from, what="init_from")
+        refuse_quantized(source, what="init_from", stage="prune")
+        kind = source_kind(source)
+        record = read_task_record(source.manifest) or {}
+        task = record.get("name") or evaluation.KIND_TASK.get(kind)
+        if task is None:
+            raise LlmctlError(f"init_from={cfg.init_from} is a bare {kind} with no task to judge the cut on; prune a model with a head")
+        data_cfg = cfg.get("data") or record_data_config(record, f"init_from={cfg.init_from}")
+        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
+        loaded = load_checkpoint(run.store, source, what="init_from")
+        model, tok = loaded.model.to(run.rt.device), loaded.tokenizer
+        run.parents.append(loaded.parent("init"))
+        length = sequence_length(cfg.max_seq_len, record, data_cfg, model.config)
+        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
+                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
+        evaluation.check_labels(model, prepared, source.ref)
+        split = "test" if "test" in prepared.splits else "validation"
+        cost = evaluation.cost_settings(cfg.cost)
+        before = {"ref": source.ref, **evaluation.judge(model, prepared, split, rt=run.rt, seed=int(cfg.seed), folder=source.path, cost=cost)}
+        run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {_shape(model)}")
+
+        # ---- prune ----
+        report = _prune(run, cfg, method, model, prepared)
+        model = report.pop("model")
+        run.print(f"pruned ({method}): {_shape(model)}" + (f" · {report['summary']}" if report.get("summary") else ""))
+
+        # ---- recover, judge, publish ----
+        select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
+        stage_run.open_run_dir(run, {"stage": "prune", "task": task, "data_fingerprint": data.fingerprint, "world_size": run.rt.world_size,
+                                     "model": loaded.sha256, "tokenizer": tokenizer_hash(tok)})
+        if cfg.recover:
+            metrics = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
+        else:
+            metrics = _task_metrics(model, prepared, run.rt, int(cfg.seed))
+        if method == "magnitude":
+            report["sparsity"] = pruning.finalize_magnitude(model)
+            shares = list(report["sparsity"].values())
+            run.print(f"sparsity per matrix: {min(shares):.1%} – {max(shares):.1%} (mean {sum(shares) / len(shares):.1%})")
+        compared: dict = {}
+
+        def measure(folder):
+            after = {"ref": f"prune/{run.name}", **evaluation.judge(model, prepared, split, rt=run.rt, seed=int(cfg.seed),
+                                                                    folder=folder, cost=cost)}
+            after["delta"] = evaluation.delta(after, before)
+            compared.update(before=before, after=after)
+            return {"compare": compared}
+
+        settings = {"method": method, "amount": float(cfg.amount), "recover": bool(cfg.recover), **{k: cfg.prune[k] for k in cfg.prune}, **report}
+        published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
+                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="prune", method=method),
+                                      extra={"prune": settings}, after_save=measure)
+        if published is None:
+            return None
+        compared["after"]["ref"] = published.ref
+        run.print(evaluation.comparison_table([compared["before"], compared["after"]], f"llmctl prune · {method} · {task} on {split}"))
+        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
+        return published.manifest["objective"]["value"]
+
+
+def _prune(run, cfg, method: str, model, prepared) -> dict:
+    """Cut the model; returns {"model": the pruned model, ...what the manifest records about the cut}."""
+    p = cfg.prune
+    if method == "magnitude":
+        pruning.magnitude(model, amount=float(cfg.amount), scope=str(p.scope))
+        return {"model": model}
+    if method == "structured":
+        heads = float(cfg.amount) if p.heads is None else float(p.heads)
+        ffn = float(cfg.amount) if p.ffn is None else float(p.ffn)
+        grads = None
+        if p.importance == "taylor":
+            from itertools import islice
+
+            from torch.utils.data import DataLoader
+
+            batches = DataLoader(prepared.splits["train"], batch_size=int(cfg.train.batch_size), collate_fn=prepared.collate)
+            grads = pruning.taylor_grads(model, islice(batches, int(p.calibration_batches)), run.rt.device)
+        new, report = pruning.structured(model, heads=heads, ffn=ffn, importance=str(p.importance), grads=grads)
+        h, f = report["heads"], report["ffn"]
+        return {"model": new, **report, "summary": f"heads {h['before']} → {h['after']} per layer, FFN {f['before']} → {f['after']}"}
+    depth = len(transformer_layers(model))
+    if p.keep_layers is not None:
+        keep = [int(i) for i in p.keep_layers]
+    elif p.num_layers is not None:
+        keep = pruning.keep_evenly(depth, int(p.num_layers))
+    else:
+        raise LlmctlError("method=layers needs prune.keep_layers=[0,2,4] or prune.num_layers=<how many to keep>")
+    return {"model": pruning.drop_layers(model, keep=keep), "kept_layers": keep, "summary": f"kept layers {keep} of {depth}"}
+
+
+def _task_metrics(model, prepared, rt, seed: int) -> dict:
+    """Validation (and test) metrics of a model not trained further, in the shape finetune returns."""
+    from llmctl.core.train import evaluate_model
+
+    metrics = evaluate_model(model, lambda m: prepared.evaluate(m, "validation", "eval"), rt, seed)
+    if "test" in prepared.splits:
+        metrics.update(evaluate_model(model, lambda m: prepared.evaluate(m, "test", "test"), rt, seed))
+    return metrics
+
+
+def _default_name(cfg, method: str) -> str:
+    ref = parse_ref(str(cfg.init_from or ""))
+    base = ref[1] if ref else Path(str(cfg.init_from or "model")).name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{base}-{method}")
+
+
+def _shape(model) -> str:
+    from llmctl.core.models import count_parameters
+
+    return f"{len(transformer_layers(model))} layers · {count_parameters(model)[0] / 1e6:.2f} M parameters"
