@@ -38,8 +38,6 @@ EVALS = "evals"  # the folder beside a checkpoint's weights that keeps its eval 
 # The metric a task is judged by first (the comparison table's and the charts' metric).
 PRIMARY = {"classification": ("accuracy", "max"), "ner": ("f1", "max"), "clm": ("perplexity", "min"),
            "mlm": ("perplexity", "min"), "mlm+nsp": ("perplexity", "min"), "sft": ("perplexity", "min")}
-# A checkpoint without a task record (a plain HF folder) is judged on the task its head does.
-KIND_TASK = {"causal-lm": "clm", "mlm": "mlm", "pretraining": "mlm+nsp", "seq-cls": "classification", "token-cls": "ner"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -52,14 +50,14 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str |
     (harness-only runs): a checkpoint that records no data gets cost figures and no task metrics.
     `task` judges it on another task of its kind (a base LM on its SFT child's task, for deltas)."""
     from llmctl.core.loading import source_kind
-    from llmctl.core.tasks import read_task_record, record_data_config
+    from llmctl.core.tasks import KIND_TASK, read_task_record, record_data_config, task_of
 
     kind = source_kind(source)
     record = read_task_record(source.manifest)
-    task = task or (record or {}).get("name") or KIND_TASK.get(kind)
-    if task is None:
+    if not task and not (record or {}).get("name") and kind not in KIND_TASK:
         raise LlmctlError(f"ckpt={source.ref} is a bare {kind} with no task head; evaluate a checkpoint that has one "
                           f"(fine-tune it first: llmctl finetune init_from={source.ref})")
+    task = task_of(kind, record, other_data=data_cfg is not None, task=task)
     if data_cfg is None:
         if (record is None or not record.get("data")) and not need_data:
             return {"kind": kind, "task": task, "record": record, "data_cfg": None}
@@ -166,7 +164,7 @@ def first_parent(manifest: dict | None) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Cost
 # ---------------------------------------------------------------------------------------------
-def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int = 16, warmup: int = 3, runs: int = 20,
+def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int = 16, warmup: int = 10, runs: int = 20,
                  throughput_runs: int = 5) -> dict:
     """Parameters, size on disk, batch-1 latency (median / p90), throughput and peak memory."""
     import torch

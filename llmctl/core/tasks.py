@@ -31,6 +31,8 @@ from llmctl.core.errors import LlmctlError
 KIND = {"clm": "causal-lm", "mlm": "mlm", "mlm+nsp": "pretraining", "classification": "seq-cls", "ner": "token-cls", "sft": "causal-lm"}
 OBJECTIVE = {"clm": ("eval/loss", "min"), "mlm": ("eval/loss", "min"), "mlm+nsp": ("eval/loss", "min"),
              "classification": ("eval/accuracy", "max"), "ner": ("eval/f1", "max"), "sft": ("eval/loss", "min")}
+# A checkpoint without a task record (a plain HF folder) is judged and trained on the task its head does.
+KIND_TASK = {"causal-lm": "clm", "mlm": "mlm", "pretraining": "mlm+nsp", "seq-cls": "classification", "token-cls": "ner"}
 DATA_TASK = {"clm": "text", "mlm": "text", "mlm+nsp": "text", "classification": "classification", "ner": "ner", "sft": "sft"}
 PACKED = ("clm", "mlm", "mlm+nsp")
 
@@ -105,6 +107,22 @@ def read_task_record(manifest: dict | None) -> dict | None:
             "labels": task.get("labels"), "columns": None, "max_seq_len": task.get("max_seq_len") or (data.get("config") or {}).get("max_seq_len"),
             "data": data.get("config"), "split_seed": (data.get("config") or {}).get("split_seed"), "fingerprint": data.get("fingerprint"),
             **{k: v for k, v in task.items() if k not in ("task", "objective", "labels", "max_seq_len")}}
+
+
+def task_of(kind: str, record: dict | None, *, other_data: bool, task: str | None = None) -> str:
+    """The task a later stage runs on a checkpoint: `task` when given, else the checkpoint's own (its
+    task record, else its head's); a causal LM given other data (a text corpus) runs clm."""
+    if task:
+        chosen = str(task)
+    elif other_data and kind == "causal-lm":
+        chosen = "clm"
+    else:
+        chosen = (record or {}).get("name") or KIND_TASK.get(kind)
+    if chosen is None:
+        raise LlmctlError(f"a bare {kind} checkpoint has no task head to judge or train it on; fine-tune it first")
+    if KIND[check_task(chosen)] != kind:
+        raise LlmctlError(f"task={chosen} makes a {KIND[chosen]} model, but the checkpoint is a {kind}; leave task unset or choose a {kind} task")
+    return chosen
 
 
 def record_data_config(record: dict | None, where: str = "this checkpoint"):

@@ -35,7 +35,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_record
+from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 KINDS = ("seq-cls", "token-cls", "causal-lm")
@@ -81,7 +81,7 @@ def run(cfg) -> float | None:
                               f"(fine-tune it first, or pretrain a causal LM)")
         refuse_quantized(source, what="teacher", stage="distill")
         record = read_task_record(source.manifest) or {}
-        task = _task(cfg, kind, record)
+        task = task_of(kind, record, other_data=bool(cfg.get("data")), task=cfg.task)
         data_cfg = cfg.get("data") or record_data_config(record, f"teacher={cfg.teacher}")
         data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
         teacher = load_checkpoint(run.store, source, kind=kind, what="teacher")
@@ -152,19 +152,6 @@ def _default_name(cfg) -> str:
     base = ref[1] if ref else Path(str(cfg.teacher)).name
     layers = cfg.student.get("num_layers") if not isinstance(cfg.student, str) else None
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{base}-student" + (f"-{layers}l" if layers else ""))
-
-
-def _task(cfg, kind: str, record: dict) -> str:
-    """The task: task=, else the teacher's (a causal LM given other data distils on clm)."""
-    if cfg.task:
-        task = str(cfg.task)
-    elif cfg.get("data") and kind == "causal-lm":
-        task = "clm"
-    else:
-        task = record.get("name") or evaluation.KIND_TASK[kind]
-    if KIND[task] != kind:
-        raise LlmctlError(f"task={task} makes a {KIND[task]} model, but the teacher is a {kind}; leave task unset or choose a {kind} task")
-    return task
 
 
 def _student(run, cfg, teacher, prepared, kind: str):

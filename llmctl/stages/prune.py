@@ -39,7 +39,7 @@ from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.models import transformer_layers
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_record
+from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -81,9 +81,7 @@ def run(cfg) -> float | None:
         refuse_quantized(source, what="init_from", stage="prune")
         kind = source_kind(source)
         record = read_task_record(source.manifest) or {}
-        task = record.get("name") or evaluation.KIND_TASK.get(kind)
-        if task is None:
-            raise LlmctlError(f"init_from={cfg.init_from} is a bare {kind} with no task to judge the cut on; prune a model with a head")
+        task = task_of(kind, record, other_data=bool(cfg.get("data")))
         data_cfg = cfg.get("data") or record_data_config(record, f"init_from={cfg.init_from}")
         data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
         loaded = load_checkpoint(run.store, source, what="init_from")
