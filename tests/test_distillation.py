@@ -77,3 +77,12 @@ def test_a_student_from_teacher_layers_holds_exactly_those_layers(family):
     random, none = student_from_teacher(teacher, num_layers=2, init="random")
     assert none == [] and not torch.equal(layers(random)[0].state_dict()[next(iter(layers(random)[0].state_dict()))],
                                           layers(teacher)[0].state_dict()[next(iter(layers(teacher)[0].state_dict()))])
+
+
+def test_alpha_zero_trains_on_the_hard_labels_without_running_the_teacher():
+    def teacher(**kw):
+        raise AssertionError("the teacher ran")
+
+    student = lambda **kw: _Out(torch.zeros(1, 3, 4), torch.tensor(0.7))  # noqa: E731
+    loss, terms = DistillLoss(teacher, kind="causal-lm", alpha=0.0, temperature=2.0)(student, {"input_ids": torch.zeros(1, 3), "labels": torch.ones(1, 3)})
+    assert loss.item() == pytest.approx(0.7) and set(terms) == {"loss/ce"}

@@ -177,6 +177,9 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "prune without init_from": (lambda w: _pr(w), ["init_from="]),
     "prune more heads than exist": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=structured", "prune.heads=5"),
                                     ["prune.heads=5", "removes all 2 heads"]),
+    "prune heads that split a key-value group": (lambda w: _pr(w, f"init_from={w.files / 'llama'}", "data=files", f"data.train={w.corpus}",
+                                                           "method=structured", "prune.heads=3"),
+                                                 ["prune.heads=3", "whole multiple of 2", "key-value group"]),
     "prune a quantized checkpoint": (lambda w: _pr(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantized", "its parent"]),
     "prune method=lora": (lambda w: _pr(w, "init_from=x", "method=lora"), ["method.name=lora", "magnitude, structured or layers"]),
     "prune layers without a choice": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=layers"), ["prune.keep_layers"]),
@@ -203,6 +206,12 @@ def files(tmp_path_factory, bases) -> Path:
     weights = trunc / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (trunc / "llmctl.json").unlink()  # a plain HF folder: no manifest hash to check, the file itself is damaged
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(bases["gpt"])  # a tiny Llama with grouped-query attention: 6 heads in 3 groups
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3,
+                                 head_dim=8, intermediate_size=64)).save_pretrained(d / "llama")
+    tok.save_pretrained(d / "llama")
     return d
 
 

@@ -49,7 +49,7 @@ def test_magnitude_with_recovery_keeps_its_zeros_and_records_sparsity(classifier
     total = sum(mod.weight.numel() for _, mod in prunable_linears(model))
     assert zeros / total == pytest.approx(0.5, abs=0.01)  # recovery trained the rest, the zeros stayed
     assert not any("_orig" in k or "_mask" in k for k in model.state_dict())
-    assert set(m["prune"]["sparsity"]) and all(0 < s < 1 for s in m["prune"]["sparsity"].values())
+    assert set(m["prune"]["cut"]["sparsity"]) and all(0 < s < 1 for s in m["prune"]["cut"]["sparsity"].values())
     assert m["compare"]["before"]["ref"] == "finetune/c@v001" and m["compare"]["after"]["cost"]["size_bytes"] > 0
     assert m["compare"]["after"]["delta"]["metric"] == pytest.approx(
         m["compare"]["after"]["primary"]["value"] - m["compare"]["before"]["primary"]["value"])
@@ -60,10 +60,10 @@ def test_structured_heads_and_ffn_shrink_and_reload_through_the_reference(classi
     res = _prune(classifier, "method=structured", "amount=0.5", "recover=true", "name=st")
     m = res.manifest
     assert m["artifact"]["format"] == "pruned" and m["artifact"]["attention_heads"] == [1, 1]  # 2 heads of the tiny BERT → 1
-    assert m["prune"]["ffn"]["after"] == m["prune"]["ffn"]["before"] // 2
+    assert m["prune"]["cut"]["ffn"]["after"] == m["prune"]["cut"]["ffn"]["before"] // 2
     assert m["compare"]["after"]["cost"]["parameters"] < m["compare"]["before"]["cost"]["parameters"]
     model = _reloads_with_the_same_metric(classifier, res)  # through the "pruned" format's rebuild
-    assert model.config.intermediate_size == m["prune"]["ffn"]["after"]
+    assert model.config.intermediate_size == m["prune"]["cut"]["ffn"]["after"]
     assert pruning_heads(model) == [1, 1]
 
 
@@ -73,4 +73,4 @@ def test_ffn_only_and_layer_drops_reload_with_plain_from_pretrained(classifier):
     AutoModelForSequenceClassification.from_pretrained(ffn.path)
     layers = _prune(classifier, "method=layers", "prune.keep_layers=[1]", "name=l")
     model = AutoModelForSequenceClassification.from_pretrained(layers.path)
-    assert model.config.num_hidden_layers == 1 and layers.manifest["prune"]["kept_layers"] == [1]
+    assert model.config.num_hidden_layers == 1 and layers.manifest["prune"]["cut"]["kept_layers"] == [1]

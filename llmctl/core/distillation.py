@@ -118,6 +118,9 @@ class DistillLoss:
         hidden = self.hidden_weight > 0
         out = model(**batch, output_hidden_states=hidden)
         teacher_out = None
+        if self.alpha == 0 and not hidden:  # hard labels only: the same run without the teacher (a baseline)
+            ce = out.loss if out.loss is not None and torch.isfinite(out.loss) else out.logits.sum() * 0
+            return ce, {"loss/ce": ce.detach()}
         if cached is None or hidden:
             with torch.no_grad():
                 teacher_out = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden)

@@ -124,6 +124,30 @@ def judge(model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None
     return out
 
 
+class BeforeAfter:
+    """A stage's before / after, judged by eval's code: `before` (the input checkpoint) now, `after` on
+    the saved folder through `publish(after_save=...)`; both go into the manifest's `compare` under
+    `names` and print as one table (distill: teacher / student, prune: before / after)."""
+
+    def __init__(self, model, prepared, split: str, *, ref: str, folder: Path, rt, seed: int, cost: dict | None,
+                 names: tuple[str, str] = ("before", "after")):
+        self.prepared, self.split, self.rt, self.seed, self.cost, self.names = prepared, split, rt, seed, cost, names
+        self.before = {"ref": ref, **judge(model, prepared, split, rt=rt, seed=seed, folder=folder, cost=cost)}
+        self.after: dict | None = None
+
+    def after_save(self, model, ref: str):
+        def measure(folder: Path) -> dict:
+            self.after = {"ref": ref, **judge(model, self.prepared, self.split, rt=self.rt, seed=self.seed, folder=folder, cost=self.cost)}
+            self.after["delta"] = delta(self.after, self.before)
+            return {"compare": {self.names[0]: self.before, self.names[1]: self.after}}
+
+        return measure
+
+    def table(self, published_ref: str, title: str):
+        self.after["ref"] = published_ref
+        return comparison_table([self.before, self.after], title)
+
+
 def choose_split(data, split: str | None, data_cfg) -> str:
     """`split`, else test where the data has one, else validation; a split the data lacks is one line."""
     if split is None:

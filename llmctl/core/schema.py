@@ -166,6 +166,16 @@ class TrainingStageConfig(StageConfig):
     train: Train
 
 
+class CheckpointStageConfig(StageConfig):
+    """A stage that reshapes and trains a checkpoint it is given, on that checkpoint's own task (distill, prune)."""
+
+    data: Optional[Data] = None  # null = the checkpoint's own data, from its manifest
+    train: Train
+    max_seq_len: Optional[int] = Field(default=None, ge=8)
+    patience: NonNegInt
+    cost: Cost
+
+
 def validate(cfg, schema: type[BaseModel]) -> None:
     """Check the composed config against `schema`; the first problem becomes one LlmctlError line."""
     from omegaconf import OmegaConf

@@ -57,18 +57,13 @@ class Distill(schema.Section):
     cache_teacher: bool
 
 
-class Config(schema.StageConfig):
+class Config(schema.CheckpointStageConfig):
     """conf/distill.yaml, checked before the stage runs (core/schema.py)."""
 
     teacher: str
     task: Optional[Literal["classification", "ner", "sft", "clm"]] = None
     student: Union[Student, str]
     distill: Distill
-    data: Optional[schema.Data] = None
-    train: schema.Train
-    max_seq_len: Optional[int] = Field(default=None, ge=8)
-    patience: int = Field(ge=0)
-    cost: schema.Cost
 
 
 def run(cfg) -> float | None:
@@ -101,7 +96,8 @@ def run(cfg) -> float | None:
 
         # ---- train ----
         train_task = prepared
-        if cfg.distill.cache_teacher and kind == "seq-cls":
+        uses_teacher = float(cfg.distill.alpha) > 0 or float(cfg.distill.hidden_weight) > 0  # alpha=0: the no-teacher baseline
+        if cfg.distill.cache_teacher and kind == "seq-cls" and uses_teacher:
             from llmctl.core.distillation import cache_teacher_logits
 
             cached = cache_teacher_logits(teacher.model, prepared.splits["train"], prepared.collate, batch_size=int(cfg.train.batch_size),
@@ -119,30 +115,20 @@ def run(cfg) -> float | None:
         result = finetune(model, tok, train_task, cfg.train, run, select=select, patience=int(cfg.patience), loss_fn=loss_fn)
         student = result.model.student if projection is not None else result.model
 
-        # ---- judge both, publish the student ----
+        # ---- judge both, publish the student (rank 0: the others are done) ----
+        if not run.rt.is_main:
+            return None
         split = "test" if "test" in prepared.splits else "validation"
-        cost = evaluation.cost_settings(cfg.cost)
-        before = {"ref": source.ref, **evaluation.judge(teacher.model, prepared, split, rt=run.rt, seed=int(cfg.seed),
-                                                         folder=source.path, cost=cost)}
-        compared: dict = {}
-
-        def measure(folder):
-            after = {"ref": f"distill/{run.name} (new)", **evaluation.judge(student, prepared, split, rt=run.rt, seed=int(cfg.seed),
-                                                                            folder=folder, cost=cost)}
-            after["delta"] = evaluation.delta(after, before)
-            compared.update(teacher=before, student=after)
-            return {"compare": compared}
-
-        metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in before["metrics"].items() if isinstance(v, float)}}
+        judged = evaluation.BeforeAfter(teacher.model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
+                                        cost=evaluation.cost_settings(cfg.cost), names=("teacher", "student"))
+        metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)}}
         settings = {"teacher": source.ref, "init": init, "kept_layers": kept, **{k: d[k] for k in d}}
         published = stage_run.publish(run, student, tok, kind=kind, metrics=metrics, objective=select, data=data,
                                       task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
-                                      extra={"distill": settings}, after_save=measure)
+                                      extra={"distill": settings}, after_save=judged.after_save(student, f"distill/{run.name}"))
         if published is None:
             return None
-        compared["student"]["ref"] = published.ref
-        run.print(evaluation.comparison_table([compared["teacher"], compared["student"]],
-                                              f"llmctl distill · {task} on {split} · teacher → student"))
+        run.print(judged.table(published.ref, f"llmctl distill · {task} on {split} · teacher → student"))
         run.print(f"[green]wrote[/] {published.ref} → {published.path}")
         return published.manifest["objective"]["value"]
 

@@ -57,18 +57,13 @@ class Prune(schema.Section):
     num_layers: Optional[int] = Field(default=None, ge=1)
 
 
-class Config(schema.StageConfig):
+class Config(schema.CheckpointStageConfig):
     """conf/prune.yaml, checked before the stage runs (core/schema.py)."""
 
     method: Method
     amount: float = Field(gt=0, lt=1)
     recover: bool
     prune: Prune
-    data: Optional[schema.Data] = None
-    train: schema.Train
-    max_seq_len: Optional[int] = Field(default=None, ge=8)
-    patience: int = Field(ge=0)
-    cost: schema.Cost
 
 
 def run(cfg) -> float | None:
@@ -92,12 +87,16 @@ def run(cfg) -> float | None:
                            cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
         evaluation.check_labels(model, prepared, source.ref)
         split = "test" if "test" in prepared.splits else "validation"
-        cost = evaluation.cost_settings(cfg.cost)
-        before = {"ref": source.ref, **evaluation.judge(model, prepared, split, rt=run.rt, seed=int(cfg.seed), folder=source.path, cost=cost)}
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {_shape(model)}")
 
-        # ---- prune ----
+        # ---- prune (a bad cut fails here, before the slow judging); the original is judged as "before" ----
+        def before():
+            return evaluation.BeforeAfter(model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
+                                          cost=evaluation.cost_settings(cfg.cost))
+
+        judged = before() if method == "magnitude" else None  # magnitude masks the model in place: judge it first
         report = _prune(run, cfg, method, model, prepared)
+        judged = judged or before()  # structured and layer cuts build a new model and leave this one as it was
         model = report.pop("model")
         run.print(f"pruned ({method}): {_shape(model)}" + (f" · {report['summary']}" if report.get("summary") else ""))
 
@@ -109,27 +108,20 @@ def run(cfg) -> float | None:
             metrics = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
         else:
             metrics = _task_metrics(model, prepared, run.rt, int(cfg.seed))
+        if not run.rt.is_main:  # rank 0 judges and publishes
+            return None
         if method == "magnitude":
             report["sparsity"] = pruning.finalize_magnitude(model)
             shares = list(report["sparsity"].values())
             run.print(f"sparsity per matrix: {min(shares):.1%} – {max(shares):.1%} (mean {sum(shares) / len(shares):.1%})")
-        compared: dict = {}
-
-        def measure(folder):
-            after = {"ref": f"prune/{run.name}", **evaluation.judge(model, prepared, split, rt=run.rt, seed=int(cfg.seed),
-                                                                    folder=folder, cost=cost)}
-            after["delta"] = evaluation.delta(after, before)
-            compared.update(before=before, after=after)
-            return {"compare": compared}
-
-        settings = {"method": method, "amount": float(cfg.amount), "recover": bool(cfg.recover), **{k: cfg.prune[k] for k in cfg.prune}, **report}
+        settings = {"method": method, "amount": float(cfg.amount), "recover": bool(cfg.recover), **{k: cfg.prune[k] for k in cfg.prune},
+                    "cut": report}  # what was removed: heads / FFN before and after, kept layers, sparsity per matrix
         published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
                                       task=task_record(prepared, data, max_seq_len=length, objective=select, stage="prune", method=method),
-                                      extra={"prune": settings}, after_save=measure)
+                                      extra={"prune": settings}, after_save=judged.after_save(model, f"prune/{run.name}"))
         if published is None:
             return None
-        compared["after"]["ref"] = published.ref
-        run.print(evaluation.comparison_table([compared["before"], compared["after"]], f"llmctl prune · {method} · {task} on {split}"))
+        run.print(judged.table(published.ref, f"llmctl prune · {method} · {task} on {split}"))
         run.print(f"[green]wrote[/] {published.ref} → {published.path}")
         return published.manifest["objective"]["value"]
 
