@@ -149,5 +149,6 @@ def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
     assert "lr: 0.003  # peak learning rate (AdamW)" in out.stdout  # the bert-tiny preset's value, the knob's comment
     out = run_cli("finetune", "--help")
     assert "method: freeze, full (default), lora" in out.stdout and "conf:" not in out.stdout
+    assert "method: layers, magnitude (default), structured" in run_cli("prune", "--help").stdout  # one group, each stage its own options
     out = run_cli("finetune", "--cfg", "job", "method=lora")
     assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout

@@ -95,13 +95,21 @@ def stage_help(stage: str, args: list[str], doc: str) -> str:
     groups = _stage_groups(stage)
     lines = [doc.strip(), "", "Config groups (choose with group=option; add your own with --config-dir DIR holding <group>/<name>.yaml):"]
     for group, default in groups.items():
-        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if stage in _option_stages(p, stage))
         lines.append(f"  {group}: {', '.join(o + (' (default)' if o == default else '') for o in options)}")
     lines += ["", "Flags: -m/--multirun (sweeps: key=a,b; hydra/sweeper=optuna; hydra/launcher=joblib), --cfg job (the composed",
               "config, nothing run), --config-dir DIR, --hydra-help (Hydra's own help).", "",
               f"Config{' with your overrides' if args else ''} (every key can be overridden: key=value):", "",
               _commented(stage, [*args, "--cfg", "job"])]
     return "\n".join(lines)
+
+
+def _option_stages(path: Path, stage: str) -> set[str]:
+    """The stages a config option is for: its `# for: a, b` line (a group shared by stages, like `method`), else every stage."""
+    for line in path.read_text().splitlines()[:3]:
+        if line.startswith("# for:"):
+            return {s.strip() for s in line[len("# for:"):].split(",")}
+    return {stage}
 
 
 def _stage_groups(stage: str) -> dict[str, str | None]:
