@@ -118,7 +118,7 @@ def run(cfg) -> float | None:
         # ---- judge both, publish the student (rank 0: the others are done) ----
         if not run.rt.is_main:
             return None
-        split = "test" if "test" in prepared.splits else "validation"
+        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
         judged = evaluation.BeforeAfter(teacher.model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
                                         cost=evaluation.cost_settings(cfg.cost), names=("teacher", "student"))
         metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)}}

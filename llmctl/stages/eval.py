@@ -158,14 +158,10 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
     parent = record.get("parent")
     if not parent or record.get("data") is None:
         return None
-    try:
-        source = resolve_source(run.store, parent.get("ref") or parent.get("path"), what="parent")
-    except LlmctlError:
-        try:
-            source = resolve_source(run.store, parent.get("path"), what="parent")
-        except (LlmctlError, TypeError):
-            record["delta_note"] = f"parent {parent.get('ref')} is gone"
-            return None
+    source = _first_resolvable(run.store, [parent.get("ref"), parent.get("path")])
+    if source is None:
+        record["delta_note"] = f"parent {parent.get('ref')} is gone"
+        return None
     from llmctl.core.loading import source_kind
 
     kind = source_kind(source)
@@ -183,6 +179,16 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
         return None
     evaluation.save_record(run.store, fresh)
     return _release(fresh)
+
+
+def _first_resolvable(store, specs: list):
+    """The first of a parent's reference / recorded path that still resolves (None: it is gone)."""
+    for spec in filter(None, specs):
+        try:
+            return resolve_source(store, spec, what="parent")
+        except LlmctlError:
+            continue
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

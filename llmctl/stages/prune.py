@@ -86,7 +86,7 @@ def run(cfg) -> float | None:
         prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
                            cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
         evaluation.check_labels(model, prepared, source.ref)
-        split = "test" if "test" in prepared.splits else "validation"
+        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {_shape(model)}")
 
         # ---- prune (a bad cut fails here, before the slow judging); the original is judged as "before" ----
