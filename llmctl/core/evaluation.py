@@ -70,7 +70,7 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
              seed: int = 0, cache_root: Path | None = None, console=None, need_data: bool = True, task: str | None = None) -> dict:
     """Evaluate one checkpoint on its task (see the module docstring); returns its eval record."""
     from llmctl.core.data import load_data
-    from llmctl.core.loading import load_checkpoint, resolve_source
+    from llmctl.core.loading import check_device, load_checkpoint, resolve_source
     from llmctl.core.tasks import DATA_TASK, prepare, sequence_length
 
     source = resolve_source(store, spec, what="ckpt")
@@ -82,6 +82,7 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
         data = load_data(p["data_cfg"], task=DATA_TASK[task], cache_dir=cache_root / "datasets")
         split = choose_split(data, split, p["data_cfg"])
     loaded = load_checkpoint(store, source, what="ckpt")
+    check_device(loaded, rt.device)
     model, tok = loaded.model.to(rt.device).eval(), loaded.tokenizer
     out = {"ref": source.ref, "path": str(source.path), "kind": p["kind"], "task": task, "split": None, "data": None,
            "metrics": {}, "primary": primary(task, {}), "parent": first_parent(source.manifest), "weights_sha256": loaded.sha256,
@@ -122,6 +123,16 @@ def judge(model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None
     if cost is not None:
         out["cost"] = measure_cost(model, folder, rt, **cost)
     return out
+
+
+def task_metrics(model, prepared, rt, seed: int) -> dict:
+    """Validation (and test) metrics of a model not trained further, in the shape the fine-tuning loop returns."""
+    from llmctl.core.train import evaluate_model
+
+    metrics = evaluate_model(model, lambda m: prepared.evaluate(m, "validation", "eval"), rt, seed)
+    if "test" in prepared.splits:
+        metrics.update(evaluate_model(model, lambda m: prepared.evaluate(m, "test", "test"), rt, seed))
+    return metrics
 
 
 class BeforeAfter:
@@ -194,6 +205,7 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
     import torch
 
     from llmctl.core.models import max_positions
+    from llmctl.core.quantization import tensor_bytes
 
     positions = max_positions(model.config)
     length = min(int(seq_len), positions) if positions else int(seq_len)
@@ -229,7 +241,7 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
             elapsed = time.perf_counter() - start
     model.train(was_training)
     seqs_per_s = int(batch_size) * int(throughput_runs) / elapsed
-    weights_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weights_bytes = tensor_bytes(model)  # quantized weights at their real width
     return {
         "parameters": total, "non_embedding_parameters": non_embedding,
         "size_bytes": weights_size(folder),
@@ -253,9 +265,12 @@ def parameter_counts(model) -> tuple[int, int]:
     import torch
 
     from llmctl.core.models import count_parameters
+    from llmctl.core.quantization import packed_weight
 
     total, _ = count_parameters(model)
     embedding = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    embedding.update({id(m): packed_weight(m).numel() for m in model.modules()  # int8 embedding tables (core.quantization)
+                      if hasattr(m, "embedding_dim") and packed_weight(m) is not None})
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and getattr(out, "weight", None) is not None:
         embedding.setdefault(id(out.weight), out.weight.numel())  # an untied LM head is an embedding too

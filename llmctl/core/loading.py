@@ -8,7 +8,7 @@ A reference is anything `Store.resolve` takes (`stage/name[@vN|@latest|@best]`, 
 `packaged:<name>` (a registry-installed model). The weights of an llmctl checkpoint are checked
 against the sha256 its manifest recorded (one clear line when a file was changed or damaged).
 The manifest's `artifact` record says how the weights are stored: `{"format": "hf"}` (a plain
-transformers folder) today; pruned per-layer shapes and quantized formats register their own
+transformers folder), `pruned` (per-layer shapes) and `quantized` (core.quantization) have their own
 rebuilders in `FORMATS`, so every stage loads them through this same function. Checkpoints
 without an artifact record (plain HF folders, older manifests) are plain HF.
 """
@@ -37,12 +37,24 @@ class Loaded:
         return parent_entry(self.source, role, self.sha256)
 
 
-def artifact_record(model) -> dict:
+def artifact_record(model, quantization: dict | None = None) -> dict:
     """What a manifest records about how a model's weights are stored, for `load_checkpoint`: plain HF,
-    or per-layer shapes config.json cannot say (pruned BERT heads: core.pruning)."""
+    per-layer shapes config.json cannot say (pruned BERT heads: core.pruning), and `quantization`
+    (core.quantization's record; read the shapes off the model before quantizing it)."""
     from llmctl.core.pruning import shapes_record
 
-    return {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
+    record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
+    return {**record, "format": "quantized", "quantization": quantization} if quantization else record
+
+
+def check_device(loaded: "Loaded", device) -> None:
+    """A quantized checkpoint whose kernels do not run on `device` is one line (eval, generate)."""
+    from llmctl.core.quantization import SCHEMES
+
+    scheme = ((loaded.artifact or {}).get("quantization") or {}).get("scheme")
+    devices = SCHEMES.get(scheme, {}).get("devices")
+    if devices and getattr(device, "type", str(device)) not in devices:
+        raise LlmctlError(f"{loaded.source.ref} is quantized {scheme}, whose kernels run on {' / '.join(devices)}; set device=cpu")
 
 
 def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
@@ -81,13 +93,33 @@ def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dic
     return model.eval(), []
 
 
+def _load_quantized(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    """Build the model from config.json (with any pruned shapes), apply the recorded quantization, load its tensors."""
+    import transformers
+
+    from llmctl.core.models import KIND_CLASS
+    from llmctl.core.pruning import apply_shapes
+    from llmctl.core.quantization import rebuild
+
+    config = transformers.AutoConfig.from_pretrained(str(resolved.path))
+    if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
+        raise LlmctlError(f"{resolved.ref}: a quantized checkpoint keeps its own head; give it data with its labels "
+                          f"({', '.join(config.id2label.values())})")
+    if kind != resolved.kind:
+        raise LlmctlError(f"{resolved.ref} is a quantized {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
+    model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
+    apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
+    rebuild(model, artifact.get("quantization") or {}, resolved.path, where=resolved.ref)
+    return model, []
+
+
 def _tied(model, key: str) -> bool:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return out is not None and key.endswith("weight") and key.startswith(("lm_head", "cls.predictions.decoder")) and \
         out.weight is model.get_input_embeddings().weight
 
 
-FORMATS = {"hf": _load_hf, "pruned": _load_pruned}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
+FORMATS = {"hf": _load_hf, "pruned": _load_pruned, "quantized": _load_quantized}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
 
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
@@ -123,11 +155,13 @@ def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None =
 
 
 def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:
-    """Stages that train or reshape weights (distill, prune, finetune) need floating-point weights: a
-    quantized checkpoint (its artifact record names a `quantization`) is refused in one line."""
+    """Stages that train, reshape or quantize weights (finetune, distill, prune, quantize) need floating-point
+    weights: a quantized checkpoint (its artifact record names a `quantization`) is refused in one line."""
     artifact = (resolved.manifest or {}).get("artifact") or {}
     quantization = artifact.get("quantization")
     if quantization:
         parent = next((p.get("ref") for p in (resolved.manifest or {}).get("parents") or []), None)
-        raise LlmctlError(f"{what}={resolved.ref} is quantized ({quantization.get('method', 'quantized') if isinstance(quantization, dict) else quantization}); "
-                          f"llmctl {stage} needs floating-point weights: {stage} its parent{f' {parent}' if parent else ''} and quantize afterwards")
+        method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
+        fix = (f"quantize its parent{f' {parent}' if parent else ''} instead" if stage == "quantize"
+               else f"{stage} its parent{f' {parent}' if parent else ''} and quantize afterwards")
+        raise LlmctlError(f"{what}={resolved.ref} is quantized ({method}); llmctl {stage} needs floating-point weights: {fix}")

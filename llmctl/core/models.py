@@ -115,8 +115,16 @@ def check_safetensors(path: Path) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(all, trainable) parameter counts; tied weights counted once."""
+    """(all, trainable) parameter counts; tied weights counted once; a quantized torch.ao module's
+    weight (not a parameter) counts too."""
+    from llmctl.core.quantization import packed_weight
+
     seen, total, trainable = set(), 0, 0
+    for module in model.modules():
+        weight = packed_weight(module)
+        if weight is not None:
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            total += weight.numel() + (bias.numel() if bias is not None else 0)
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -97,7 +97,9 @@ def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool =
 
 
 def quiet_libraries() -> None:
-    """llmctl reports progress itself: silence datasets' bars and transformers' info chatter."""
+    """llmctl reports progress itself: silence datasets' bars and transformers' info chatter, and torchao's
+    import-time notes (transformers imports it when installed) about CUDA / Triton extensions a CPU lacks."""
+    import logging
     import warnings
 
     import datasets
@@ -108,6 +110,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message="Creating a tensor from a list of numpy")  # HF collators, harmless here
     transformers.utils.logging.disable_progress_bar()
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")  # torch.ao int8 (core.quantization)
 
 
 def open_run_dir(run: StageRun, identity: dict) -> None:
@@ -245,14 +250,17 @@ def library_versions() -> dict:
 
 
 def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, objective: tuple[str, str],
-            data, task: dict, extra: dict | None = None, after_save=None) -> Resolved | None:
+            data, task: dict, extra: dict | None = None, after_save=None, artifact: dict | None = None,
+            save_weights=None) -> Resolved | None:
     """Save model + tokenizer into the run folder and publish it as the next version; only then drop
     the resumable state (a crash before leaves a resumable run, after it a complete version).
 
     `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`);
     `data` is the core.data.Data the run used, `task` its core.tasks.task_record; `after_save(folder)`
     returns more manifest entries measured on the saved files (size on disk, latency: distill and
-    prune's before / after). Only rank 0 writes; returns the new version (None on other ranks)."""
+    prune's before / after). `save_weights(folder)` replaces `model.save_pretrained` and `artifact` the
+    artifact record read off the model (quantize: its own file layout and record). Only rank 0 writes;
+    returns the new version (None on other ranks)."""
     from llmctl.core.loading import artifact_record
     from llmctl.core.models import count_parameters
     from llmctl.core.tokenizer import tokenizer_hash
@@ -260,13 +268,16 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
     if not run.rt.is_main:
         return None
     folder = run.run_dir
-    model.save_pretrained(str(folder))
+    if save_weights is not None:
+        save_weights(folder)
+    else:
+        model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     metric, mode = resolve_objective(run.cfg, objective)
     total, trainable = count_parameters(model)
     manifest = {
         "kind": kind,
-        "artifact": artifact_record(model),
+        "artifact": artifact or artifact_record(model),
         "parents": run.parents,
         "task": task,
         "metrics": metrics,

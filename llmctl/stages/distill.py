@@ -134,10 +134,10 @@ def run(cfg) -> float | None:
 
 
 def _default_name(cfg) -> str:
+    """The teacher's name (distill teacher=finetune/bbc writes distill/bbc), as the pipeline chains by it."""
     ref = parse_ref(str(cfg.teacher))
     base = ref[1] if ref else Path(str(cfg.teacher)).name
-    layers = cfg.student.get("num_layers") if not isinstance(cfg.student, str) else None
-    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{base}-student" + (f"-{layers}l" if layers else ""))
+    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
 
 
 def _student(run, cfg, teacher, prepared, kind: str):

@@ -30,7 +30,7 @@ from llmctl.core import schema
 from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.models import max_positions
 from llmctl.core.store import parse_ref
 from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, prepare, task_record
@@ -121,6 +121,7 @@ def _source(run, cfg, task: str):
         source, where = resolve_source(run.store, cfg.model.pretrained, what="model.pretrained"), f"model={cfg.model.pretrained}"
     else:
         raise LlmctlError("finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, model=smollm2-135m)")
+    refuse_quantized(source, what=where.split("=", 1)[0], stage="finetune")
     kind = source_kind(source)
     if task == "sft" and kind != "causal-lm":
         raise LlmctlError(f"{where} is a {kind} checkpoint; task=sft needs a causal LM (e.g. model=smollm2-135m or a pretrain/... causal-lm)")

@@ -30,7 +30,7 @@ from llmctl.core import run as stage_run
 from llmctl.core import schema
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
-from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
+from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
 from llmctl.core.tasks import end_of_turn_ids, prompt_ids
 
 
@@ -68,6 +68,7 @@ def run(cfg) -> None:
             raise LlmctlError(f"ckpt={cfg.ckpt} is a {source_kind(source)} checkpoint; generate needs a causal LM "
                               f"(a pretrain/... clm, an SFT fine-tune, model folders like SmolLM2)")
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
+        check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
         run.print(f"model {type(model).__name__} from {source.ref} · {_describe(cfg.sample)}")
         settings = _settings(cfg, tok)

@@ -70,7 +70,7 @@ def run(cfg) -> float | None:
     method = str(cfg.method.name)
     if not cfg.init_from:
         raise LlmctlError("prune needs the checkpoint to prune: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc")
-    with stage_run.start("prune", cfg, default_name=_default_name(cfg, method)) as run:
+    with stage_run.start("prune", cfg, default_name=_default_name(cfg)) as run:
         # ---- the checkpoint, its task and data ----
         source = resolve_source(run.store, cfg.init_from, what="init_from")
         refuse_quantized(source, what="init_from", stage="prune")
@@ -107,7 +107,7 @@ def run(cfg) -> float | None:
         if cfg.recover:
             metrics = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
         else:
-            metrics = _task_metrics(model, prepared, run.rt, int(cfg.seed))
+            metrics = evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))
         if not run.rt.is_main:  # rank 0 judges and publishes
             return None
         if method == "magnitude":
@@ -156,20 +156,11 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
     return {"model": pruning.drop_layers(model, keep=keep), "kept_layers": keep, "summary": f"kept layers {keep} of {depth}"}
 
 
-def _task_metrics(model, prepared, rt, seed: int) -> dict:
-    """Validation (and test) metrics of a model not trained further, in the shape finetune returns."""
-    from llmctl.core.train import evaluate_model
-
-    metrics = evaluate_model(model, lambda m: prepared.evaluate(m, "validation", "eval"), rt, seed)
-    if "test" in prepared.splits:
-        metrics.update(evaluate_model(model, lambda m: prepared.evaluate(m, "test", "test"), rt, seed))
-    return metrics
-
-
-def _default_name(cfg, method: str) -> str:
+def _default_name(cfg) -> str:
+    """The checkpoint's own name (prune init_from=distill/bbc writes prune/bbc)."""
     ref = parse_ref(str(cfg.init_from or ""))
     base = ref[1] if ref else Path(str(cfg.init_from or "model")).name
-    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{base}-{method}")
+    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
 
 
 def _shape(model) -> str:

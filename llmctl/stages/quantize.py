@@ -1,11 +1,130 @@
-"""llmctl quantize — not built yet: it lands with its own issue (see ../shared/roadmap.md).
+"""llmctl quantize — store a checkpoint's weights in int8 / int4 and write quantize/<name>/vNNN.
 
-The command and its config root (conf/quantize.yaml) exist so scripts and sweeps can name it; running
-it says so and exits non-zero instead of producing fake output.
+    llmctl quantize init_from=finetune/bbc method=int8-dynamic
+    llmctl quantize init_from=finetune/bbc method=int8-weight
+    llmctl quantize init_from=finetune/smollm2-chat method=int4-weight quantize.group_size=32
+    llmctl quantize init_from=finetune/bbc method=qat train.max_steps=200
+    llmctl eval 'ckpt=[finetune/bbc,quantize/bbc]'
+
+Methods (core/quantization.py, one adapter over the kernels measured fastest on CPU):
+- `int8-dynamic`: int8 weights per output channel × int8 activations quantized on the fly
+  (torch.ao `quantize_dynamic`, CPU kernels): smaller and faster.
+- `int8-weight` / `int4-weight`: weight-only (torchao), dequantized inside the matmul: smaller,
+  not faster on CPU. `quantize.group_size` sets the int4 groups (default 32).
+- `qat`: fake-quantize toward `method.base` (int4-weight by default), train on the checkpoint's own
+  task and data with the shared loop (`train.*`), convert: the result loads like a PTQ artifact.
+Embedding tables are stored as int8 rows too (`quantize.embeddings`); the task head and
+`quantize.skip` patterns stay in floating point.
+
+The result is a version like any other, in safetensors (no pickle): its manifest's artifact record
+names the method and every quantized module, and the loader rebuilds them, so eval and generate take
+it by reference. Before and after (size on disk, batch-1 latency, throughput, the task metric) are
+measured by eval's code, recorded in the manifest and printed as one table. Fine-tuning, distilling,
+pruning or quantizing a quantized checkpoint is refused (quantize its parent instead).
 """
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from llmctl.core import evaluation, quantization
+from llmctl.core import run as stage_run
+from llmctl.core import schema
+from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
+from llmctl.core.finetuning import finetune
+from llmctl.core.loading import artifact_record, load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.store import parse_ref
+from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
+from llmctl.core.tokenizer import tokenizer_hash
 
 
-def run(cfg) -> None:
-    raise LlmctlError("`llmctl quantize` is not built yet; it lands with its own issue. Available now: llmctl pretrain, llmctl finetune, llmctl generate, llmctl ckpt")
+class Method(schema.Section):
+    name: Literal["int8-dynamic", "int8-weight", "int4-weight", "qat"]
+    base: Optional[Literal["int4-weight", "int8-weight"]] = None
+
+
+class Quantize(schema.Section):
+    group_size: Optional[int] = Field(default=None, ge=2)
+    skip: list[str] = []
+    keep_head: bool
+    embeddings: bool
+
+
+class Config(schema.CheckpointStageConfig):
+    """conf/quantize.yaml, checked before the stage runs (core/schema.py)."""
+
+    method: Method
+    quantize: Quantize
+
+
+def run(cfg) -> float | None:
+    method = str(cfg.method.name)
+    if not cfg.init_from:
+        raise LlmctlError("quantize needs the checkpoint to quantize: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc")
+    q = cfg.quantize
+    settings = {"group_size": None if q.group_size is None else int(q.group_size), "skip": [str(s) for s in q.skip],
+                "keep_head": bool(q.keep_head), "embeddings": bool(q.embeddings)}
+    with stage_run.start("quantize", cfg, default_name=_default_name(cfg)) as run:
+        # ---- what and how: every unsupported combination is refused before anything loads ----
+        scheme = quantization.check(method, device=run.rt.device, group_size=settings["group_size"], base=cfg.method.get("base"))
+        if run.rt.distributed:
+            raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
+        source = resolve_source(run.store, cfg.init_from, what="init_from")
+        refuse_quantized(source, what="init_from", stage="quantize")
+
+        # ---- the checkpoint, its task and data ----
+        kind = source_kind(source)
+        record = read_task_record(source.manifest) or {}
+        task = task_of(kind, record, other_data=bool(cfg.get("data")))
+        data_cfg = cfg.get("data") or record_data_config(record, f"init_from={cfg.init_from}")
+        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
+        loaded = load_checkpoint(run.store, source, what="init_from")
+        model, tok = loaded.model.to(run.rt.device), loaded.tokenizer
+        run.parents.append(loaded.parent("init"))
+        length = sequence_length(cfg.max_seq_len, record, data_cfg, model.config)
+        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
+                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
+        evaluation.check_labels(model, prepared, source.ref)
+        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
+        run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})")
+        if method == "qat":  # a bad skip pattern or nothing to quantize fails here, before the slow judging
+            quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])
+
+        # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
+        judged = evaluation.BeforeAfter(model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
+                                        cost=evaluation.cost_settings(cfg.cost))
+        select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
+        stage_run.open_run_dir(run, {"stage": "quantize", "task": task, "data_fingerprint": data.fingerprint, "world_size": 1,
+                                     "model": loaded.sha256, "tokenizer": tokenizer_hash(tok), "method": method})
+        if method == "qat":
+            qrecord = quantization.prepare_qat(model, scheme, **settings)
+            trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
+            qrecord = quantization.finish_qat(model, qrecord)
+        else:
+            trained, qrecord = {}, quantization.quantize(model, scheme, method=method, **settings)
+        metrics = {**trained, **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own figures
+        run.print(f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
+                  + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
+                  + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
+                  + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else ""))
+        published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
+                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="quantize", method=method),
+                                      extra={"quantize": {"method": method, **settings, "base": cfg.method.get("base")}},
+                                      artifact=artifact_record(model, qrecord),
+                                      save_weights=lambda folder: quantization.save(model, qrecord, folder),
+                                      after_save=judged.after_save(model, f"quantize/{run.name}"))
+        run.print(judged.table(published.ref, f"llmctl quantize · {method} · {task} on {split}"))
+        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
+        return published.manifest["objective"]["value"]
+
+
+def _default_name(cfg) -> str:
+    """The checkpoint's own name (quantize init_from=prune/bbc writes quantize/bbc)."""
+    ref = parse_ref(str(cfg.init_from or ""))
+    base = ref[1] if ref else Path(str(cfg.init_from or "model")).name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", base)

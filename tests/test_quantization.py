@@ -1,0 +1,186 @@
+"""core.quantization on tiny models built from config: every scheme saves to safetensors and rebuilds
+from its record into a fresh model with exactly the outputs it had; what is kept in floating point;
+int4 packing; QAT; and the combinations refused in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from llmctl.core import quantization as q
+from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation import parameter_counts
+from llmctl.core.models import count_parameters
+
+SCHEMES = ["int8-dynamic", "int8-weight", "int4-weight"]
+SETTINGS = {"group_size": None, "skip": [], "keep_head": True, "embeddings": True}
+
+
+def _bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, max_position_embeddings=64, num_labels=3)).eval()
+
+
+def _llama(tied: bool = True):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=128, tie_word_embeddings=tied)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=2, n_positions=64)).eval()
+
+
+INPUTS = {"input_ids": torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(1))}
+
+
+def _out(model):
+    with torch.inference_mode():
+        return model(**INPUTS).logits
+
+
+def _roundtrip(model, record, folder, fresh):
+    """Save, then rebuild into `fresh` (built from the same config, other random weights)."""
+    q.save(model, record, folder)
+    q.rebuild(fresh, record, folder, where="test")
+    return fresh
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("build", [_bert, _llama, _gpt2], ids=["bert", "llama-tied", "gpt2-conv1d"])
+def test_each_scheme_rebuilds_exactly_from_safetensors(tmp_path, scheme, build):
+    model = build()
+    reference = _out(model)
+    record = q.quantize(model, scheme, **SETTINGS)
+    quantized = _out(model)
+    err = (quantized - reference).abs().max() / reference.abs().max()
+    assert 0 < err < (0.25 if scheme == "int4-weight" else 0.05)  # quantized (not a no-op), still the same model
+    torch.manual_seed(123)
+    fresh = type(model)(model.config)  # other random weights: everything must come from the file
+    rebuilt = _roundtrip(model, record, tmp_path, fresh)
+    assert torch.equal(_out(rebuilt), quantized)
+    with safe_open(str(tmp_path / q.WEIGHTS), "pt") as fh:  # plain tensors only: no pickle anywhere
+        assert all(fh.get_tensor(k).dtype in (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64)
+                   for k in fh.keys())
+    assert count_parameters(rebuilt)[0] == count_parameters(build())[0]  # logical sizes are unchanged
+
+
+def test_what_stays_in_floating_point(tmp_path):
+    model = _llama(tied=True)
+    record = q.quantize(model, "int8-dynamic", **{**SETTINGS, "skip": ["*.mlp.down_proj"]})
+    assert record["kept"] == ["*.mlp.down_proj", "lm_head"]
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied to a kept head: the table stays fp and tied
+    assert record["embeddings"] == [] and "model.layers.1.self_attn.q_proj" in record["linear"]
+    untied = _llama(tied=False)
+    assert q.quantize(untied, "int8-weight", **SETTINGS)["embeddings"] == ["model.embed_tokens"]
+    with pytest.raises(LlmctlError, match="matches no module.*did you mean"):
+        q.quantize(_bert(), "int8-dynamic", **{**SETTINGS, "skip": ["query"]})
+    bert = _bert()
+    q.quantize(bert, "int8-dynamic", **{**SETTINGS, "keep_head": False})
+    assert type(bert.classifier) is not torch.nn.Linear
+
+
+def test_int4_groups_that_do_not_divide_a_layer_keep_it_in_floating_point():
+    model = _bert()
+    record = q.quantize(model, "int4-weight", **{**SETTINGS, "group_size": 128})  # hidden 64: only the 128-wide FFN output divides
+    assert record["linear"] == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    assert "bert.encoder.layer.0.attention.self.query" in record["kept"]
+
+
+def test_int4_values_pack_two_per_byte_and_unpack_exactly():
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    packed = q.pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(q.unpack_int4(packed), values)
+
+
+def test_int4_is_smaller_on_disk_than_int8(tmp_path):
+    sizes = {}
+    for scheme in ("int8-weight", "int4-weight"):
+        model = _llama(tied=False)
+        record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False, "keep_head": False})  # every Linear, tables in fp32
+        q.save(model, record, tmp_path / scheme)
+        sizes[scheme] = (tmp_path / scheme / q.WEIGHTS).stat().st_size
+    fp32 = 4 * count_parameters(_llama(tied=False))[0]
+    assert sizes["int4-weight"] < 0.8 * sizes["int8-weight"] < 0.8 * fp32
+
+
+def test_quantized_embeddings_count_as_embeddings_and_memory_shrinks():
+    model = _bert()
+    before_total, before_non_emb = parameter_counts(model)
+    before_bytes = q.tensor_bytes(model)
+    q.quantize(model, "int8-dynamic", **SETTINGS)
+    assert parameter_counts(model) == (before_total, before_non_emb)
+    assert q.tensor_bytes(model) < 0.4 * before_bytes
+
+
+def test_qat_trains_through_fake_quantization_and_converts_to_a_ptq_layout(tmp_path):
+    model = _bert()
+    record = q.prepare_qat(model, "int4-weight", **SETTINGS)
+    assert "FakeQuantized" in type(model.bert.encoder.layer[0].attention.self.query).__name__
+    labels = torch.tensor([0, 2])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(15):
+        loss = model(**INPUTS, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    fake = _out(model)
+    record = q.finish_qat(model, record)
+    assert record["method"] == "qat" and record["scheme"] == "int4-weight"
+    assert (_out(model) - fake).abs().max() < 0.05 * fake.abs().max()  # convert stores what training saw (+ int8 embeddings)
+    rebuilt = _roundtrip(model, record, tmp_path, _bert())
+    assert torch.equal(_out(rebuilt), _out(model))
+    ptq = _bert()
+    ptq_record = q.quantize(ptq, "int4-weight", **SETTINGS)
+    assert {k: ptq_record[k] for k in ("linear", "embeddings", "bits", "group_size")} == \
+        {k: record[k] for k in ("linear", "embeddings", "bits", "group_size")}
+
+
+def test_a_changed_file_or_scheme_is_one_line(tmp_path):
+    model = _bert()
+    record = q.quantize(model, "int8-weight", **SETTINGS)
+    q.save(model, record, tmp_path)
+    with pytest.raises(LlmctlError, match="holds int8-weight weights but the manifest says int8-dynamic"):
+        q.rebuild(_bert(), {**record, "scheme": "int8-dynamic"}, tmp_path, where="x")
+    with pytest.raises(LlmctlError, match="quantized in model.safetensors but not in the recorded quantization"):
+        q.rebuild(_bert(), {**record, "linear": record["linear"][:-1]}, tmp_path, where="x")
+    dynamic = _bert()
+    record = q.quantize(dynamic, "int8-dynamic", **SETTINGS)
+    q.save(dynamic, record, tmp_path / "d")
+    with pytest.raises(LlmctlError, match="does not fit the recorded quantization: unexpected tensors"):
+        q.rebuild(_bert(), {**record, "linear": record["linear"][1:]}, tmp_path / "d", where="x")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("int8-dynamic", "cuda", None, None), "runs on cpu kernels, not cuda.*int8-weight"),
+    (("int8-dynamic", "cpu", 32, None), "int8-dynamic scales each output channel"),
+    (("int4-weight", "cpu", 48, None), "power of two"),
+    (("qat", "cpu", None, "int8-dynamic"), "QAT trains toward int4-weight or int8-weight"),
+])
+def test_unsupported_combinations_are_refused(args, message):
+    method, device, group, base = args
+    with pytest.raises(LlmctlError, match=message):
+        q.check(method, device=torch.device(device), group_size=group, base=base)
+    assert q.check("qat", device=torch.device("cpu"), group_size=None, base="int4-weight") == "int4-weight"
+
+
+def test_bf16_autocast_elsewhere_does_not_reach_the_int8_kernels():
+    model = _bert()
+    q.quantize(model, "int8-dynamic", **SETTINGS)
+    expected = _out(copy.deepcopy(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _out(model)
+    assert torch.isfinite(got).all() and (got.float() - expected).abs().max() < 0.1 * expected.abs().max() + 0.1
