@@ -32,15 +32,7 @@ def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unbuilt_stages_say_so_and_fail():
-    for stage in ("quantize",):
-        out = run_cli(stage)
-        assert out.returncode != 0
-        assert "not built yet" in out.stderr
-        assert out.stdout.strip() == ""
-
-
-@pytest.mark.parametrize("stage, key", [("eval", "ckpt"), ("distill", "teacher"), ("prune", "init_from")])
+@pytest.mark.parametrize("stage, key", [("eval", "ckpt"), ("distill", "teacher"), ("prune", "init_from"), ("quantize", "init_from")])
 def test_a_stage_without_its_input_names_the_key(tmp_path, stage, key):
     out = run_cli(stage, f"output_root={tmp_path}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and key in out.stderr, out.stderr
@@ -150,5 +142,6 @@ def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
     out = run_cli("finetune", "--help")
     assert "method: freeze, full (default), lora" in out.stdout and "conf:" not in out.stdout
     assert "method: layers, magnitude (default), structured" in run_cli("prune", "--help").stdout  # one group, each stage its own options
+    assert "method: int4-weight, int8-dynamic (default), int8-weight, qat" in run_cli("quantize", "--help").stdout
     out = run_cli("finetune", "--cfg", "job", "method=lora")
     assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout

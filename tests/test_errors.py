@@ -71,6 +71,10 @@ def _pr(w: World, *extra: str) -> list[str]:
     return ["prune", f"output_root={w.out}", "precision=fp32", "train.max_steps=2", *extra]
 
 
+def _qz(w: World, *extra: str) -> list[str]:
+    return ["quantize", f"output_root={w.out}", "precision=fp32", "train.max_steps=2", *extra]
+
+
 def _at(w: World, root: Path) -> World:
     """The case writes to `root` instead of a fresh store."""
     w.out = root
@@ -183,6 +187,19 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "prune a quantized checkpoint": (lambda w: _pr(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantized", "its parent"]),
     "prune method=lora": (lambda w: _pr(w, "init_from=x", "method=lora"), ["method.name=lora", "magnitude, structured or layers"]),
     "prune layers without a choice": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=layers"), ["prune.keep_layers"]),
+    # quantize
+    "quantize without init_from": (lambda w: _qz(w), ["init_from="]),
+    "quantize method=lora": (lambda w: _qz(w, "init_from=x", "method=lora"), ["method.name=lora", "int8-dynamic", "qat"]),
+    "quantize int8-dynamic in groups": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.group_size=32"),
+                                        ["quantize.group_size", "int8-dynamic", "output channel"]),
+    "quantize int4 groups of 48": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=48"),
+                                   ["quantize.group_size=48", "power of two"]),
+    "quantize qat toward int8-dynamic": (lambda w: _qz(w, "init_from=x", "method=qat", "method.base=int8-dynamic"),
+                                         ["method.base=int8-dynamic", "int4-weight"]),
+    "quantize a skip pattern that matches nothing": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.skip=[clasifier]"),
+                                                     ["quantize.skip", "clasifier", "matches no module"]),
+    "quantize a quantized checkpoint": (lambda w: _qz(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantize its parent finetune/c"]),
+    "finetune a quantized checkpoint": (lambda w: _ft(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "finetune its parent"]),
     # ckpt
     "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
     "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),

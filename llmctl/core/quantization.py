@@ -94,8 +94,9 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
     for name, module in model.named_modules():
         if not name or _matches(name, kept):
             continue
-        if isinstance(module, torch.nn.Linear):
-            (too_narrow if group_size and module.in_features % group_size else linear).append(name)
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D becomes a Linear
+            width = module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
+            (too_narrow if group_size and width % group_size else linear).append(name)
         elif isinstance(module, torch.nn.Embedding) and embeddings:
             tied = out is not None and getattr(out, "weight", None) is module.weight
             if not (tied and keep_head):

@@ -92,8 +92,8 @@ def run(cfg) -> float | None:
         evaluation.check_labels(model, prepared, source.ref)
         split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})")
-        if method == "qat":  # a bad skip pattern or nothing to quantize fails here, before the slow judging
-            quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])
+        quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])  # a bad
+        # skip pattern or nothing to quantize fails here, before the slow judging and before the run folder exists
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
         judged = evaluation.BeforeAfter(model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
