@@ -184,3 +184,19 @@ def test_bf16_autocast_elsewhere_does_not_reach_the_int8_kernels():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _out(model)
     assert torch.isfinite(got).all() and (got.float() - expected).abs().max() < 0.1 * expected.abs().max() + 0.1
+
+
+def test_layers_with_peaked_inputs_are_found_on_calibration_batches_and_kept_in_fp32():
+    model = _llama(tied=False)
+    with torch.no_grad():  # one FFN channel 1000× louder: layer 0's down_proj sees an outlier, as SmolLM2's do
+        model.model.layers[0].mlp.up_proj.weight[7] *= 1000
+    names = q.targets(model, skip=[], keep_head=True, embeddings=False)["linear"]
+    outliers = q.activation_outliers(model, [INPUTS, INPUTS], names, ratio=20)  # (one loud channel of 128: ~38×; the rest < 10×)
+    assert list(outliers) == ["model.layers.0.mlp.down_proj"] and outliers["model.layers.0.mlp.down_proj"] > 20
+    reference = _out(model)
+    kept = copy.deepcopy(model)
+    record = q.quantize(kept, "int8-dynamic", **SETTINGS, outliers=outliers)
+    assert "model.layers.0.mlp.down_proj" in record["kept"] and type(kept.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    q.quantize(model, "int8-dynamic", **SETTINGS)  # the same layer in int8: its activations lose the typical values
+    error = lambda m: float((_out(m) - reference).abs().mean())  # noqa: E731
+    assert error(kept) < 0.75 * error(model)  # (seeded: 0.6×)

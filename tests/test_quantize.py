@@ -46,7 +46,8 @@ def test_each_method_reloads_through_its_reference_with_the_outputs_it_had(world
     store = Store(world)
     loaded = load_checkpoint(store, res.ref)
     parent = load_checkpoint(store, "finetune/c").model
-    record = quantization.quantize(parent, method, **{k: m["quantize"][k] for k in ("group_size", "skip", "keep_head", "embeddings")})
+    record = quantization.quantize(parent, method, outliers=m["artifact"]["quantization"].get("outliers"),
+                                   **{k: m["quantize"][k] for k in ("group_size", "skip", "keep_head", "embeddings")})
     ids = torch.randint(5, parent.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(loaded.model, ids), _logits(parent, ids))  # the saved artifact = the quantization done here
     assert record["linear"] == m["artifact"]["quantization"]["linear"]

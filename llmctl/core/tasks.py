@@ -58,6 +58,14 @@ class Prepared:
             raise LlmctlError(f"the data has no {split} split (it has {', '.join(self.splits)})")
         return self.evaluate_fn(model, split, prefix)
 
+    def batches(self, split: str, batch_size: int, limit: int):
+        """The first `limit` batches of a split, in its order (calibration: prune's Taylor scores, quantize's outlier scan)."""
+        from itertools import islice
+
+        from torch.utils.data import DataLoader
+
+        return islice(DataLoader(self.splits[split], batch_size=batch_size, collate_fn=self.collate), limit)
+
 
 def check_task(task: str) -> str:
     if task not in KIND:

@@ -137,12 +137,8 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
         ffn = float(cfg.amount) if p.ffn is None else float(p.ffn)
         grads = None
         if p.importance == "taylor":
-            from itertools import islice
-
-            from torch.utils.data import DataLoader
-
-            batches = DataLoader(prepared.splits["train"], batch_size=int(cfg.train.batch_size), collate_fn=prepared.collate)
-            grads = pruning.taylor_grads(model, islice(batches, int(p.calibration_batches)), run.rt.device)
+            batches = prepared.batches("train", int(cfg.train.batch_size), int(p.calibration_batches))
+            grads = pruning.taylor_grads(model, batches, run.rt.device)
         new, report = pruning.structured(model, heads=heads, ffn=ffn, importance=str(p.importance), grads=grads)
         h, f = report["heads"], report["ffn"]
         return {"model": new, **report, "summary": f"heads {h['before']} → {h['after']} per layer, FFN {f['before']} → {f['after']}"}

@@ -8,7 +8,9 @@
 
 Methods (core/quantization.py, one adapter over the kernels measured fastest on CPU):
 - `int8-dynamic`: int8 weights per output channel × int8 activations quantized on the fly
-  (torch.ao `quantize_dynamic`, CPU kernels): smaller and faster.
+  (torch.ao `quantize_dynamic`, CPU kernels): smaller and faster. Linears whose inputs peak above
+  `quantize.outlier_ratio` × their RMS on `quantize.calibration_batches` batches of the checkpoint's
+  own data stay in fp32 (one activation scale per tensor cannot hold them: SmolLM2's down_proj).
 - `int8-weight` / `int4-weight`: weight-only (torchao), dequantized inside the matmul: smaller,
   not faster on CPU. `quantize.group_size` sets the int4 groups (default 32).
 - `qat`: fake-quantize toward `method.base` (int4-weight by default), train on the checkpoint's own
@@ -53,6 +55,8 @@ class Quantize(schema.Section):
     skip: list[str] = []
     keep_head: bool
     embeddings: bool
+    calibration_batches: int = Field(ge=0)
+    outlier_ratio: float = Field(gt=1)
 
 
 class Config(schema.CheckpointStageConfig):
@@ -106,15 +110,22 @@ def run(cfg) -> float | None:
             trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
             qrecord = quantization.finish_qat(model, qrecord)
         else:
-            trained, qrecord = {}, quantization.quantize(model, scheme, method=method, **settings)
+            outliers = None
+            if scheme == "int8-dynamic" and q.calibration_batches:  # layers too peaked for int8 activations stay fp32
+                names = quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=False)["linear"]
+                outliers = quantization.activation_outliers(model, prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches)),
+                                                            names, ratio=float(q.outlier_ratio))
+            trained, qrecord = {}, quantization.quantize(model, scheme, method=method, outliers=outliers, **settings)
         metrics = {**trained, **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own figures
         run.print(f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
                   + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
                   + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
-                  + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else ""))
+                  + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")
+                  + (f" (inputs peaking at {', '.join(f'{v:.0f}' for v in qrecord['outliers'].values())}× their RMS)" if qrecord.get("outliers") else ""))
         published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
                                       task=task_record(prepared, data, max_seq_len=length, objective=select, stage="quantize", method=method),
-                                      extra={"quantize": {"method": method, **settings, "base": cfg.method.get("base")}},
+                                      extra={"quantize": {"method": method, **settings, "base": cfg.method.get("base"),
+                                                         "calibration_batches": int(q.calibration_batches), "outlier_ratio": float(q.outlier_ratio)}},
                                       artifact=artifact_record(model, qrecord),
                                       save_weights=lambda folder: quantization.save(model, qrecord, folder),
                                       after_save=judged.after_save(model, f"quantize/{run.name}"))
