@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 start=$SECONDS
 # 1. pretrain: a 2-layer BERT (masked LM) and a 2-layer GPT-2 (causal LM) on BBC News, each with its own tokenizer
-llmctl pretrain train.max_steps=400                                   # conf=bert-tiny → pretrain/bert-tiny
-llmctl pretrain conf=gpt-tiny train.max_steps=250                     # → pretrain/gpt-tiny
+llmctl pretrain train.max_steps=400 train.lr=1e-3                     # conf=bert-tiny → pretrain/bert-tiny (the preset's 3e-3 suits its 3,000 steps)
+llmctl pretrain conf=gpt-tiny train.max_steps=200                     # → pretrain/gpt-tiny
 # 2. finetune the BERT on the BBC News topics (5 classes)
 llmctl finetune init_from=pretrain/bert-tiny task=classification data=bbc-news data.max_seq_len=128 \
-  train.batch_size=32 train.lr=1e-3 train.max_steps=300               # → finetune/bert-tiny-classification
+  train.batch_size=32 train.lr=1e-3 train.max_steps=400               # → finetune/bert-tiny-classification
 # 3. distill it into a 1-layer student (its teacher's every other layer), 4. cut half its heads and FFN, recover,
 # 5. store it in int8 (weights and activations), and the GPT too
 llmctl distill teacher=finetune/bert-tiny-classification train.lr=1e-3 train.max_steps=200        # → distill/bert-tiny-classification
@@ -25,6 +25,6 @@ llmctl quantize init_from=pretrain/gpt-tiny method=int8-dynamic                 
 llmctl eval 'ckpt=[finetune/bert-tiny-classification,distill/bert-tiny-classification,prune/bert-tiny-classification,quantize/bert-tiny-classification]' \
   report=outputs/reports/quickstart
 # 7. generate from the int8 GPT
-llmctl generate ckpt=quantize/gpt-tiny prompt="The government said" max_new_tokens=40 seed=1
+llmctl generate ckpt=quantize/gpt-tiny prompt="The government said" max_new_tokens=40 sample.temperature=0.8 sample.top_p=0.9 seed=1
 llmctl ckpt lineage quantize/bert-tiny-classification
 echo "quickstart: the chain ran in $((SECONDS - start)) s; report: outputs/reports/quickstart/report.md"

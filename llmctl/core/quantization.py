@@ -119,18 +119,24 @@ def quantize(model, scheme: str, *, group_size: int | None, skip: list[str], kee
              outliers: dict[str, float] | None = None) -> dict:
     """Quantize `model` in place (floating point → `scheme`); returns the record the manifest keeps.
     `outliers` (from `activation_outliers`): Linears whose inputs are too peaked for int8 activations, kept in floating point."""
+    record = _plan(model, scheme, method or scheme, group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings,
+                   outliers=outliers)
+    apply(model, record)
+    record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
+    return record
+
+
+def _plan(model, scheme: str, method: str, *, group_size, skip, keep_head, embeddings, outliers=None) -> dict:
+    """Prepare the model (fp32, Linears) and write down what `scheme` will do to it."""
     prepare_model(model)
     group = group_size if group_size is not None else DEFAULT_GROUP.get(scheme)
     chosen = targets(model, skip=skip, keep_head=keep_head, embeddings=embeddings, group_size=group)
     if outliers:
         chosen["linear"] = [name for name in chosen["linear"] if name not in outliers]
         chosen["kept"] = chosen["kept"] + sorted(outliers)
-    record = {"method": method or scheme, "scheme": scheme, **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
-              "group_size": group, "skip": list(skip), "keep_head": keep_head, **chosen,
-              **({"outliers": {k: round(v, 1) for k, v in sorted(outliers.items())}} if outliers else {})}
-    apply(model, record)
-    record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
-    return record
+    return {"method": method, "scheme": scheme, **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
+            "group_size": group, "skip": list(skip), "keep_head": keep_head, **chosen,
+            **({"outliers": {k: round(v, 1) for k, v in sorted(outliers.items())}} if outliers else {})}
 
 
 def activation_outliers(model, batches, names: list[str], *, ratio: float) -> dict[str, float]:
@@ -211,11 +217,7 @@ def _kernel_inputs(module, args):
 
 def prepare_qat(model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool) -> dict:
     """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes."""
-    prepare_model(model)
-    group = group_size if group_size is not None else DEFAULT_GROUP.get(scheme)
-    chosen = targets(model, skip=skip, keep_head=keep_head, embeddings=embeddings, group_size=group)
-    record = {"method": "qat", "scheme": scheme, **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
-              "group_size": group, "skip": list(skip), "keep_head": keep_head, **chosen}
+    record = _plan(model, scheme, "qat", group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings)
     apply(model, record, qat="prepare")
     return record
 
