@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/llmctl ] || bash recipes/install.sh
 . .venv/bin/activate
-PROMPT=${PROMPT:-"Give me three tips for a good night's sleep."}
+PROMPT=${PROMPT:-"Give me three tips for sleeping well."}  # (Hydra needs quotes escaped: prompt=\'it\'s\')
 llmctl finetune model=smollm2-135m task=sft method=lora data=tiny-instruct train.max_steps=60 train.batch_size=8 \
   name=smollm2-chat                                                    # → finetune/smollm2-chat (LoRA merged; adapter/ kept beside)
 llmctl quantize init_from=finetune/smollm2-chat method=int8-dynamic name=smollm2-chat-int8   # lm_head (tied to the embeddings) stays fp32

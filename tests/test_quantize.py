@@ -97,3 +97,19 @@ def test_a_quantized_gpt_generates_and_is_refused_by_training_stages(world, base
     assert code == 2 and "is quantized (int8-dynamic)" in err and "finetune its parent" in err
     code, err = run_inprocess("quantize", f"init_from={res.ref}", f"output_root={world}")
     assert code == 2 and "quantize its parent" in err
+
+
+def test_a_pruned_bert_with_fewer_heads_quantizes_and_reloads_with_its_shapes(world):
+    code, err = run_inprocess("prune", "init_from=finetune/c", "method=structured", "amount=0.5", "precision=fp32", f"output_root={world}",
+                              "cost.enabled=false", "name=cut")
+    assert code == 0, err
+    res = _quantize(world, "init_from=prune/cut", "method=int8-dynamic", "name=cut8")
+    artifact = res.manifest["artifact"]
+    assert artifact["format"] == "quantized" and artifact["attention_heads"] == [1, 1]  # the pruned shapes travel with it
+    store = Store(world)
+    loaded = load_checkpoint(store, res.ref).model
+    parent = load_checkpoint(store, "prune/cut").model
+    quantization.quantize(parent, "int8-dynamic", group_size=None, skip=[], keep_head=True, embeddings=True,
+                          outliers=artifact["quantization"].get("outliers"))
+    ids = torch.randint(5, parent.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded, ids), _logits(parent, ids))

@@ -298,9 +298,13 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         middle = math.sqrt(min(xs) * max(xs))
-        for x, y, r in zip(xs, ys, points):  # labels point inwards, so none runs off the chart
+        span = (max(ys) - min(ys)) or 1.0
+        row: dict[int, int] = {}  # points at (nearly) the same height: labels alternate above / below, further out each time
+        for x, y, r in sorted(zip(xs, ys, points), key=lambda p: p[0]):  # labels point inwards, so none runs off the chart
             right = x > middle
-            ax.annotate(r["ref"], (x, y), textcoords="offset points", xytext=(-8 if right else 8, 6), fontsize=8,
+            k = row[round(y / span * 25)] = row.get(round(y / span * 25), -1) + 1
+            dy = 6 + 11 * (k // 2) if k % 2 == 0 else -14 - 11 * (k // 2)
+            ax.annotate(r["ref"], (x, y), textcoords="offset points", xytext=(-8 if right else 8, dy), fontsize=8,
                         ha="right" if right else "left")
         ax.set_xlabel(label + " · log scale")
         better = "higher is better" if records[0]["primary"]["mode"] == "max" else "lower is better"
