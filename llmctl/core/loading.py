@@ -63,22 +63,32 @@ def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
     return load_model(resolved.path, kind, head=head)
 
 
-def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
-    """Build the model from config.json, give its layers the recorded shapes, then load the weights (strict)."""
+def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dict, what: str):
+    """The model a rebuilt format starts from: config.json, with the recorded per-layer shapes (no weights yet).
+    Such a checkpoint keeps its own head and its own kind."""
     import transformers
-    from safetensors.torch import load_file
 
-    from llmctl.core.models import KIND_CLASS, check_safetensors
+    from llmctl.core.models import KIND_CLASS
     from llmctl.core.pruning import apply_shapes
 
     config = transformers.AutoConfig.from_pretrained(str(resolved.path))
     if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
-        raise LlmctlError(f"{resolved.ref}: a pruned checkpoint keeps its own head; give it data with its labels "
+        raise LlmctlError(f"{resolved.ref}: a {what} checkpoint keeps its own head; give it data with its labels "
                           f"({', '.join(config.id2label.values())})")
     if kind != resolved.kind:
-        raise LlmctlError(f"{resolved.ref} is a pruned {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
+        raise LlmctlError(f"{resolved.ref} is a {what} {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
     model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
     apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
+    return model
+
+
+def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    """Build the model from config.json, give its layers the recorded shapes, then load the weights (strict)."""
+    from safetensors.torch import load_file
+
+    from llmctl.core.models import check_safetensors
+
+    model = _from_config(resolved, kind, head, artifact, "pruned")
     state = {}
     for file in sorted(resolved.path.glob("*.safetensors")):
         check_safetensors(file)
@@ -95,20 +105,9 @@ def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dic
 
 def _load_quantized(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
     """Build the model from config.json (with any pruned shapes), apply the recorded quantization, load its tensors."""
-    import transformers
-
-    from llmctl.core.models import KIND_CLASS
-    from llmctl.core.pruning import apply_shapes
     from llmctl.core.quantization import rebuild
 
-    config = transformers.AutoConfig.from_pretrained(str(resolved.path))
-    if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
-        raise LlmctlError(f"{resolved.ref}: a quantized checkpoint keeps its own head; give it data with its labels "
-                          f"({', '.join(config.id2label.values())})")
-    if kind != resolved.kind:
-        raise LlmctlError(f"{resolved.ref} is a quantized {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
-    model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
-    apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
+    model = _from_config(resolved, kind, head, artifact, "quantized")
     rebuild(model, artifact.get("quantization") or {}, resolved.path, where=resolved.ref)
     return model, []
 
@@ -152,6 +151,48 @@ def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None =
     model, new = loader(resolved, kind, head, artifact)
     return Loaded(model=model, tokenizer=load_tokenizer(resolved.path), source=resolved, kind=kind,
                   task=read_task_record(resolved.manifest), artifact=artifact, sha256=sha, new_tensors=new)
+
+
+@dataclass
+class OnTask:
+    """A checkpoint a stage works on (distill's teacher, prune's and quantize's init_from) with its own task
+    ready: the data its manifest records (or the config's `data`), tokenized at its sequence length."""
+
+    source: Resolved
+    loaded: Loaded
+    kind: str
+    task: str
+    record: dict  # its task record ({} for a plain HF folder)
+    data_cfg: object
+    data: object  # core.data.Data
+    length: int  # tokens per example / packed sequence
+    prepared: object  # core.tasks.Prepared
+    split: str  # the split it is judged on: test where the data has one, else validation
+
+
+def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str | None = None) -> OnTask:
+    """Load `source` (refused when quantized) onto the run's device with its task prepared: what distill,
+    prune and quantize do before they reshape or retrain it. `what` is the config key that named it."""
+    from pathlib import Path
+
+    from llmctl.core.data import load_data
+    from llmctl.core.evaluation import check_labels, choose_split
+    from llmctl.core.tasks import DATA_TASK, prepare, read_task_record, record_data_config, sequence_length, task_of
+
+    refuse_quantized(source, what=what, stage=stage)
+    kind = source_kind(source)
+    record = read_task_record(source.manifest) or {}
+    task = task_of(kind, record, other_data=bool(cfg.get("data")), task=task)
+    data_cfg = cfg.get("data") or record_data_config(record, f"{what}={cfg[what]}")
+    data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
+    loaded = load_checkpoint(run.store, source, kind=kind, what=what)
+    loaded.model.to(run.rt.device)
+    length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config)
+    prepared = prepare(task, data, loaded.tokenizer, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
+                       cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
+    check_labels(loaded.model, prepared, source.ref)
+    return OnTask(source=source, loaded=loaded, kind=kind, task=task, record=record, data_cfg=data_cfg, data=data, length=length,
+                  prepared=prepared, split=choose_split(data, None, data_cfg))
 
 
 def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:

@@ -87,7 +87,7 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
             close = fnmatch.filter(names, f"*{pattern}*")[:3]
             raise LlmctlError(f"quantize.skip: {pattern!r} matches no module of {type(model).__name__}"
                               + (f" (did you mean {', '.join(close)}?)" if close else "; patterns are module names such as "
-                                 f"'classifier' or '*.output.dense'"))
+                                 "'classifier' or '*.output.dense'"))
     kept = list(skip) + (head_modules(model) if keep_head else [])
     linear, tables, too_narrow = [], [], []
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -189,8 +189,6 @@ def prepare_model(model) -> None:
 def apply(model, record: dict, *, qat: str | None = None) -> None:
     """The record's transforms on a prepared model (quantize, and the loader on a fresh one).
     `qat="prepare"` fake-quantizes the Linears instead (training toward the scheme); no embeddings yet."""
-    import torch
-
     linear = set(record["linear"])
     if record["scheme"] == "int8-dynamic":
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -30,12 +30,11 @@ from pydantic import Field
 from llmctl.core import evaluation
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, load_on_task, refuse_quantized, resolve_source, source_kind
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
+from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 KINDS = ("seq-cls", "token-cls", "causal-lm")
@@ -74,18 +73,10 @@ def run(cfg) -> float | None:
         if kind not in KINDS:
             raise LlmctlError(f"teacher={cfg.teacher} is a {kind} checkpoint; distill takes a teacher of kind {', '.join(KINDS)} "
                               f"(fine-tune it first, or pretrain a causal LM)")
-        refuse_quantized(source, what="teacher", stage="distill")
-        record = read_task_record(source.manifest) or {}
-        task = task_of(kind, record, other_data=bool(cfg.get("data")), task=cfg.task)
-        data_cfg = cfg.get("data") or record_data_config(record, f"teacher={cfg.teacher}")
-        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
-        teacher = load_checkpoint(run.store, source, kind=kind, what="teacher")
-        teacher.model.to(run.rt.device).eval().requires_grad_(False)
+        on = load_on_task(run, cfg, source, what="teacher", stage="distill", task=cfg.task)
+        teacher, task, data, prepared, length = on.loaded, on.task, on.data, on.prepared, on.length
+        teacher.model.eval().requires_grad_(False)
         tok = teacher.tokenizer
-        length = sequence_length(cfg.max_seq_len, record, data_cfg, teacher.model.config)
-        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
-        evaluation.check_labels(teacher.model, prepared, source.ref)
         run.print(f"teacher {type(teacher.model).__name__} from {source.ref} · {task} · {data.summary()}")
 
         # ---- the student ----
@@ -118,7 +109,7 @@ def run(cfg) -> float | None:
         # ---- judge both, publish the student (rank 0: the others are done) ----
         if not run.rt.is_main:
             return None
-        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
+        split = on.split
         judged = evaluation.BeforeAfter(teacher.model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
                                         cost=evaluation.cost_settings(cfg.cost), names=("teacher", "student"))
         metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)}}

@@ -33,13 +33,12 @@ from pydantic import Field
 from llmctl.core import evaluation, pruning
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import load_on_task, resolve_source
 from llmctl.core.models import transformer_layers
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
+from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -73,20 +72,10 @@ def run(cfg) -> float | None:
     with stage_run.start("prune", cfg, default_name=_default_name(cfg)) as run:
         # ---- the checkpoint, its task and data ----
         source = resolve_source(run.store, cfg.init_from, what="init_from")
-        refuse_quantized(source, what="init_from", stage="prune")
-        kind = source_kind(source)
-        record = read_task_record(source.manifest) or {}
-        task = task_of(kind, record, other_data=bool(cfg.get("data")))
-        data_cfg = cfg.get("data") or record_data_config(record, f"init_from={cfg.init_from}")
-        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
-        loaded = load_checkpoint(run.store, source, what="init_from")
-        model, tok = loaded.model.to(run.rt.device), loaded.tokenizer
+        on = load_on_task(run, cfg, source, what="init_from", stage="prune")
+        loaded, kind, task, data, prepared, split = on.loaded, on.kind, on.task, on.data, on.prepared, on.split
+        model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
-        length = sequence_length(cfg.max_seq_len, record, data_cfg, model.config)
-        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
-        evaluation.check_labels(model, prepared, source.ref)
-        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {_shape(model)}")
 
         # ---- prune (a bad cut fails here, before the slow judging); the original is judged as "before" ----
@@ -117,7 +106,7 @@ def run(cfg) -> float | None:
         settings = {"method": method, "amount": float(cfg.amount), "recover": bool(cfg.recover), **{k: cfg.prune[k] for k in cfg.prune},
                     "cut": report}  # what was removed: heads / FFN before and after, kept layers, sparsity per matrix
         published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="prune", method=method),
+                                      task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="prune", method=method),
                                       extra={"prune": settings}, after_save=judged.after_save(model, f"prune/{run.name}"))
         if published is None:
             return None

@@ -36,12 +36,11 @@ from pydantic import Field
 from llmctl.core import evaluation, quantization
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import artifact_record, load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import artifact_record, load_on_task, resolve_source
 from llmctl.core.store import parse_ref
-from llmctl.core.tasks import DATA_TASK, OBJECTIVE, prepare, read_task_record, record_data_config, sequence_length, task_of, task_record
+from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -79,24 +78,12 @@ def run(cfg) -> float | None:
         if run.rt.distributed:
             raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
         source = resolve_source(run.store, cfg.init_from, what="init_from")
-        refuse_quantized(source, what="init_from", stage="quantize")
-
-        # ---- the checkpoint, its task and data ----
-        kind = source_kind(source)
-        record = read_task_record(source.manifest) or {}
-        task = task_of(kind, record, other_data=bool(cfg.get("data")))
-        data_cfg = cfg.get("data") or record_data_config(record, f"init_from={cfg.init_from}")
-        data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
-        loaded = load_checkpoint(run.store, source, what="init_from")
-        model, tok = loaded.model.to(run.rt.device), loaded.tokenizer
+        on = load_on_task(run, cfg, source, what="init_from", stage="quantize")
+        loaded, kind, task, data, prepared, split = on.loaded, on.kind, on.task, on.data, on.prepared, on.split
+        model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
-        length = sequence_length(cfg.max_seq_len, record, data_cfg, model.config)
-        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                           cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
-        evaluation.check_labels(model, prepared, source.ref)
-        split = evaluation.choose_split(data, None, data_cfg)  # test where the data has one, else validation
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})")
-        quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])  # a bad
+        chosen = quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])  # a bad
         # skip pattern or nothing to quantize fails here, before the slow judging and before the run folder exists
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
@@ -112,9 +99,8 @@ def run(cfg) -> float | None:
         else:
             outliers = None
             if scheme == "int8-dynamic" and q.calibration_batches:  # layers too peaked for int8 activations stay fp32
-                names = quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=False)["linear"]
                 outliers = quantization.activation_outliers(model, prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches)),
-                                                            names, ratio=float(q.outlier_ratio))
+                                                            chosen["linear"], ratio=float(q.outlier_ratio))
             trained, qrecord = {}, quantization.quantize(model, scheme, method=method, outliers=outliers, **settings)
         metrics = {**trained, **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own figures
         run.print(f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
@@ -123,7 +109,7 @@ def run(cfg) -> float | None:
                   + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")
                   + (f" (inputs peaking at {', '.join(f'{v:.0f}' for v in qrecord['outliers'].values())}× their RMS)" if qrecord.get("outliers") else ""))
         published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="quantize", method=method),
+                                      task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="quantize", method=method),
                                       extra={"quantize": {"method": method, **settings, "base": cfg.method.get("base"),
                                                          "calibration_batches": int(q.calibration_batches), "outlier_ratio": float(q.outlier_ratio)}},
                                       artifact=artifact_record(model, qrecord),
