@@ -124,3 +124,21 @@ def test_tokenizer_from_a_folder_that_holds_only_a_tokenizer(corpus, tmp_path):
     code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=t", "train.max_steps=2", f"tokenizer.from={tmp_path / 'tok'}"))
     assert code == 0, err
     assert AutoTokenizer.from_pretrained(Store(tmp_path).resolve("pretrain/t").path).get_vocab() == tok.get_vocab()
+
+
+def test_the_chunked_causal_loss_trains_the_model_the_hf_loss_trains(corpus, tmp_path):
+    """clm_chunked_loss changes how the loss is computed, not what is learnt: same seed, same data,
+    the two runs' losses agree to float rounding at every step."""
+    logs = {}
+    for chunked in ("true", "false"):
+        code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, f"name=c{chunked}", f"clm_chunked_loss={chunked}",
+                                                     "+model.config.resid_pdrop=0", "+model.config.embd_pdrop=0", "+model.config.attn_pdrop=0"))
+        assert code == 0, err
+        res = Store(tmp_path).resolve(f"pretrain/c{chunked}")
+        assert res.manifest["task"]["loss"] == ("chunked" if chunked == "true" else "model")
+        logs[chunked] = metrics_log(res.path)
+    train = {k: [r["loss"] for r in log if "loss" in r] for k, log in logs.items()}
+    evals = {k: [r["eval/loss"] for r in log if "eval/loss" in r] for k, log in logs.items()}
+    assert len(train["true"]) == 16 and train["true"][-1] < train["true"][0] - 0.2  # it learns
+    assert train["true"] == pytest.approx(train["false"], abs=1e-4)
+    assert evals["true"] == pytest.approx(evals["false"], abs=1e-4)

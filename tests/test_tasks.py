@@ -97,3 +97,18 @@ def test_records_of_older_manifests_are_read_in_todays_shape():
     assert a["name"] == "clm" and a["kind"] == "causal-lm" and a["max_seq_len"] == 128 and a["data"]["source"] == "kjv"
     assert b["name"] == "ner" and b["labels"] == ["O", "B-PER"] and b["max_seq_len"] == 64 and b["fingerprint"] == "def"
     assert OmegaConf.to_container(record_data_config(b))["source"] == "conll-fixture"
+
+
+def test_a_capped_evaluation_scores_sequences_from_every_part_of_the_split():
+    """train.eval_batches: the scored sequences are spread over the whole (document-ordered) split, not its
+    first documents; the same ones at every evaluation; all of them when the cap covers the split."""
+    from datasets import Dataset
+
+    from llmctl.core.tasks import evaluated_rows
+
+    ds = Dataset.from_dict({"input_ids": [[i] for i in range(100)]})
+    picked = [row[0] for row in evaluated_rows(ds, 3, 4)["input_ids"]]
+    assert len(picked) == 12 and len(set(picked)) == 12
+    assert min(picked) == 0 and max(picked) >= 90  # the last documents are scored too (the first 12 rows end at 11)
+    assert picked == [row[0] for row in evaluated_rows(ds, 3, 4)["input_ids"]]
+    assert len(evaluated_rows(ds, 30, 4)) == 100 and len(evaluated_rows(ds, None, 4)) == 100

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_metrics(model, batches, device, *, causal: bool, max_batches: int | None = None, tokenizer=None) -> dict:
+def lm_metrics(model, batches, device, *, causal: bool, tokenizer=None) -> dict:
     """Token-weighted validation loss and perplexity of an MLM / causal / BERT-pretraining model.
 
     For BERT pretraining (MLM + NSP heads), the masked-LM loss and the next-sentence accuracy are
@@ -21,9 +21,7 @@ def lm_metrics(model, batches, device, *, causal: bool, max_batches: int | None 
     text (special tokens count no bytes), comparable across tokenizers.
     """
     loss_sum, n_tok, nsp_right, nsp_n, n_bytes = 0.0, 0, 0, 0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         nsp = batch.pop("next_sentence_label", None)

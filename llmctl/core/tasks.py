@@ -185,11 +185,22 @@ def _prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cac
     splits = {k: packed[k] for k in packed}
 
     def evaluate(model, split, prefix):
-        metrics = lm_metrics(model, _loader(splits[split], collate, batch_size), _device(model), causal=task == "clm",
-                             max_batches=eval_batches, tokenizer=tokenizer)
+        rows = evaluated_rows(splits[split], eval_batches, batch_size)
+        metrics = lm_metrics(model, _loader(rows, collate, batch_size), _device(model), causal=task == "clm", tokenizer=tokenizer)
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
     return Prepared(task, splits, collate, evaluate)
+
+
+def evaluated_rows(ds, eval_batches: int | None, batch_size: int):
+    """The sequences an evaluation of `eval_batches` batches scores: the whole split when None (or when
+    it is that small), else that many sequences spread evenly over it. Packed splits keep document order,
+    so the first N sequences would be the first document or two (on a corpus of books, one book);
+    an even spread covers every part of the split and is the same subset at every evaluation."""
+    if eval_batches is None or int(eval_batches) * int(batch_size) >= len(ds):
+        return ds
+    n = int(eval_batches) * int(batch_size)
+    return ds.select([i * len(ds) // n for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------

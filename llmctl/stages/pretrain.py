@@ -32,8 +32,8 @@ from llmctl.core.device import barrier
 from llmctl.core.errors import LlmctlError
 from llmctl.core.loading import load_checkpoint, resolve_source
 from llmctl.core.models import build_model, count_parameters, max_positions
-from llmctl.core.objectives import SparseMLM, sparse_mlm_loss
-from llmctl.core.tasks import KIND, OBJECTIVE, prepare, task_record
+from llmctl.core.objectives import ChunkedCausalLM, SparseMLM, chunked_clm_loss, chunked_loss_supported, sparse_mlm_loss
+from llmctl.core.tasks import KIND, OBJECTIVE, evaluated_rows, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from llmctl.core.train import Trainer, default_loss
 
@@ -52,6 +52,7 @@ class Config(schema.TrainingStageConfig):
     objective: Literal["mlm", "mlm+nsp", "clm"]
     mlm_probability: float = Field(gt=0, lt=1)
     mlm_sparse_head: bool
+    clm_chunked_loss: bool
     tokenizer: Tokenizer
 
 
@@ -70,16 +71,19 @@ def run(cfg) -> float | None:
         trained, loss_fn = model, default_loss
         if objective != "clm" and cfg.mlm_sparse_head:
             trained, loss_fn = SparseMLM(model), sparse_mlm_loss  # same loss, vocabulary projection on masked tokens only
+        elif objective == "clm" and cfg.clm_chunked_loss and chunked_loss_supported(model):
+            trained, loss_fn = ChunkedCausalLM(model), chunked_clm_loss  # same loss, logits never held whole
         trainer = Trainer(trained, train_data=prepared.splits["train"], collate=prepared.collate, cfg=cfg.train, rt=run.rt,
                           run_dir=run.run_dir, state_dir=run.state_dir, seed=int(cfg.seed), loss_fn=loss_fn, console=run.console,
-                          evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, SparseMLM) else m), identity=run.identity)
+                          evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, (SparseMLM, ChunkedCausalLM)) else m), identity=run.identity)
         metrics = trainer.fit(run.resume_state)
         metrics["baseline/unigram_loss"] = baseline
 
         result = stage_run.publish(run, model, tokenizer, kind=KIND[objective], metrics=metrics, objective=OBJECTIVE[objective], data=data,
                                    task=task_record(prepared, data, max_seq_len=int(cfg.data.max_seq_len),
                                                     objective=stage_run.resolve_objective(cfg, OBJECTIVE[objective]), stage="pretrain",
-                                                    packed_sequences={k: len(v) for k, v in prepared.splits.items()}))
+                                                    packed_sequences={k: len(v) for k, v in prepared.splits.items()},
+                                                    loss={SparseMLM: "sparse-mlm", ChunkedCausalLM: "chunked"}.get(type(trained), "model")))
         if result is None:
             return None
         run.print(f"[green]wrote[/] {result.ref} → {result.path}\n"
@@ -159,15 +163,11 @@ def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
 
 def _unigram_baseline(prepared, tokenizer, objective: str, cfg) -> float:
     """Loss of an add-one unigram model fit on the training tokens, on the evaluated validation tokens."""
-    batches = cfg.train.get("eval_batches")
-    n_eval = len(prepared.splits["validation"]) if batches is None else int(batches) * int(cfg.train.batch_size)
-
-    def rows(split, n):
-        ds = prepared.splits[split]
-        return ds.select(range(min(n, len(ds)))).with_format(None)["input_ids"][:]
-
+    train = prepared.splits["train"]
+    scored = evaluated_rows(prepared.splits["validation"], cfg.train.get("eval_batches"), int(cfg.train.batch_size))
     ignore = set() if objective == "clm" else set(tokenizer.all_special_ids)
-    return unigram_loss(rows("train", 20000), rows("validation", n_eval), len(tokenizer), ignore)
+    return unigram_loss(train.select(range(min(20000, len(train)))).with_format(None)["input_ids"][:],
+                        scored.with_format(None)["input_ids"][:], len(tokenizer), ignore)
 
 
 def _config_hash(model) -> str:
