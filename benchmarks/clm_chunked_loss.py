@@ -5,7 +5,7 @@ Prints step times, the ratio, peak extra memory of the loss, and both losses (th
 
     python benchmarks/clm_chunked_loss.py                                   # gpt-tiny shapes: 2 × 128, vocab 8,000
     python benchmarks/clm_chunked_loss.py --hidden 256 --layers 4 --vocab 8192 --batch 16
-    python benchmarks/clm_chunked_loss.py --hidden 576 --layers 2 --vocab 49152 --batch 8 --seq 512   # SmolLM2's head
+    python benchmarks/clm_chunked_loss.py --hidden 576 --layers 2 --vocab 49152 --batch 4 --seq 512 --rounds 3 --steps 2   # SmolLM2's head
 """
 
 import argparse
@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     for name, default in (("hidden", 128), ("layers", 2), ("vocab", 8000), ("seq", 128), ("batch", 32), ("rounds", 5), ("steps", 4)):
         ap.add_argument(f"--{name}", type=int, default=default)
-    ap.add_argument("--chunk", type=int, default=None, help="positions per chunk (default: llmctl's, 4M logits at a time)")
+    ap.add_argument("--chunk", type=int, default=None, help="positions per chunk (default: llmctl's, 1024)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -17,8 +17,9 @@ The three pipelines, each a fresh process (so each pays its own imports and prep
   `map(tokenize)`, `map(group_texts)`, `Trainer`, with datasets' on-disk cache like those scripts.
 
 The shared settings (steps, batch, lr, warmup, schedule, weight decay, clipping, precision, seed) are
-passed to each; everything else is each pipeline's own default (llmctl's AdamW betas included: a
-benchmark that overrode them would hide a default that costs loss, as 0.98 did).
+passed to each, and llmctl gets the Trainer's AdamW betas (0.9, 0.999): its default too, but the
+bert-tiny preset sets 0.98 for its own lr of 3e-3. (llmctl's defaults themselves are checked against
+the Trainer's by tests/test_train.py: a benchmark cannot see a default it overrides.)
 
 All three use the tokenizer llmctl trains on the training split (the same vocabulary for everyone),
 evaluate every `--eval-every` steps on the same validation blocks with the same function (llmctl's
@@ -115,7 +116,7 @@ def evaluator(a, shared: dict, tok, eval_batches: int | None, seed: int = 0):
 def run_llmctl(a, shared: dict, out: Path, t0: float) -> dict:
     overrides = [f"conf={a.shape}", f"data={a.data}", f"tokenizer.from={shared['tokenizer']}", f"data.max_seq_len={a.seq}",
                  f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.lr={a.lr}", f"train.warmup_ratio={a.warmup}",
-                 "train.scheduler=cosine", f"train.weight_decay={a.weight_decay}", "train.max_grad_norm=1.0",
+                 "train.scheduler=cosine", f"train.weight_decay={a.weight_decay}", "train.betas=[0.9,0.999]", "train.max_grad_norm=1.0",
                  f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}", f"train.log_every={a.log_every}", "train.save_every=0",
                  f"precision={a.precision}", f"seed={a.seed}", f"output_root={a.store}", "name=bench", "device=cpu", *a.set]
     proc = subprocess.run([sys.executable, "-m", "llmctl", "pretrain", *overrides], capture_output=True, text=True)

@@ -182,12 +182,12 @@ def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, 
     assert again["eval/loss"] == pytest.approx(at_best["eval/loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-base"])  # (bert-tiny sets 0.98 for its lr of 3e-3)
 def test_the_default_pretraining_optimizer_is_the_hf_trainers(preset, tmp_path):
     """What a user leaves unset in `llmctl pretrain` (AdamW betas and eps, which tensors decay) is what the
     HF Trainer uses, so the two compared at equal lr / schedule / weight decay run the same optimizer.
-    The root cause of the loss gap against the Trainer: pretrain's betas were (0.9, 0.98), 0.015 nats
-    worse at 300 steps (GPT 4 × 256, KJV by book, 3 seeds each)."""
+    The root cause of the loss gap against the Trainer: pretrain's betas were (0.9, 0.98), 0.017 nats
+    worse at 300 steps (GPT 4 × 256, KJV by book, 3 seeds each: 4.559 vs 4.542; the Trainer 4.546)."""
     import torch
     from hydra import compose, initialize_config_dir
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -198,7 +198,7 @@ def test_the_default_pretraining_optimizer_is_the_hf_trainers(preset, tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose(config_name="pretrain", overrides=[f"conf={preset}"])
     torch.manual_seed(0)
-    model = (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)) if preset == "gpt-tiny" else
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)) if preset.startswith("gpt") else
              BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
     ours = Trainer(model, train_data=[{"input_ids": torch.zeros(4, dtype=torch.long)}] * int(cfg.train.batch_size), collate=None,
                    cfg=cfg.train, rt=Runtime(device=torch.device("cpu"), precision="fp32", reason="test"), run_dir=tmp_path,
