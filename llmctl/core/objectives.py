@@ -15,7 +15,11 @@ same on GPUs through Triton; this one is plain torch, so it runs wherever the mo
 runs only on the masked positions (~15 % of tokens) instead of every position. With a small
 encoder the output layer dominates the cost (hidden × vocab per token), so this is most of the
 step time; the loss is the same cross-entropy over the same targets as the HF model's own
-forward. It is an nn.Module so DDP can wrap it (the forward runs through DDP's hooks).
+forward.
+
+Both are `LossModule`s: nn.Modules (so DDP can wrap them and the forward runs through DDP's hooks)
+whose forward returns the loss, holding the HF model as `.model` (what is evaluated and saved), and
+trained with the one loss function `module_loss`.
 """
 
 from __future__ import annotations
@@ -28,16 +32,31 @@ CHUNK = 1024  # positions per chunk; one round-robin run on CPU: 1.17× at vocab
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-class SparseMLM(torch.nn.Module):
+class LossModule(torch.nn.Module):
+    """A model wrapper whose forward computes the training loss another way; `name` is what the manifest records."""
+
+    name = "model"
+
     def __init__(self, model):
         super().__init__()
-        self.model = model  # BertForMaskedLM or BertForPreTraining (shares its parameters)
+        self.model = model  # the HF model (shares its parameters)
+
+
+def module_loss(model, batch) -> torch.Tensor:
+    """Trainer loss_fn for a LossModule (DDP-wrapped or not): its forward is the loss."""
+    return model(**batch)
+
+
+class SparseMLM(LossModule):
+    """BertForMaskedLM or BertForPreTraining with the vocabulary projection on masked positions only."""
+
+    name = "sparse-mlm"
 
     def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, next_sentence_label=None) -> torch.Tensor:
         encoder = self.model.base_model
         out = encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out[0]
-        picked = labels != -100
+        picked = labels != IGNORE
         heads = self.model.cls
         predictions = heads.predictions if hasattr(heads, "seq_relationship") else heads
         logits = predictions(hidden[picked])
@@ -46,11 +65,6 @@ class SparseMLM(torch.nn.Module):
             nsp_logits = heads.seq_relationship(out[1])
             loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
         return loss
-
-
-def sparse_mlm_loss(model, batch) -> torch.Tensor:
-    """Trainer loss_fn for a SparseMLM-wrapped model (DDP-wrapped or not)."""
-    return model(**batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,22 +137,19 @@ def chunked_loss_supported(model) -> bool:
             and not any(getattr(model.config, key, None) not in (None, 1, 1.0) for key in _SCALED_LOGITS))
 
 
-class ChunkedCausalLM(torch.nn.Module):
+class ChunkedCausalLM(LossModule):
     """A causal LM whose training loss is `linear_cross_entropy` over its last hidden states: the
     same next-token loss as `model(input_ids, labels=labels).loss` (labels shifted by one inside),
-    with the logits never materialised. An nn.Module so DDP can wrap it."""
+    with the logits never materialised."""
+
+    name = "chunked"
 
     def __init__(self, model, chunk: int | None = None):
-        super().__init__()
-        self.model, self.chunk = model, chunk
+        super().__init__(model)
+        self.chunk = chunk
 
     def forward(self, input_ids, labels, attention_mask=None) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
         head = self.model.get_output_embeddings()
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position i predicts token i + 1; the last predicts nothing
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), chunk=self.chunk)
-
-
-def chunked_clm_loss(model, batch) -> torch.Tensor:
-    """Trainer loss_fn for a ChunkedCausalLM-wrapped model (DDP-wrapped or not)."""
-    return model(**batch)

@@ -197,10 +197,8 @@ def evaluated_rows(ds, eval_batches: int | None, batch_size: int):
     it is that small), else that many sequences spread evenly over it. Packed splits keep document order,
     so the first N sequences would be the first document or two (on a corpus of books, one book);
     an even spread covers every part of the split and is the same subset at every evaluation."""
-    if eval_batches is None or int(eval_batches) * int(batch_size) >= len(ds):
-        return ds
-    n = int(eval_batches) * int(batch_size)
-    return ds.select([i * len(ds) // n for i in range(n)])
+    n = len(ds) if eval_batches is None else int(eval_batches) * int(batch_size)
+    return ds if n >= len(ds) else ds.select([i * len(ds) // n for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------

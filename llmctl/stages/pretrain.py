@@ -32,7 +32,7 @@ from llmctl.core.device import barrier
 from llmctl.core.errors import LlmctlError
 from llmctl.core.loading import load_checkpoint, resolve_source
 from llmctl.core.models import build_model, count_parameters, max_positions
-from llmctl.core.objectives import ChunkedCausalLM, SparseMLM, chunked_clm_loss, chunked_loss_supported, sparse_mlm_loss
+from llmctl.core.objectives import ChunkedCausalLM, LossModule, SparseMLM, chunked_loss_supported, module_loss
 from llmctl.core.tasks import KIND, OBJECTIVE, evaluated_rows, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from llmctl.core.train import Trainer, default_loss
@@ -70,12 +70,12 @@ def run(cfg) -> float | None:
                                      "model": run.parents[0]["weights_sha256"] if run.parents else _config_hash(model)})
         trained, loss_fn = model, default_loss
         if objective != "clm" and cfg.mlm_sparse_head:
-            trained, loss_fn = SparseMLM(model), sparse_mlm_loss  # same loss, vocabulary projection on masked tokens only
+            trained, loss_fn = SparseMLM(model), module_loss  # same loss, vocabulary projection on masked tokens only
         elif objective == "clm" and cfg.clm_chunked_loss and chunked_loss_supported(model):
-            trained, loss_fn = ChunkedCausalLM(model), chunked_clm_loss  # same loss, logits never held whole
+            trained, loss_fn = ChunkedCausalLM(model), module_loss  # same loss, logits never held whole
         trainer = Trainer(trained, train_data=prepared.splits["train"], collate=prepared.collate, cfg=cfg.train, rt=run.rt,
                           run_dir=run.run_dir, state_dir=run.state_dir, seed=int(cfg.seed), loss_fn=loss_fn, console=run.console,
-                          evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, (SparseMLM, ChunkedCausalLM)) else m), identity=run.identity)
+                          evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, LossModule) else m), identity=run.identity)
         metrics = trainer.fit(run.resume_state)
         metrics["baseline/unigram_loss"] = baseline
 
@@ -83,7 +83,7 @@ def run(cfg) -> float | None:
                                    task=task_record(prepared, data, max_seq_len=int(cfg.data.max_seq_len),
                                                     objective=stage_run.resolve_objective(cfg, OBJECTIVE[objective]), stage="pretrain",
                                                     packed_sequences={k: len(v) for k, v in prepared.splits.items()},
-                                                    loss={SparseMLM: "sparse-mlm", ChunkedCausalLM: "chunked"}.get(type(trained), "model")))
+                                                    loss=getattr(trained, "name", LossModule.name)))
         if result is None:
             return None
         run.print(f"[green]wrote[/] {result.ref} → {result.path}\n"
