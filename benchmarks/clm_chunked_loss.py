@@ -20,14 +20,29 @@ from llmctl.core.objectives import ChunkedCausalLM
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    for name, default in (("hidden", 128), ("layers", 2), ("vocab", 8000), ("seq", 128), ("batch", 32), ("rounds", 5), ("steps", 4)):
+    for name, default in (
+        ("hidden", 128),
+        ("layers", 2),
+        ("vocab", 8000),
+        ("seq", 128),
+        ("batch", 32),
+        ("rounds", 5),
+        ("steps", 4),
+    ):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--chunk", type=int, default=None, help="positions per chunk (default: llmctl's, 1024)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=a.vocab, n_embd=a.hidden, n_layer=a.layers, n_head=max(a.hidden // 64, 1), n_positions=max(a.seq, 128),
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=a.vocab,
+        n_embd=a.hidden,
+        n_layer=a.layers,
+        n_head=max(a.hidden // 64, 1),
+        n_positions=max(a.seq, 128),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(cfg)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq))
     batch = {"input_ids": ids, "labels": ids}
@@ -59,11 +74,17 @@ def main() -> None:
     hf, ch = statistics.median(times["hf"]), statistics.median(times["chunked"])
     tokens = a.batch * a.seq
     logits_mib = tokens * a.vocab * 4 / 2**20
-    print(f"model: GPT-2 hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} × {a.seq} tokens; "
-          f"{'bf16 autocast' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads")
+    print(
+        f"model: GPT-2 hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} × {a.seq} tokens; "
+        f"{'bf16 autocast' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads"
+    )
     print(f"loss (same weights, same batch): hf {same['hf']:.6f} · chunked {same['chunked']:.6f}")
-    print(f"step time (median of {a.rounds} rounds): hf {hf * 1e3:.1f} ms ({tokens / hf:,.0f} tok/s) · chunked {ch * 1e3:.1f} ms ({tokens / ch:,.0f} tok/s)")
-    print(f"speed-up: {hf / ch:.2f}× · full logits the HF loss holds: {logits_mib:,.0f} MiB (and as much again for their log-softmax and gradient)")
+    print(
+        f"step time (median of {a.rounds} rounds): hf {hf * 1e3:.1f} ms ({tokens / hf:,.0f} tok/s) · chunked {ch * 1e3:.1f} ms ({tokens / ch:,.0f} tok/s)"
+    )
+    print(
+        f"speed-up: {hf / ch:.2f}× · full logits the HF loss holds: {logits_mib:,.0f} MiB (and as much again for their log-softmax and gradient)"
+    )
 
 
 if __name__ == "__main__":

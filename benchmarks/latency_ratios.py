@@ -49,7 +49,9 @@ def main() -> None:
                     m(**inputs)
                     times[i].append(time.perf_counter() - start)
     base = statistics.median(times[0])
-    print(f"batch 1 · {args.seq_len} tokens · {torch.get_num_threads()} threads · {args.rounds} rounds × {args.passes} passes, interleaved")
+    print(
+        f"batch 1 · {args.seq_len} tokens · {torch.get_num_threads()} threads · {args.rounds} rounds × {args.passes} passes, interleaved"
+    )
     print(f"{'checkpoint':<48} {'median ms':>10} {'p90 ms':>8} {'speed-up':>9}")
     for ref, t in zip(args.refs, times):
         med = statistics.median(t)

@@ -21,8 +21,14 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=max(a.hidden // 64, 1),
-                     intermediate_size=4 * a.hidden, max_position_embeddings=max(512, a.seq))
+    cfg = BertConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=max(a.hidden // 64, 1),
+        intermediate_size=4 * a.hidden,
+        max_position_embeddings=max(512, a.seq),
+    )
     model = BertForMaskedLM(cfg)
     ids = torch.randint(5, a.vocab, (a.batch, a.seq))
     labels = torch.full_like(ids, -100)
@@ -55,10 +61,14 @@ def main() -> None:
     model.load_state_dict(state)
     sparse = timed(lambda: SparseMLM(model)(**batch))
     tokens = a.batch * a.seq
-    print(f"model: BERT hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} × {a.seq} tokens; "
-          f"{'bf16 autocast' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads")
+    print(
+        f"model: BERT hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} × {a.seq} tokens; "
+        f"{'bf16 autocast' if a.bf16 else 'fp32'}; {torch.get_num_threads()} threads"
+    )
     print(f"loss (same weights, same batch): dense {dense_loss:.6f} · sparse {sparse_loss:.6f}")
-    print(f"step time: dense {dense * 1e3:.1f} ms ({tokens / dense:,.0f} tok/s) · sparse {sparse * 1e3:.1f} ms ({tokens / sparse:,.0f} tok/s)")
+    print(
+        f"step time: dense {dense * 1e3:.1f} ms ({tokens / dense:,.0f} tok/s) · sparse {sparse * 1e3:.1f} ms ({tokens / sparse:,.0f} tok/s)"
+    )
     print(f"speed-up: {dense / sparse:.2f}×")
 
 

@@ -73,13 +73,24 @@ def prepare_shared(a, work: Path) -> dict:
     cfg = compose(a)
     data = load_data(cfg.data, task="text")
     family = cfg.model.family
-    tok = train_tokenizer(data["train"]["text"], family=family, vocab_size=int(cfg.tokenizer.vocab_size), lowercase=bool(cfg.tokenizer.lowercase),
-                          max_len=a.seq, cache_root=work / "shared-cache", data_fp=data.fingerprint)
+    tok = train_tokenizer(
+        data["train"]["text"],
+        family=family,
+        vocab_size=int(cfg.tokenizer.vocab_size),
+        lowercase=bool(cfg.tokenizer.lowercase),
+        max_len=a.seq,
+        cache_root=work / "shared-cache",
+        data_fp=data.fingerprint,
+    )
     tok.save_pretrained(str(work / "tokenizer"))
     for split in ("train", "validation"):
         data[split].select_columns(["text"]).to_json(str(work / f"{split}.jsonl"))
-    return {"tokenizer": str(work / "tokenizer"), "train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl"),
-            "fingerprint": data.fingerprint}
+    return {
+        "tokenizer": str(work / "tokenizer"),
+        "train": str(work / "train.jsonl"),
+        "validation": str(work / "validation.jsonl"),
+        "fingerprint": data.fingerprint,
+    }
 
 
 def model_config(a, tok):
@@ -88,12 +99,19 @@ def model_config(a, tok):
     from llmctl.core.models import FAMILY_CONFIG
 
     cfg = compose(a)
-    special = {f"{k}_id": getattr(tok, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token") if getattr(tok, f"{k}_id", None) is not None}
-    return getattr(transformers, FAMILY_CONFIG[cfg.model.family])(vocab_size=len(tok), **special, **dict(cfg.model.config))
+    special = {
+        f"{k}_id": getattr(tok, f"{k}_id")
+        for k in ("pad_token", "bos_token", "eos_token")
+        if getattr(tok, f"{k}_id", None) is not None
+    }
+    return getattr(transformers, FAMILY_CONFIG[cfg.model.family])(
+        vocab_size=len(tok), **special, **dict(cfg.model.config)
+    )
 
 
 def evaluator(a, shared: dict, tok, eval_batches: int | None, seed: int = 0):
     """llmctl's own validation evaluation (same blocks, same MLM masks) as a function of the model."""
+    import torch
     from omegaconf import OmegaConf
 
     from llmctl.core.data import load_data
@@ -101,11 +119,19 @@ def evaluator(a, shared: dict, tok, eval_batches: int | None, seed: int = 0):
     from llmctl.core.tasks import prepare
     from llmctl.core.train import evaluate_model
 
-    import torch
-
-    data = load_data(OmegaConf.create({"train": shared["train"], "validation": shared["validation"], "dedupe": False}), task="text")
-    task = prepare(SHAPES[a.shape], data, tok, max_seq_len=a.seq, batch_size=a.batch, seed=0, cache_root=Path(shared["train"]).parent / "eval-cache",
-                   eval_batches=eval_batches)
+    data = load_data(
+        OmegaConf.create({"train": shared["train"], "validation": shared["validation"], "dedupe": False}), task="text"
+    )
+    task = prepare(
+        SHAPES[a.shape],
+        data,
+        tok,
+        max_seq_len=a.seq,
+        batch_size=a.batch,
+        seed=0,
+        cache_root=Path(shared["train"]).parent / "eval-cache",
+        eval_batches=eval_batches,
+    )
     rt = Runtime(device=torch.device("cpu"), precision=a.precision, reason="benchmark")
     return lambda model: evaluate_model(model, task.evaluate, rt, seed)["eval/loss"]
 
@@ -114,15 +140,37 @@ def evaluator(a, shared: dict, tok, eval_batches: int | None, seed: int = 0):
 # One run of one pipeline (a child process); writes <out>/result.json
 # ---------------------------------------------------------------------------------------------
 def run_llmctl(a, shared: dict, out: Path, t0: float) -> dict:
-    overrides = [f"conf={a.shape}", f"data={a.data}", f"tokenizer.from={shared['tokenizer']}", f"data.max_seq_len={a.seq}",
-                 f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.lr={a.lr}", f"train.warmup_ratio={a.warmup}",
-                 "train.scheduler=cosine", f"train.weight_decay={a.weight_decay}", "train.betas=[0.9,0.999]", "train.max_grad_norm=1.0",
-                 f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}", f"train.log_every={a.log_every}", "train.save_every=0",
-                 f"precision={a.precision}", f"seed={a.seed}", f"output_root={a.store}", "name=bench", "device=cpu", *a.set]
+    overrides = [
+        f"conf={a.shape}",
+        f"data={a.data}",
+        f"tokenizer.from={shared['tokenizer']}",
+        f"data.max_seq_len={a.seq}",
+        f"train.max_steps={a.steps}",
+        f"train.batch_size={a.batch}",
+        "train.grad_accum=1",
+        f"train.lr={a.lr}",
+        f"train.warmup_ratio={a.warmup}",
+        "train.scheduler=cosine",
+        f"train.weight_decay={a.weight_decay}",
+        "train.betas=[0.9,0.999]",
+        "train.max_grad_norm=1.0",
+        f"train.eval_every={a.eval_every}",
+        f"train.eval_batches={a.eval_batches}",
+        f"train.log_every={a.log_every}",
+        "train.save_every=0",
+        f"precision={a.precision}",
+        f"seed={a.seed}",
+        f"output_root={a.store}",
+        "name=bench",
+        "device=cpu",
+        *a.set,
+    ]
     proc = subprocess.run([sys.executable, "-m", "llmctl", "pretrain", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"llmctl failed:\n{proc.stderr[-3000:]}")
-    folder = Path(a.store) / "pretrain" / "bench" / (Path(a.store) / "pretrain" / "bench" / "latest").read_text().strip()
+    folder = (
+        Path(a.store) / "pretrain" / "bench" / (Path(a.store) / "pretrain" / "bench" / "latest").read_text().strip()
+    )
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["time"] - t0, r["eval/loss"]) for r in log if "eval/loss" in r]
     steps = [(r["step"], r["time"] - t0) for r in log if "loss" in r]
@@ -133,8 +181,14 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
     import datasets
     import torch
     import transformers
-    from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -148,20 +202,27 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
         sep = tok.eos_token_id if causal else tok.sep_token_id
         stream = [t for ids in ids_lists for t in (*ids, sep)]
         n = len(stream) // block * block
-        blocks = [stream[i:i + block] for i in range(0, n, block)]
+        blocks = [stream[i : i + block] for i in range(0, n, block)]
         return blocks if causal else [[tok.cls_token_id, *b, tok.sep_token_id] for b in blocks]
 
     if pipeline:  # run_clm / run_mlm: load_dataset → map(tokenize) → map(group_texts), cached on disk
         from datasets import load_dataset
 
-        raw = load_dataset("json", data_files={"train": shared["train"]}, cache_dir=str(Path(a.store) / "hf-datasets"))["train"]
+        raw = load_dataset("json", data_files={"train": shared["train"]}, cache_dir=str(Path(a.store) / "hf-datasets"))[
+            "train"
+        ]
         tokenized = raw.map(lambda b: tok(b["text"], add_special_tokens=False), batched=True, remove_columns=["text"])
-        train = tokenized.map(lambda b: {"input_ids": group(b["input_ids"])}, batched=True, batch_size=1000,
-                              remove_columns=tokenized.column_names)
+        train = tokenized.map(
+            lambda b: {"input_ids": group(b["input_ids"])},
+            batched=True,
+            batch_size=1000,
+            remove_columns=tokenized.column_names,
+        )
     else:  # a plain script: tokenize in memory, group, hand a list to the Trainer
         texts = [json.loads(line)["text"] for line in open(shared["train"])]
         train = [{"input_ids": b} for b in group(tok(texts, add_special_tokens=False)["input_ids"])]
     if causal:
+
         def collate(rows):  # labels = inputs (the model shifts them)
             batch = default_data_collator(rows)
             return {**batch, "labels": batch["input_ids"].clone()}
@@ -169,7 +230,9 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
         collate = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
     config = model_config(a, tok)
     model = (transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM).from_config(config)
-    evaluate = evaluator(a, shared, tok, a.eval_batches, seed=a.seed)  # llmctl's periodic evaluation: same blocks, same masks
+    evaluate = evaluator(
+        a, shared, tok, a.eval_batches, seed=a.seed
+    )  # llmctl's periodic evaluation: same blocks, same masks
     evals, steps = [], []
 
     class Clock(TrainerCallback):
@@ -180,10 +243,24 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
                 loss = evaluate(kw["model"])  # timed after the evaluation, as llmctl's metrics.jsonl records it
                 evals.append((state.global_step, time.time() - t0, loss))
 
-    args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr,
-                             warmup_steps=round(a.warmup * a.steps), lr_scheduler_type="cosine", weight_decay=a.weight_decay,
-                             max_grad_norm=1.0, seed=a.seed, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                             bf16=a.precision == "bf16", disable_tqdm=True, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(out / "hf"),
+        per_device_train_batch_size=a.batch,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        warmup_steps=round(a.warmup * a.steps),
+        lr_scheduler_type="cosine",
+        weight_decay=a.weight_decay,
+        max_grad_norm=1.0,
+        seed=a.seed,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        bf16=a.precision == "bf16",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     loss = evaluate(model)
     evals.append((0, time.time() - t0, loss))
     Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[Clock()]).train()
@@ -197,7 +274,11 @@ def child(a) -> None:
     shared = json.loads(Path(a.shared).read_text())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_llmctl(a, shared, out, t0) if a.run == "llmctl" else run_hf(a, shared, out, t0, pipeline=a.run == "pipeline")
+    result = (
+        run_llmctl(a, shared, out, t0)
+        if a.run == "llmctl"
+        else run_hf(a, shared, out, t0, pipeline=a.run == "pipeline")
+    )
     (out / "result.json").write_text(json.dumps(result))
 
 
@@ -240,8 +321,14 @@ def steady_tokens_per_s(steps: list, evals: list, tokens_per_step: int) -> float
 def mean_curve(runs: list[dict]) -> list[tuple[int, float, float]]:
     """(step, mean seconds since start, mean eval loss) over seeds at each periodic evaluation."""
     steps = sorted(set.intersection(*[{e[0] for e in r["evals"]} for r in runs]))
-    return [(s, statistics.mean(e[1] for r in runs for e in r["evals"] if e[0] == s),
-             statistics.mean(e[2] for r in runs for e in r["evals"] if e[0] == s)) for s in steps]
+    return [
+        (
+            s,
+            statistics.mean(e[1] for r in runs for e in r["evals"] if e[0] == s),
+            statistics.mean(e[2] for r in runs for e in r["evals"] if e[0] == s),
+        )
+        for s in steps
+    ]
 
 
 def time_to(curve: list, target: float) -> float:
@@ -266,10 +353,20 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=20)
-    ap.add_argument("--log-every", type=int, default=None, help="steps between timing records (default: 10, or steps/10 for short runs)")
+    ap.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="steps between timing records (default: 10, or steps/10 for short runs)",
+    )
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="llmctl overrides of the shape for everyone, e.g. model.config.n_layer=4 tokenizer.vocab_size=8192")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="llmctl overrides of the shape for everyone, e.g. model.config.n_layer=4 tokenizer.vocab_size=8192",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     ap.add_argument("--workdir", default=None, help="keep runs here (default: a temporary folder)")
@@ -278,7 +375,9 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--report-from", metavar="DIR", help="print the table of an earlier run's --workdir without running anything")
+    ap.add_argument(
+        "--report-from", metavar="DIR", help="print the table of an earlier run's --workdir without running anything"
+    )
     a = ap.parse_args()
     a.log_every = a.log_every or max(1, min(10, a.steps // 10))  # short runs need several windows for a steady rate
     if a.run:
@@ -288,7 +387,12 @@ def main() -> None:
         a = argparse.Namespace(**{**saved["args"], "report_from": a.report_from})
         from transformers import AutoTokenizer
 
-        return report(a, saved["results"], model_config(a, AutoTokenizer.from_pretrained(str(Path(a.report_from) / "tokenizer"))), saved["peak"])
+        return report(
+            a,
+            saved["results"],
+            model_config(a, AutoTokenizer.from_pretrained(str(Path(a.report_from) / "tokenizer"))),
+            saved["peak"],
+        )
 
     import datasets
     import transformers
@@ -310,8 +414,21 @@ def main() -> None:
             out = work / f"{pipeline}-seed{seed}"
             store = work / f"store-{pipeline}"  # one per pipeline, kept across seeds: its caches fill once
             env = {**os.environ, "BENCH_T0": repr(time.time())}
-            cmd = [sys.executable, __file__, "--run", pipeline, "--shared", str(work / "shared.json"), "--out", str(out), "--store", str(store),
-                   "--seed", str(seed), *sys.argv[1:]]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--run",
+                pipeline,
+                "--shared",
+                str(work / "shared.json"),
+                "--out",
+                str(out),
+                "--store",
+                str(store),
+                "--seed",
+                str(seed),
+                *sys.argv[1:],
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(f"{pipeline} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -320,7 +437,10 @@ def main() -> None:
             r["final"] = full_eval(getattr(transformers, model_cls).from_pretrained(r["model"]))
             r["tokens_per_s"] = steady_tokens_per_s(r["steps"], r["evals"], a.batch * a.seq)
             results[pipeline].append(r)
-            print(f"  {pipeline:<9} seed {seed}: eval loss {r['final']:.4f} · {r['tokens_per_s']:,.0f} tokens/s · {r['wall']:.0f} s", flush=True)
+            print(
+                f"  {pipeline:<9} seed {seed}: eval loss {r['final']:.4f} · {r['tokens_per_s']:,.0f} tokens/s · {r['wall']:.0f} s",
+                flush=True,
+            )
     (work / "results.json").write_text(json.dumps({"args": vars(a), "peak": peak, "results": results}))
     report(a, results, config, peak)
 
@@ -330,26 +450,46 @@ def report(a, results: dict, config, peak: float) -> None:
     curves = {p: mean_curve(runs) for p, runs in results.items()}
     target = (curves.get("trainer") or next(iter(curves.values())))[-1][2]
     med = statistics.median
-    rows = {p: {"finals": [r["final"] for r in runs], "tps": med([r["tokens_per_s"] for r in runs]),
-                "to_steps": curves[p][-1][1], "to_target": time_to(curves[p], target), "gap": curves[p][-1][2] - target}
-            for p, runs in results.items()}
+    rows = {
+        p: {
+            "finals": [r["final"] for r in runs],
+            "tps": med([r["tokens_per_s"] for r in runs]),
+            "to_steps": curves[p][-1][1],
+            "to_target": time_to(curves[p], target),
+            "gap": curves[p][-1][2] - target,
+        }
+        for p, runs in results.items()
+    }
+
     def ratio(p, key, ref) -> str:
         x = rows[p][key] / rows[ref][key] if ref in rows else float("nan")
         return f"{x:.2f}" if 0 < x < float("inf") else "—"
 
-    print(f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds {' '.join(map(str, a.seeds))} · "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads)")
-    print(f"times: from process start (imports, tokenization included), means over seeds; target = the trainer's mean periodic eval "
-          f"loss at step {a.steps} ({target:.4f}), reached on each pipeline's mean curve")
-    print(f"{'pipeline':<10}{'eval loss mean ± sd':<22}{'min / median':<18}{'tokens/s':>10}{'×trainer':>10}"
-          f"{f'time to step {a.steps}':>20}{'×pipeline':>11}{'time to target':>26}{'×pipeline':>11}{'MFU':>7}")
+    print(
+        f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds {' '.join(map(str, a.seeds))} · "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads)"
+    )
+    print(
+        f"times: from process start (imports, tokenization included), means over seeds; target = the trainer's mean periodic eval "
+        f"loss at step {a.steps} ({target:.4f}), reached on each pipeline's mean curve"
+    )
+    print(
+        f"{'pipeline':<10}{'eval loss mean ± sd':<22}{'min / median':<18}{'tokens/s':>10}{'×trainer':>10}"
+        f"{f'time to step {a.steps}':>20}{'×pipeline':>11}{'time to target':>26}{'×pipeline':>11}{'MFU':>7}"
+    )
     for p, row in rows.items():
         f = row["finals"]
         sd = statistics.stdev(f) if len(f) > 1 else 0.0
-        reached = _seconds(row["to_target"]) if row["to_target"] != float("inf") else f"not by step {a.steps} ({row['gap']:+.4f})"
-        print(f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}"
-              f"{ratio(p, 'tps', 'trainer'):>10}{_seconds(row['to_steps']):>20}{ratio(p, 'to_steps', 'pipeline'):>11}"
-              f"{reached:>26}{ratio(p, 'to_target', 'pipeline'):>11}{100 * fpt * row['tps'] / peak:>6.1f}%")
+        reached = (
+            _seconds(row["to_target"])
+            if row["to_target"] != float("inf")
+            else f"not by step {a.steps} ({row['gap']:+.4f})"
+        )
+        print(
+            f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}"
+            f"{ratio(p, 'tps', 'trainer'):>10}{_seconds(row['to_steps']):>20}{ratio(p, 'to_steps', 'pipeline'):>11}"
+            f"{reached:>26}{ratio(p, 'to_target', 'pipeline'):>11}{100 * fpt * row['tps'] / peak:>6.1f}%"
+        )
 
 
 def _seconds(t: float) -> str:

@@ -84,7 +84,9 @@ def _run_under_torchrun(stage: str, ids: list[int]) -> float | None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids)), RESULT_FILE_ENV: result}
         code = subprocess.call(torchrun_command(stage, ids, overrides, config_dirs), env=env)
         if code != 0:
-            raise LlmctlError(f"the {len(ids)}-process torchrun job exited with status {code} (its own error is printed above)")
+            raise LlmctlError(
+                f"the {len(ids)}-process torchrun job exited with status {code} (its own error is printed above)"
+            )
         return json.load(open(result)).get("objective") if os.path.exists(result) else None
 
 
@@ -141,8 +143,13 @@ def _fit(columns: list[tuple[str, list[str]]], width: int, wide: bool) -> list[t
 
 
 @ckpt_app.command("list")
-def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help="Only this stage."),
-              wide: bool = typer.Option(False, "--wide", "-w", help="Every column at full width (lines may run past the terminal).")) -> None:
+def ckpt_list(
+    output_root: str = ROOT_OPT,
+    stage: str = typer.Option(None, help="Only this stage."),
+    wide: bool = typer.Option(
+        False, "--wide", "-w", help="Every column at full width (lines may run past the terminal)."
+    ),
+) -> None:
     """Every complete version: reference, kind, objective, size, parameters, age, parent (as many as fit)."""
     from rich.table import Table
 
@@ -171,7 +178,10 @@ def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help=
         from rich.console import Console
 
         console = Console(width=max(console.width, 4 + sum(_column_width(n, c) for n, c in columns)))
-    table = Table(title=f"checkpoints in {store.root}/" + (f" ({len(cells) - len(columns)} more columns with --wide)" if len(columns) < len(cells) else ""))
+    table = Table(
+        title=f"checkpoints in {store.root}/"
+        + (f" ({len(cells) - len(columns)} more columns with --wide)" if len(columns) < len(cells) else "")
+    )
     for name, _ in columns:
         table.add_column(name, no_wrap=name == "ref", overflow="fold")  # scripts grep for refs: never fold them
     for i in range(len(rows)):
@@ -180,7 +190,9 @@ def ckpt_list(output_root: str = ROOT_OPT, stage: str = typer.Option(None, help=
 
 
 @ckpt_app.command("show")
-def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")) -> None:
+def ckpt_show(
+    ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Option(False, "--json", help="Print the raw manifest.")
+) -> None:
     """One checkpoint's manifest: kind, metrics, parents, data, the overrides and training config it ran with."""
     from rich.table import Table
 
@@ -205,13 +217,19 @@ def ckpt_show(ref: str, output_root: str = ROOT_OPT, as_json: bool = typer.Optio
     if task.get("name"):
         objective = task.get("objective") or {}
         labels = f" · {len(task['labels'])} labels" if task.get("labels") else ""
-        table.add_row("task", f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len {task.get('max_seq_len')}")
+        table.add_row(
+            "task",
+            f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len {task.get('max_seq_len')}",
+        )
     for p in m.get("parents", []):
         table.add_row(f"parent ({p.get('role')})", f"{p.get('ref')}  sha256={str(p.get('weights_sha256'))[:16]}…")
     if m.get("resumed"):
         r = m["resumed"]
-        table.add_row("resumed", f"{r.get('run')} from step {r.get('from_step')}"
-                      + "".join(f" · {k} {a} → {b}" for k, (a, b) in (r.get("changed") or {}).items()))
+        table.add_row(
+            "resumed",
+            f"{r.get('run')} from step {r.get('from_step')}"
+            + "".join(f" · {k} {a} → {b}" for k, (a, b) in (r.get("changed") or {}).items()),
+        )
     for key, value in (m.get("metrics") or {}).items():
         table.add_row(f"metric {key}", f"{value:.6g}" if isinstance(value, float) else str(value))
     for key, value in (m.get("model") or {}).items():
@@ -251,8 +269,11 @@ def ckpt_lineage(ref: str, output_root: str = ROOT_OPT) -> None:
 
 
 @ckpt_app.command("rm")
-def ckpt_rm(ref: str = typer.Argument(..., help="<stage>/<name>@vN, or <stage>/<name>@all"), output_root: str = ROOT_OPT,
-            yes: bool = typer.Option(False, "--yes", "-y", help="Remove even versions that other checkpoints were made from.")) -> None:
+def ckpt_rm(
+    ref: str = typer.Argument(..., help="<stage>/<name>@vN, or <stage>/<name>@all"),
+    output_root: str = ROOT_OPT,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove even versions that other checkpoints were made from."),
+) -> None:
     """Delete a version (or every version of a name); `latest` moves to the newest left. Asks first when
     other checkpoints were made from what is removed (their lineage will say "removed")."""
     try:
@@ -260,10 +281,14 @@ def ckpt_rm(ref: str = typer.Argument(..., help="<stage>/<name>@vN, or <stage>/<
         stage, name, versions = store.removal(ref)
         children = store.children(stage, name, versions)
         if children and not yes:
-            shown = ", ".join(f"{child} (from {parent})" for child, parent in children[:4]) + (" …" if len(children) > 4 else "")
+            shown = ", ".join(f"{child} (from {parent})" for child, parent in children[:4]) + (
+                " …" if len(children) > 4 else ""
+            )
             if not sys.stdin.isatty():  # a script: refuse rather than wait for an answer
-                raise LlmctlError(f"not removing {ref}: {len(children)} checkpoint(s) were made from it ({shown}); "
-                                  f"pass --yes to remove it anyway (their lineage will then say 'removed')")
+                raise LlmctlError(
+                    f"not removing {ref}: {len(children)} checkpoint(s) were made from it ({shown}); "
+                    f"pass --yes to remove it anyway (their lineage will then say 'removed')"
+                )
             print(f"llmctl: warning: {len(children)} checkpoint(s) were made from {ref}: {shown}", file=sys.stderr)
             if not typer.confirm(f"remove {ref} anyway?", default=False):
                 raise typer.Exit(1)
@@ -289,15 +314,25 @@ def ckpt_runs(output_root: str = ROOT_OPT) -> None:
         table.add_column(col, no_wrap=col in ("name", "run"))
     for r in runs:
         state = "running" if r["live"] else "resumable" if r["resumable"] else "not resumable"
-        table.add_row(r["ref"], r["id"], "" if r["step"] is None else str(r["step"]), state, duration(r["age"]) + " ago",
-                      f"{r['size'] / 2**20:.1f} MiB")
+        table.add_row(
+            r["ref"],
+            r["id"],
+            "" if r["step"] is None else str(r["step"]),
+            state,
+            duration(r["age"]) + " ago",
+            f"{r['size'] / 2**20:.1f} MiB",
+        )
     _console().print(table)
 
 
 @ckpt_app.command("gc")
-def ckpt_gc(output_root: str = ROOT_OPT,
-            older_than: str = typer.Option(None, "--older-than", help="Also remove resumable runs idle this long: 30m, 12h, 7d."),
-            yes: bool = typer.Option(False, "--yes", "-y", help="Delete; without it, only say what would be deleted.")) -> None:
+def ckpt_gc(
+    output_root: str = ROOT_OPT,
+    older_than: str = typer.Option(
+        None, "--older-than", help="Also remove resumable runs idle this long: 30m, 12h, 7d."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete; without it, only say what would be deleted."),
+) -> None:
     """Remove unpublished runs that cannot be resumed (and, with --older-than, stale resumable ones).
     Runs a live process holds are never touched. A dry run unless --yes."""
     from llmctl.core.store import duration, parse_duration
@@ -305,7 +340,11 @@ def ckpt_gc(output_root: str = ROOT_OPT,
     try:
         store = _store(output_root)
         limit = parse_duration(older_than, "--older-than") if older_than else None
-        doomed = [r for r in store.runs() if not r["live"] and (not r["resumable"] or (limit is not None and r["age"] > limit))]
+        doomed = [
+            r
+            for r in store.runs()
+            if not r["live"] and (not r["resumable"] or (limit is not None and r["age"] > limit))
+        ]
     except LlmctlError as e:
         _fail(e)
     freed = 0
@@ -315,8 +354,10 @@ def ckpt_gc(output_root: str = ROOT_OPT,
             continue
         freed += r["size"]
         print(f"{'removed' if yes else 'would remove'} {r['ref']} run {r['id']} ({why}, {r['size'] / 2**20:.1f} MiB)")
-    print(f"{'freed' if yes else 'would free'} {freed / 2**20:.1f} MiB in {len(doomed)} run(s)"
-          + ("" if yes or not doomed else "; run again with --yes to delete"))
+    print(
+        f"{'freed' if yes else 'would free'} {freed / 2**20:.1f} MiB in {len(doomed)} run(s)"
+        + ("" if yes or not doomed else "; run again with --yes to delete")
+    )
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ import pytest
 
 from llmctl.core.store import Store
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -51,19 +50,43 @@ def corpus(tmp_path_factory) -> Path:
 
 def tiny(objective: str, corpus: Path, out: Path, *extra: str) -> list[str]:
     """Overrides for a model small enough to train in about a second."""
-    common = ["data=files", f"data.train={corpus}", "data.max_seq_len=32", "tokenizer.vocab_size=300",
-              "train.max_steps=16", "train.batch_size=8", "train.eval_every=8", "train.eval_batches=4", "train.log_every=1",
-              "train.save_every=0", "precision=fp32", f"output_root={out}"]
+    common = [
+        "data=files",
+        f"data.train={corpus}",
+        "data.max_seq_len=32",
+        "tokenizer.vocab_size=300",
+        "train.max_steps=16",
+        "train.batch_size=8",
+        "train.eval_every=8",
+        "train.eval_batches=4",
+        "train.log_every=1",
+        "train.save_every=0",
+        "precision=fp32",
+        f"output_root={out}",
+    ]
     if objective == "clm":
         return ["conf=gpt-tiny", "model.config.n_embd=32", "model.config.n_layer=1", *common, *extra]
-    return ["conf=bert-tiny", f"objective={objective}", "model.config.hidden_size=32", "model.config.num_hidden_layers=1",
-            "model.config.intermediate_size=64", *common, *extra]
+    return [
+        "conf=bert-tiny",
+        f"objective={objective}",
+        "model.config.hidden_size=32",
+        "model.config.num_hidden_layers=1",
+        "model.config.intermediate_size=64",
+        *common,
+        *extra,
+    ]
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real console script, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "llmctl", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "llmctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def run_inprocess(*args: str) -> tuple[int, str]:
@@ -90,6 +113,7 @@ WORDS = {  # topic words that occur in the conftest corpus, so the tiny tokenize
     "sport": "striker scored cup final coach team football season",
     "tech": "engineers chip power mobile phone networks handsets faster",
 }
+
 
 @pytest.fixture(scope="session")
 def bases(corpus, tmp_path_factory):
@@ -134,7 +158,23 @@ def reviews(tmp_path_factory):
 
 
 def cls_args(bases, reviews, out, *extra):
-    return ["task=classification", f"init_from={bases['enc']}", "data=files", f"data.train={reviews / 'train.csv'}",
-            f"data.validation={reviews / 'dev.csv'}", f"data.test={reviews / 'test.csv'}", "data.text_column=review",
-            "data.label_column=sentiment", "data.max_seq_len=48", "train.max_steps=300", "train.batch_size=8", "train.eval_every=50",
-            "train.log_every=10", "train.lr=1e-3", "patience=0", "precision=fp32", f"output_root={out}", *extra]
+    return [
+        "task=classification",
+        f"init_from={bases['enc']}",
+        "data=files",
+        f"data.train={reviews / 'train.csv'}",
+        f"data.validation={reviews / 'dev.csv'}",
+        f"data.test={reviews / 'test.csv'}",
+        "data.text_column=review",
+        "data.label_column=sentiment",
+        "data.max_seq_len=48",
+        "train.max_steps=300",
+        "train.batch_size=8",
+        "train.eval_every=50",
+        "train.log_every=10",
+        "train.lr=1e-3",
+        "patience=0",
+        "precision=fp32",
+        f"output_root={out}",
+        *extra,
+    ]

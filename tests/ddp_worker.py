@@ -26,8 +26,10 @@ class Tiny(torch.nn.Module):
         self.out = torch.nn.Linear(8, 64)
 
     def forward(self, input_ids, labels):
-        return torch.nn.functional.cross_entropy(self.out(torch.nn.functional.dropout(self.emb(input_ids), 0.3, self.training)).flatten(0, 1),
-                                                 labels.flatten())
+        return torch.nn.functional.cross_entropy(
+            self.out(torch.nn.functional.dropout(self.emb(input_ids), 0.3, self.training)).flatten(0, 1),
+            labels.flatten(),
+        )
 
 
 def weights(model) -> str:
@@ -57,21 +59,54 @@ def main(out: Path, stop: bool) -> None:
             losses.append(loss)
             return loss, agreed_stop, terms
 
-    cfg = OmegaConf.create({"max_steps": 5, "batch_size": 4, "grad_accum": 1, "lr": 0.05, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                            "warmup_ratio": 0.0, "scheduler": "constant", "max_grad_norm": 1.0, "eval_every": 0, "log_every": 1,
-                            "save_every": 0, "num_workers": 0})
+    cfg = OmegaConf.create(
+        {
+            "max_steps": 5,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "betas": [0.9, 0.999],
+            "warmup_ratio": 0.0,
+            "scheduler": "constant",
+            "max_grad_norm": 1.0,
+            "eval_every": 0,
+            "log_every": 1,
+            "save_every": 0,
+            "num_workers": 0,
+        }
+    )
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Recording(model, train_data=data, collate=collate, cfg=cfg, rt=rt, run_dir=run_dir, state_dir=out / "run.state", seed=1,
-                        loss_fn=lambda m, b: m(**b))
+    trainer = Recording(
+        model,
+        train_data=data,
+        collate=collate,
+        cfg=cfg,
+        rt=rt,
+        run_dir=run_dir,
+        state_dir=out / "run.state",
+        seed=1,
+        loss_fn=lambda m, b: m(**b),
+    )
     initial = weights(trainer.model)
     try:
         trainer.fit()
         stopped = None
     except Interrupted:
         stopped = trainer.step
-    (out / f"rank{rt.rank}.json").write_text(json.dumps({"initial": initial, "final": weights(trainer.model), "batches": seen,
-                                                         "draws": draws, "loss": losses, "stopped_at": stopped}))
+    (out / f"rank{rt.rank}.json").write_text(
+        json.dumps(
+            {
+                "initial": initial,
+                "final": weights(trainer.model),
+                "batches": seen,
+                "draws": draws,
+                "loss": losses,
+                "stopped_at": stopped,
+            }
+        )
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -32,7 +32,9 @@ def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("stage, key", [("eval", "ckpt"), ("distill", "teacher"), ("prune", "init_from"), ("quantize", "init_from")])
+@pytest.mark.parametrize(
+    "stage, key", [("eval", "ckpt"), ("distill", "teacher"), ("prune", "init_from"), ("quantize", "init_from")]
+)
 def test_a_stage_without_its_input_names_the_key(tmp_path, stage, key):
     out = run_cli(stage, f"output_root={tmp_path}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and key in out.stderr, out.stderr
@@ -56,7 +58,8 @@ def test_unknown_preset_lists_the_available_ones():
 def test_private_presets_from_a_user_config_dir(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "my-gpt.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: gpt-tiny\nobjective: clm\ntrain:\n  lr: 0.0123\n")
+        "# @package _global_\ndefaults:\n  - override /model: gpt-tiny\nobjective: clm\ntrain:\n  lr: 0.0123\n"
+    )
     out = run_cli("pretrain", "--config-dir", str(tmp_path), "conf=my-gpt", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "lr: 0.0123" in out.stdout and "family: gpt2" in out.stdout
@@ -79,9 +82,15 @@ def test_core_never_imports_a_stage_and_no_stage_imports_another():
         assert "llmctl.stages" not in path.read_text(), f"{path.name} imports a stage"
     for stage in STAGES:
         text = (REPO / "llmctl" / "stages" / f"{stage}.py").read_text()
-        others = [s for s in STAGES if s != stage and re.search(rf"llmctl\.stages\.{s}\b|from llmctl\.stages import {s}\b", text)]
+        others = [
+            s
+            for s in STAGES
+            if s != stage and re.search(rf"llmctl\.stages\.{s}\b|from llmctl\.stages import {s}\b", text)
+        ]
         assert not others, f"stages/{stage}.py imports {others}"
-        assert isinstance(importlib.import_module(f"llmctl.stages.{stage}"), Stage)  # the contract: run(cfg) and a docstring
+        assert isinstance(
+            importlib.import_module(f"llmctl.stages.{stage}"), Stage
+        )  # the contract: run(cfg) and a docstring
 
 
 def test_ckpt_runs_and_gc_dry_run_by_default(tmp_path):
@@ -101,7 +110,9 @@ def test_ckpt_rm_of_a_parent_asks_unless_yes(tmp_path):
 
     store = Store(tmp_path)
     a = store.publish(_run(store, "pretrain", "a"), "pretrain", "a", {"kind": "mlm"})
-    store.publish(_run(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]})
+    store.publish(
+        _run(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]}
+    )
     out = run_cli("ckpt", "rm", "pretrain/a@all", "-o", str(tmp_path))  # not a terminal: refused, one line
     assert out.returncode == 2 and "finetune/b@v001" in out.stderr and "--yes" in out.stderr
     assert store.versions("pretrain", "a") == [1]
@@ -123,9 +134,17 @@ def test_ckpt_list_fits_80_columns_and_wide_shows_everything(tmp_path):
 
     store = Store(tmp_path)
     for name in ("a-rather-long-checkpoint-name", "b"):
-        store.publish(_run(store, "pretrain", name), "pretrain", name,
-                      {"kind": "mlm", "objective": {"metric": "eval/loss", "mode": "min", "value": 6.25},
-                       "model": {"parameters": 1_500_000}, "parents": [{"ref": "packaged/minilm-l6@v001"}]})
+        store.publish(
+            _run(store, "pretrain", name),
+            "pretrain",
+            name,
+            {
+                "kind": "mlm",
+                "objective": {"metric": "eval/loss", "mode": "min", "value": 6.25},
+                "model": {"parameters": 1_500_000},
+                "parents": [{"ref": "packaged/minilm-l6@v001"}],
+            },
+        )
     narrow = run_cli("ckpt", "list", "-o", str(tmp_path), env={"COLUMNS": "80"})
     assert narrow.returncode == 0, narrow.stderr
     assert max(map(len, narrow.stdout.splitlines())) <= 80
@@ -141,7 +160,9 @@ def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
     assert "lr: 0.003  # peak learning rate (AdamW)" in out.stdout  # the bert-tiny preset's value, the knob's comment
     out = run_cli("finetune", "--help")
     assert "method: freeze, full (default), lora" in out.stdout and "conf:" not in out.stdout
-    assert "method: layers, magnitude (default), structured" in run_cli("prune", "--help").stdout  # one group, each stage its own options
+    assert (
+        "method: layers, magnitude (default), structured" in run_cli("prune", "--help").stdout
+    )  # one group, each stage its own options
     assert "method: int4-weight, int8-dynamic (default), int8-weight, qat" in run_cli("quantize", "--help").stdout
     out = run_cli("finetune", "--cfg", "job", "method=lora")
     assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout

@@ -13,8 +13,21 @@ CONF = config_dir()
 PRESETS = sorted(p.stem for p in (CONF / "conf").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-STABLE = ["name", "output_root", "init_from", "resume", "data", "device", "precision", "seed",
-          "train.max_steps", "train.lr", "train.batch_size", "train.grad_accum", "train.eval_every"]
+STABLE = [
+    "name",
+    "output_root",
+    "init_from",
+    "resume",
+    "data",
+    "device",
+    "precision",
+    "seed",
+    "train.max_steps",
+    "train.lr",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.eval_every",
+]
 
 
 def _compose(stage, overrides=()):
@@ -56,8 +69,12 @@ def test_every_knob_has_a_comment():
     missing = []
     for path in CONF.rglob("*.yaml"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if knob.match(line) and "#" not in line and not line.strip().startswith(("- ", "defaults")) \
-                    and not re.match(r"^\s*(dir|subdir|chdir|output_subdir):", line):
+            if (
+                knob.match(line)
+                and "#" not in line
+                and not line.strip().startswith(("- ", "defaults"))
+                and not re.match(r"^\s*(dir|subdir|chdir|output_subdir):", line)
+            ):
                 missing.append(f"{path.relative_to(CONF)}:{n}: {line.strip()}")
     # presets restate knobs documented in the group files; check only the group and stage files
     missing = [m for m in missing if not m.startswith("conf/")]

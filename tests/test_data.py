@@ -1,6 +1,5 @@
 """Data loading, deterministic splits, packing, and the errors for bad data."""
 
-import json
 import shutil
 
 import pytest
@@ -12,9 +11,20 @@ from llmctl.core.tokenizer import train_tokenizer
 
 
 def _cfg(**kw):
-    base = {"source": None, "config_name": None, "train": None, "validation": None, "test": None, "text_column": "text",
-            "label_column": "label", "split_ratio": [0.8, 0.1, 0.1], "split_seed": 0, "max_docs": None, "max_seq_len": 32,
-            "dedupe": True}
+    base = {
+        "source": None,
+        "config_name": None,
+        "train": None,
+        "validation": None,
+        "test": None,
+        "text_column": "text",
+        "label_column": "label",
+        "split_ratio": [0.8, 0.1, 0.1],
+        "split_seed": 0,
+        "max_docs": None,
+        "max_seq_len": 32,
+        "dedupe": True,
+    }
     return OmegaConf.create({**base, **kw})
 
 
@@ -52,9 +62,14 @@ def test_dedupe_normalises_whitespace_and_cleans_given_splits(tmp_path):
 
     train = ["alpha beta gamma", "alpha  beta\ngamma", "delta epsilon", "zeta eta", "theta iota", "kappa lambda"]
     datasets.Dataset.from_dict({"text": train}).to_json(str(tmp_path / "train.jsonl"))
-    datasets.Dataset.from_dict({"text": ["delta   epsilon", "new text here", "new text here", "more new text"]}).to_json(str(tmp_path / "val.jsonl"))
+    datasets.Dataset.from_dict(
+        {"text": ["delta   epsilon", "new text here", "new text here", "more new text"]}
+    ).to_json(str(tmp_path / "val.jsonl"))
     data = load_data(_cfg(train=str(tmp_path / "train.jsonl"), validation=str(tmp_path / "val.jsonl")))
-    assert data.dropped == {"train": 1, "validation": 2}  # a whitespace variant in train; a copy of train and a repeat in validation
+    assert data.dropped == {
+        "train": 1,
+        "validation": 2,
+    }  # a whitespace variant in train; a copy of train and a repeat in validation
     assert len(data["train"]) == 5 and data["validation"]["text"][:] == ["new text here", "more new text"]
     assert data.record()["duplicates_dropped"] == {"train": 1, "validation": 2}
 
@@ -62,21 +77,28 @@ def test_dedupe_normalises_whitespace_and_cleans_given_splits(tmp_path):
 def test_the_record_names_files_by_absolute_path(tmp_path, monkeypatch):
     import datasets
 
-    datasets.Dataset.from_dict({"text": [f"document {i} of the corpus" for i in range(20)]}).to_json(str(tmp_path / "d.jsonl"))
+    datasets.Dataset.from_dict({"text": [f"document {i} of the corpus" for i in range(20)]}).to_json(
+        str(tmp_path / "d.jsonl")
+    )
     monkeypatch.chdir(tmp_path)
     data = load_data(_cfg(train="d.jsonl", split_ratio=[0.8, 0.2, 0.0]))
     assert data.config["train"] == str(tmp_path / "d.jsonl")
     monkeypatch.chdir("/")  # a later stage, somewhere else, loads the same data from the record
     again = load_data(OmegaConf.create(data.config))
     assert again.fingerprint == data.fingerprint
-    assert load_data(_cfg(source="bbc-news"), task="classification").config["source"] == "bbc-news"  # builtin names stay names
+    assert (
+        load_data(_cfg(source="bbc-news"), task="classification").config["source"] == "bbc-news"
+    )  # builtin names stay names
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv not installed")
 def test_kjv_gives_one_document_per_chapter():
     dsd = load_splits(_cfg(source="kjv", split_ratio=[0.9, 0.05, 0.05]))
     assert sum(len(d) for d in dsd.values()) == 1189  # chapters in the KJV
-    assert any("In the beginning God created" in t for t in dsd["train"]["text"][:] + dsd["validation"]["text"][:] + dsd["test"]["text"][:])
+    assert any(
+        "In the beginning God created" in t
+        for t in dsd["train"]["text"][:] + dsd["validation"]["text"][:] + dsd["test"]["text"][:]
+    )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
@@ -86,7 +108,11 @@ def test_tabular_files_with_a_named_text_column(tmp_path, fmt):
     rows = {"body": [f"document number {i} has some words in it." for i in range(30)]}
     path = tmp_path / f"data.{fmt}"
     ds = datasets.Dataset.from_dict(rows)
-    {"jsonl": lambda: ds.to_json(str(path)), "csv": lambda: ds.to_csv(str(path)), "parquet": lambda: ds.to_parquet(str(path))}[fmt]()
+    {
+        "jsonl": lambda: ds.to_json(str(path)),
+        "csv": lambda: ds.to_csv(str(path)),
+        "parquet": lambda: ds.to_parquet(str(path)),
+    }[fmt]()
     dsd = load_splits(_cfg(train=str(path), text_column="body", split_ratio=[0.8, 0.2, 0.0]))
     assert len(dsd["train"]) + len(dsd["validation"]) == 30 and "text" in dsd["train"].column_names
     with pytest.raises(LlmctlError, match="no text column 'review'"):
@@ -113,8 +139,9 @@ def test_missing_and_empty_files_are_clear_errors(tmp_path):
 def _packed(corpus, tmp_path, objective, family):
     dsd = load_splits(_cfg(train=str(corpus), split_ratio=[0.8, 0.2, 0.0]))
     fp = fingerprint(dsd)
-    tok = train_tokenizer(dsd["train"]["text"], family=family, vocab_size=300, lowercase=True, max_len=32,
-                          cache_root=tmp_path, data_fp=fp)
+    tok = train_tokenizer(
+        dsd["train"]["text"], family=family, vocab_size=300, lowercase=True, max_len=32, cache_root=tmp_path, data_fp=fp
+    )
     return tok, pack_for_lm(dsd, tok, objective=objective, max_seq_len=32, seed=1, cache_root=tmp_path, data_fp=fp)
 
 
@@ -180,14 +207,20 @@ def test_the_bbc_split_is_unchanged_by_stratifying_plain_labels():
     assert a.fingerprint.startswith(BBC_FINGERPRINT)
 
 
-
 def test_text_in_another_encoding_is_read_with_data_encoding(tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait in Z\xfcrich.\nA second line, na\xefve.\nA third: \xa3 5.\nA fourth, \xbd.\n".encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes(
+        "Caf\xe9 au lait in Z\xfcrich.\nA second line, na\xefve.\nA third: \xa3 5.\nA fourth, \xbd.\n".encode("latin-1")
+    )
     cfg = _cfg(train=str(tmp_path / "latin1.txt"), split_ratio=[0.5, 0.5, 0.0])
     with pytest.raises(LlmctlError, match=r"not valid utf-8 text \(byte 0xe9 at offset 3\).*data.encoding"):
         load_splits(cfg)
     texts = load_splits(OmegaConf.merge(cfg, {"encoding": "latin-1"}))
-    assert {t for s in texts.values() for t in s["text"][:]} == {"Café au lait in Zürich.", "A second line, naïve.", "A third: £ 5.", "A fourth, ½."}
+    assert {t for s in texts.values() for t in s["text"][:]} == {
+        "Café au lait in Zürich.",
+        "A second line, naïve.",
+        "A third: £ 5.",
+        "A fourth, ½.",
+    }
 
 
 def test_local_files_are_cached_under_the_given_folder_not_the_home_cache(tmp_path):

@@ -9,14 +9,17 @@ from llmctl.core.device import device_spec, torchrun_command
 from llmctl.core.errors import LlmctlError
 
 
-@pytest.mark.parametrize("cfg, world, rank, visible, expected", [
-    ("cpu", 1, 0, None, "cpu"),
-    ("auto", 1, 0, None, "cuda:0"),
-    ("cuda", 2, 1, None, "cuda:1"),          # under torchrun: the GPU of LOCAL_RANK
-    ("cuda:3", 1, 0, None, "cuda:3"),        # one process: the named GPU
-    ([2, 3], 2, 1, None, "cuda:3"),          # device=[2,3]: rank 1 takes GPU 3
-    ([2, 3], 2, 1, "2,3", "cuda:1"),         # ... which is cuda:1 once CUDA_VISIBLE_DEVICES=2,3
-])
+@pytest.mark.parametrize(
+    "cfg, world, rank, visible, expected",
+    [
+        ("cpu", 1, 0, None, "cpu"),
+        ("auto", 1, 0, None, "cuda:0"),
+        ("cuda", 2, 1, None, "cuda:1"),  # under torchrun: the GPU of LOCAL_RANK
+        ("cuda:3", 1, 0, None, "cuda:3"),  # one process: the named GPU
+        ([2, 3], 2, 1, None, "cuda:3"),  # device=[2,3]: rank 1 takes GPU 3
+        ([2, 3], 2, 1, "2,3", "cuda:1"),  # ... which is cuda:1 once CUDA_VISIBLE_DEVICES=2,3
+    ],
+)
 def test_each_rank_gets_its_own_device(cfg, world, rank, visible, expected):
     assert device_spec(cfg, world_size=world, local_rank=rank, cuda=True, visible=visible) == expected
 
@@ -44,13 +47,18 @@ def test_a_sweep_over_gpus_starts_one_torchrun_per_job_with_that_jobs_values(cor
 
     monkeypatch.setattr(subprocess, "call", fake_call)
     (tmp_path / "conf" / "conf").mkdir(parents=True)
-    code, err = run_inprocess("pretrain", "-m", "--config-dir", str(tmp_path / "conf"),
-                              *tiny("clm", corpus, tmp_path, "device=[0,1]", "train.lr=3e-4,1e-3"))
+    code, err = run_inprocess(
+        "pretrain",
+        "-m",
+        "--config-dir",
+        str(tmp_path / "conf"),
+        *tiny("clm", corpus, tmp_path, "device=[0,1]", "train.lr=3e-4,1e-3"),
+    )
     assert code == 0, err
     assert len(calls) == 2  # one torchrun per job, not the whole sweep inside each
     for (cmd, visible), lr in zip(calls, ("0.0003", "0.001")):
-        assert visible == "0,1" and "--nproc-per-node=2" in cmd and "-m" in cmd[:cmd.index("llmctl")]
-        rest = cmd[cmd.index("llmctl") + 1:]
+        assert visible == "0,1" and "--nproc-per-node=2" in cmd and "-m" in cmd[: cmd.index("llmctl")]
+        rest = cmd[cmd.index("llmctl") + 1 :]
         assert rest[0] == "pretrain" and "-m" not in rest and "--multirun" not in rest
         assert [a for a in rest if a.startswith("train.lr=")] == [f"train.lr={lr}"]
         assert "device=[0,1]" in rest and rest[rest.index("--config-dir") + 1] == str(tmp_path / "conf")
@@ -58,4 +66,13 @@ def test_a_sweep_over_gpus_starts_one_torchrun_per_job_with_that_jobs_values(cor
 
 def test_torchrun_command_runs_llmctl_on_every_gpu():
     cmd = torchrun_command("finetune", [0, 1, 2], ["task=ner"], [])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m", "llmctl", "finetune", "task=ner"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=3",
+        "-m",
+        "llmctl",
+        "finetune",
+        "task=ner",
+    ]

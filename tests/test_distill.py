@@ -23,9 +23,21 @@ def teacher(tmp_path_factory, bases, reviews):
 
 
 def _distill(root, *extra):
-    code, err = run_inprocess("distill", "teacher=finetune/t", "train.max_steps=60", "train.batch_size=8", "train.eval_every=20",
-                              "train.lr=3e-3", "patience=0", "precision=fp32", f"output_root={root}", "cost.runs=3",
-                              "cost.throughput_runs=1", "cost.seq_len=32", *extra)
+    code, err = run_inprocess(
+        "distill",
+        "teacher=finetune/t",
+        "train.max_steps=60",
+        "train.batch_size=8",
+        "train.eval_every=20",
+        "train.lr=3e-3",
+        "patience=0",
+        "precision=fp32",
+        f"output_root={root}",
+        "cost.runs=3",
+        "cost.throughput_runs=1",
+        "cost.seq_len=32",
+        *extra,
+    )
     assert code == 0, err
 
 
@@ -36,11 +48,16 @@ def test_a_student_from_teacher_layers_learns_the_teachers_task_and_records_both
     m = res.manifest
     assert [p["role"] for p in m["parents"]] == ["teacher"] and m["parents"][0]["ref"] == "finetune/t@v001"
     teacher_acc = m["metrics"]["teacher/test/accuracy"]
-    assert m["metrics"]["test/accuracy"] >= 0.6 and teacher_acc >= 0.6, m["metrics"]  # 5 topics: chance is 0.2; seeded runs reach 0.8
+    assert m["metrics"]["test/accuracy"] >= 0.6 and teacher_acc >= 0.6, m[
+        "metrics"
+    ]  # 5 topics: chance is 0.2; seeded runs reach 0.8
     assert m["distill"]["kept_layers"] == [0] and m["distill"]["init"] == "from teacher layers [0]"
     before, after = m["compare"]["teacher"], m["compare"]["student"]
     assert before["primary"]["value"] == pytest.approx(teacher_acc)
-    assert after["cost"]["parameters"] < before["cost"]["parameters"] and after["cost"]["size_bytes"] < before["cost"]["size_bytes"]
+    assert (
+        after["cost"]["parameters"] < before["cost"]["parameters"]
+        and after["cost"]["size_bytes"] < before["cost"]["size_bytes"]
+    )
     assert after["delta"]["metric"] == pytest.approx(after["primary"]["value"] - before["primary"]["value"])
     log = [json.loads(line) for line in (res.path / "metrics.jsonl").read_text().splitlines()]
     terms = [r for r in log if "loss/kd" in r]
@@ -56,13 +73,29 @@ def test_a_random_student_and_an_existing_checkpoint_as_student(teacher):
     store = Store(teacher)
     assert store.resolve("distill/r").manifest["distill"]["init"] == "random init"
     again = store.resolve("distill/again").manifest
-    assert [p["role"] for p in again["parents"]] == ["init", "teacher"] and again["parents"][0]["ref"] == "distill/s@v001"
+    assert [p["role"] for p in again["parents"]] == ["init", "teacher"] and again["parents"][0][
+        "ref"
+    ] == "distill/s@v001"
 
 
 def test_a_causal_lm_distils_next_token_logits_on_a_text_corpus(tmp_path, bases, corpus):
-    code, err = run_inprocess("distill", f"teacher={bases['gpt']}", "data=files", f"data.train={corpus}", "student.num_layers=1",
-                              "distill.hidden_weight=1.0", "train.max_steps=30", "train.batch_size=8", "train.eval_every=10",
-                              "train.lr=3e-3", "patience=0", "precision=fp32", f"output_root={tmp_path}", "name=g", "cost.enabled=false")
+    code, err = run_inprocess(
+        "distill",
+        f"teacher={bases['gpt']}",
+        "data=files",
+        f"data.train={corpus}",
+        "student.num_layers=1",
+        "distill.hidden_weight=1.0",
+        "train.max_steps=30",
+        "train.batch_size=8",
+        "train.eval_every=10",
+        "train.lr=3e-3",
+        "patience=0",
+        "precision=fp32",
+        f"output_root={tmp_path}",
+        "name=g",
+        "cost.enabled=false",
+    )
     assert code == 0, err
     res = Store(tmp_path).resolve("distill/g")
     assert res.manifest["task"]["name"] == "clm" and res.manifest["kind"] == "causal-lm"

@@ -46,8 +46,17 @@ def _ft(w: World, *extra: str) -> list[str]:
 
 
 def _ft_files(w: World, train: str, *extra: str) -> list[str]:
-    return ["finetune", "task=classification", f"init_from={w.bases['enc']}", "data=files", f"data.train={train}", "precision=fp32",
-            f"output_root={w.out}", "train.max_steps=2", *extra]
+    return [
+        "finetune",
+        "task=classification",
+        f"init_from={w.bases['enc']}",
+        "data=files",
+        f"data.train={train}",
+        "precision=fp32",
+        f"output_root={w.out}",
+        "train.max_steps=2",
+        *extra,
+    ]
 
 
 def _resume(w: World, *extra: str) -> list[str]:
@@ -83,21 +92,42 @@ def _at(w: World, root: Path) -> World:
 
 CASES = {  # id → (the command line, fragments the error line must hold)
     # data files
-    "latin-1 .txt": (lambda w: _pre(w, f"data.train={w.files / 'latin1.txt'}"), ["latin1.txt", "not valid utf-8", "offset 7", "data.encoding="]),
-    "latin-1 .csv": (lambda w: _ft_files(w, str(w.files / "latin1.csv")), ["latin1.csv", "not valid utf-8", "offset", "data.encoding="]),
+    "latin-1 .txt": (
+        lambda w: _pre(w, f"data.train={w.files / 'latin1.txt'}"),
+        ["latin1.txt", "not valid utf-8", "offset 7", "data.encoding="],
+    ),
+    "latin-1 .csv": (
+        lambda w: _ft_files(w, str(w.files / "latin1.csv")),
+        ["latin1.csv", "not valid utf-8", "offset", "data.encoding="],
+    ),
     "binary file as .txt": (lambda w: _pre(w, f"data.train={w.files / 'binary.txt'}"), ["binary.txt", "binary"]),
     "header-only csv": (lambda w: _ft_files(w, str(w.files / "header.csv")), ["header.csv", "header but no rows"]),
-    "malformed jsonl": (lambda w: _pre(w, f"data.train={w.files / 'broken.jsonl'}"), ["broken.jsonl", "cannot read", "json"]),
-    "split_ratio [1,0,0]": (lambda w: _pre(w, "data.split_ratio=[1,0,0]"), ["data.split_ratio=[1,0,0]", "validation share"]),
-    "split_ratio negative": (lambda w: _pre(w, "data.split_ratio=[0.9,-0.1,0.2]"), ["data.split_ratio", "non-negative"]),
-    "unknown encoding": (lambda w: _pre(w, "data.encoding=klingon"), ["data.encoding=klingon", "unknown text encoding"]),
+    "malformed jsonl": (
+        lambda w: _pre(w, f"data.train={w.files / 'broken.jsonl'}"),
+        ["broken.jsonl", "cannot read", "json"],
+    ),
+    "split_ratio [1,0,0]": (
+        lambda w: _pre(w, "data.split_ratio=[1,0,0]"),
+        ["data.split_ratio=[1,0,0]", "validation share"],
+    ),
+    "split_ratio negative": (
+        lambda w: _pre(w, "data.split_ratio=[0.9,-0.1,0.2]"),
+        ["data.split_ratio", "non-negative"],
+    ),
+    "unknown encoding": (
+        lambda w: _pre(w, "data.encoding=klingon"),
+        ["data.encoding=klingon", "unknown text encoding"],
+    ),
     # values of the wrong type or range (the typed schema)
     "train.lr=abc": (lambda w: _pre(w, "train.lr=abc"), ["train.lr=abc", "must be a number", "set train.lr="]),
     "train.lr=0": (lambda w: _pre(w, "train.lr=0"), ["train.lr=0", "must be above 0;"]),
     "train.lr=inf": (lambda w: _pre(w, "train.lr=inf"), ["train.lr=inf", "finite", "set train.lr="]),
     "seed=abc": (lambda w: _pre(w, "seed=abc"), ["seed=abc", "whole number"]),
     "seed=1.5": (lambda w: _pre(w, "seed=1.5"), ["seed=1.5", "whole number"]),
-    "train.batch_size=0": (lambda w: _pre(w, "train.batch_size=0"), ["train.batch_size=0", "must be at least 1; set train.batch_size=1 or more"]),
+    "train.batch_size=0": (
+        lambda w: _pre(w, "train.batch_size=0"),
+        ["train.batch_size=0", "must be at least 1; set train.batch_size=1 or more"],
+    ),
     "train.max_steps=-5": (lambda w: _pre(w, "train.max_steps=-5"), ["train.max_steps=-5", "must be at least 0"]),
     "train.grad_accum=0": (lambda w: _pre(w, "train.grad_accum=0"), ["train.grad_accum=0"]),
     "train.warmup_ratio=2": (lambda w: _pre(w, "train.warmup_ratio=2"), ["train.warmup_ratio=2", "must be at most 1"]),
@@ -111,7 +141,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "data.max_seq_len=abc": (lambda w: _pre(w, "data.max_seq_len=abc"), ["data.max_seq_len=abc", "whole number"]),
     "data.max_docs=0": (lambda w: _pre(w, "data.max_docs=0"), ["data.max_docs=0"]),
     "tokenizer.vocab_size=10": (lambda w: _pre(w, "tokenizer.vocab_size=10"), ["tokenizer.vocab_size=10"]),
-    "mlm_probability=1.5": (lambda w: ["pretrain", *tiny("mlm", w.corpus, w.out, "mlm_probability=1.5")], ["mlm_probability=1.5"]),
+    "mlm_probability=1.5": (
+        lambda w: ["pretrain", *tiny("mlm", w.corpus, w.out, "mlm_probability=1.5")],
+        ["mlm_probability=1.5"],
+    ),
     "objective=gpt": (lambda w: _pre(w, "objective=gpt"), ["objective=gpt", "mlm", "clm"]),
     "precision=fp8": (lambda w: _pre(w, "precision=fp8"), ["precision=fp8", "fp32", "bf16"]),
     "device=gpu": (lambda w: _pre(w, "device=gpu"), ["device=gpu", "cuda:N"]),
@@ -121,7 +154,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "method.dropout=1": (lambda w: _ft(w, "method=lora", "method.dropout=1"), ["method.dropout=1"]),
     "objective_mode=up": (lambda w: _pre(w, "objective_mode=up"), ["objective_mode=up", "min", "max"]),
     # config groups a stage does not take, keys and presets that do not exist
-    "pretrain method=full": (lambda w: _pre(w, "method=full"), ["takes no config group 'method'", "conf", "drop method="]),
+    "pretrain method=full": (
+        lambda w: _pre(w, "method=full"),
+        ["takes no config group 'method'", "conf", "drop method="],
+    ),
     "finetune conf=bert-tiny": (lambda w: _ft(w, "conf=bert-tiny"), ["takes no config group 'conf'", "method"]),
     "unknown key": (lambda w: _pre(w, "train.lrr=1"), ["train.lrr", "did you mean train.lr"]),
     "unknown preset": (lambda w: _pre(w, "model=bert-huge"), ["model=bert-huge", "bert-tiny"]),
@@ -129,83 +165,190 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "output_root is a file": (lambda w: _pre(_at(w, w.files / "latin1.txt")), ["output_root=", "is a file"]),
     "bad name": (lambda w: _pre(w, "name=a b"), ["name='a b'", "letters, digits"]),
     "init_from missing": (lambda w: _ft(w, f"init_from={w.out / 'nope'}"), ["init_from", "nope"]),
-    "init_from truncated safetensors (HF folder)": (lambda w: _ft(w, f"init_from={w.files / 'truncated'}"),
-                                                    ["model.safetensors", "truncated"]),
-    "init_from with weights changed in place": (lambda w: _pre(_at(w, w.published), "init_from=pretrain/p", "name=q"),
-                                                ["pretrain/p@v001", "do not match the manifest"]),
+    "init_from truncated safetensors (HF folder)": (
+        lambda w: _ft(w, f"init_from={w.files / 'truncated'}"),
+        ["model.safetensors", "truncated"],
+    ),
+    "init_from with weights changed in place": (
+        lambda w: _pre(_at(w, w.published), "init_from=pretrain/p", "name=q"),
+        ["pretrain/p@v001", "do not match the manifest"],
+    ),
     # what the model cannot take
-    "data.max_seq_len above the positions": (lambda w: _ft(w, "data.max_seq_len=100000"), ["data.max_seq_len=100000", "positions"]),
-    "freeze more layers than there are": (lambda w: _ft(w, "method=freeze", "method.freeze_layers=99"), ["method.freeze_layers=99", "layers"]),
+    "data.max_seq_len above the positions": (
+        lambda w: _ft(w, "data.max_seq_len=100000"),
+        ["data.max_seq_len=100000", "positions"],
+    ),
+    "freeze more layers than there are": (
+        lambda w: _ft(w, "method=freeze", "method.freeze_layers=99"),
+        ["method.freeze_layers=99", "layers"],
+    ),
     "sft on an encoder": (lambda w: _ft(w, "task=sft"), ["task=sft", "causal LM"]),
     # resume: only what the interrupted run was
     "resume a different model": (lambda w: _resume(w, "model.config.n_embd=48"), ["resume", "another model"]),
     "resume with other data": (lambda w: _resume(w, "data.max_docs=20"), ["resume", "trained with other data"]),
     "resume with another lr": (lambda w: _resume(w, "train.lr=0.01"), ["resume", "train.lr=", "now 0.01"]),
     "resume with another batch size": (lambda w: _resume(w, "train.batch_size=4"), ["resume", "train.batch_size=8"]),
-    "resume shorter than done": (lambda w: _resume(w, "train.max_steps=2"), ["resume", "steps already", "train.max_steps=2"]),
+    "resume shorter than done": (
+        lambda w: _resume(w, "train.max_steps=2"),
+        ["resume", "steps already", "train.max_steps=2"],
+    ),
     # generate
-    "generate on an encoder": (lambda w: _gen(w, f"ckpt={w.bases['enc']}", "prompt=hi"), ["is a mlm checkpoint", "needs a causal LM"]),
+    "generate on an encoder": (
+        lambda w: _gen(w, f"ckpt={w.bases['enc']}", "prompt=hi"),
+        ["is a mlm checkpoint", "needs a causal LM"],
+    ),
     "generate without a prompt": (lambda w: _gen(w), ["prompt=", "prompts_file="]),
-    "generate from an empty prompts file": (lambda w: _gen(w, f"prompts_file={w.files / 'empty.txt'}"), ["empty.txt", "no prompts"]),
-    "generate from a latin-1 prompts file": (lambda w: _gen(w, f"prompts_file={w.files / 'latin1.txt'}"), ["latin1.txt", "not valid utf-8"]),
-    "generate from a missing checkpoint": (lambda w: _gen(w, "ckpt=pretrain/ghost", "prompt=hi"), ["ckpt", "pretrain/ghost"]),
-    "generate into a missing folder": (lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"), ["out=", "does not exist"]),
-    "generate past the model's positions": (lambda w: _gen(w, "prompt=hi", "max_new_tokens=5000"), ["max_new_tokens=5000", "positions"]),
+    "generate from an empty prompts file": (
+        lambda w: _gen(w, f"prompts_file={w.files / 'empty.txt'}"),
+        ["empty.txt", "no prompts"],
+    ),
+    "generate from a latin-1 prompts file": (
+        lambda w: _gen(w, f"prompts_file={w.files / 'latin1.txt'}"),
+        ["latin1.txt", "not valid utf-8"],
+    ),
+    "generate from a missing checkpoint": (
+        lambda w: _gen(w, "ckpt=pretrain/ghost", "prompt=hi"),
+        ["ckpt", "pretrain/ghost"],
+    ),
+    "generate into a missing folder": (
+        lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"),
+        ["out=", "does not exist"],
+    ),
+    "generate past the model's positions": (
+        lambda w: _gen(w, "prompt=hi", "max_new_tokens=5000"),
+        ["max_new_tokens=5000", "positions"],
+    ),
     "generate sample.top_p=0": (lambda w: _gen(w, "prompt=hi", "sample.top_p=0"), ["sample.top_p=0"]),
     # eval
-    "eval on a split the data lacks": (lambda w: _ev(_at(w, w.published), "ckpt=finetune/c", "split=holdout"),
-                                       ["split=holdout", "no holdout split", "train, validation, test"]),
-    "eval of a missing checkpoint": (lambda w: _ev(w, "ckpt=[finetune/ghost]"), ["ckpt", "finetune/ghost", "ckpt list"]),
-    "eval of a folder with no data": (lambda w: _ev(w, f"ckpt={w.files / 'truncated'}"), ["records no data", "data=<preset>"]),
-    "eval of the same checkpoint twice": (lambda w: _ev(w, f"ckpt=[{w.bases['gpt']},{w.bases['gpt']}]"), ["named twice"]),
-    "eval with a report path that is a file": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", f"report={w.files / 'empty.txt'}"),
-                                               ["report=", "is a file"]),
-    "eval with a harness task that does not exist": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "harness.tasks=[llmctl_arithmetic_x]"),
-                                                     ["harness.tasks", "llmctl_arithmetic_x", "include_path"]),
-    "eval with harness tasks on an encoder": (lambda w: _ev(w, f"ckpt={w.bases['enc']}", "harness.tasks=[llmctl_arith]"),
-                                              ["is a mlm checkpoint", "causal LMs"]),
+    "eval on a split the data lacks": (
+        lambda w: _ev(_at(w, w.published), "ckpt=finetune/c", "split=holdout"),
+        ["split=holdout", "no holdout split", "train, validation, test"],
+    ),
+    "eval of a missing checkpoint": (
+        lambda w: _ev(w, "ckpt=[finetune/ghost]"),
+        ["ckpt", "finetune/ghost", "ckpt list"],
+    ),
+    "eval of a folder with no data": (
+        lambda w: _ev(w, f"ckpt={w.files / 'truncated'}"),
+        ["records no data", "data=<preset>"],
+    ),
+    "eval of the same checkpoint twice": (
+        lambda w: _ev(w, f"ckpt=[{w.bases['gpt']},{w.bases['gpt']}]"),
+        ["named twice"],
+    ),
+    "eval with a report path that is a file": (
+        lambda w: _ev(w, f"ckpt={w.bases['gpt']}", f"report={w.files / 'empty.txt'}"),
+        ["report=", "is a file"],
+    ),
+    "eval with a harness task that does not exist": (
+        lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "harness.tasks=[llmctl_arithmetic_x]"),
+        ["harness.tasks", "llmctl_arithmetic_x", "include_path"],
+    ),
+    "eval with harness tasks on an encoder": (
+        lambda w: _ev(w, f"ckpt={w.bases['enc']}", "harness.tasks=[llmctl_arith]"),
+        ["is a mlm checkpoint", "causal LMs"],
+    ),
     "eval cost.runs=0": (lambda w: _ev(w, f"ckpt={w.bases['gpt']}", "cost.runs=0"), ["cost.runs=0", "at least 1"]),
     # distill
-    "distill an MLM teacher": (lambda w: _ds(w, f"teacher={w.bases['enc']}"), ["is a mlm checkpoint", "seq-cls, token-cls, causal-lm"]),
-    "distill into a student of another vocabulary": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['nerenc']}"),
-                                                     ["another vocabulary", "one tokenizer"]),
-    "distill into a student of another family": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['gpt']}"),
-                                                 ["gpt2", "bert", "family"]),
-    "distill a quantized teacher": (lambda w: _ds(_at(w, w.published), "teacher=quantize/q"), ["quantize/q", "quantized", "floating-point"]),
-    "distill student.num_layers too deep": (lambda w: _ds(_at(w, w.published), "teacher=finetune/c", "student.num_layers=9"),
-                                            ["student.num_layers=9", "1..2"]),
+    "distill an MLM teacher": (
+        lambda w: _ds(w, f"teacher={w.bases['enc']}"),
+        ["is a mlm checkpoint", "seq-cls, token-cls, causal-lm"],
+    ),
+    "distill into a student of another vocabulary": (
+        lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['nerenc']}"),
+        ["another vocabulary", "one tokenizer"],
+    ),
+    "distill into a student of another family": (
+        lambda w: _ds(_at(w, w.published), "teacher=finetune/c", f"student={w.bases['gpt']}"),
+        ["gpt2", "bert", "family"],
+    ),
+    "distill a quantized teacher": (
+        lambda w: _ds(_at(w, w.published), "teacher=quantize/q"),
+        ["quantize/q", "quantized", "floating-point"],
+    ),
+    "distill student.num_layers too deep": (
+        lambda w: _ds(_at(w, w.published), "teacher=finetune/c", "student.num_layers=9"),
+        ["student.num_layers=9", "1..2"],
+    ),
     "distill distill.alpha=2": (lambda w: _ds(w, "teacher=x", "distill.alpha=2"), ["distill.alpha=2", "at most 1"]),
     # prune
     "prune amount=1.5": (lambda w: _pr(w, "init_from=x", "amount=1.5"), ["amount=1.5", "below 1"]),
     "prune amount=0": (lambda w: _pr(w, "init_from=x", "amount=0"), ["amount=0", "above 0"]),
     "prune without init_from": (lambda w: _pr(w), ["init_from="]),
-    "prune more heads than exist": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=structured", "prune.heads=5"),
-                                    ["prune.heads=5", "removes all 2 heads"]),
-    "prune heads that split a key-value group": (lambda w: _pr(w, f"init_from={w.files / 'llama'}", "data=files", f"data.train={w.corpus}",
-                                                           "method=structured", "prune.heads=3"),
-                                                 ["prune.heads=3", "whole multiple of 2", "key-value group"]),
-    "prune a quantized checkpoint": (lambda w: _pr(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantized", "its parent"]),
-    "prune method=lora": (lambda w: _pr(w, "init_from=x", "method=lora"), ["method.name=lora", "magnitude, structured or layers"]),
-    "prune layers without a choice": (lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=layers"), ["prune.keep_layers"]),
+    "prune more heads than exist": (
+        lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=structured", "prune.heads=5"),
+        ["prune.heads=5", "removes all 2 heads"],
+    ),
+    "prune heads that split a key-value group": (
+        lambda w: _pr(
+            w,
+            f"init_from={w.files / 'llama'}",
+            "data=files",
+            f"data.train={w.corpus}",
+            "method=structured",
+            "prune.heads=3",
+        ),
+        ["prune.heads=3", "whole multiple of 2", "key-value group"],
+    ),
+    "prune a quantized checkpoint": (
+        lambda w: _pr(_at(w, w.published), "init_from=quantize/q"),
+        ["quantize/q", "quantized", "its parent"],
+    ),
+    "prune method=lora": (
+        lambda w: _pr(w, "init_from=x", "method=lora"),
+        ["method.name=lora", "magnitude, structured or layers"],
+    ),
+    "prune layers without a choice": (
+        lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "method=layers"),
+        ["prune.keep_layers"],
+    ),
     # quantize
     "quantize without init_from": (lambda w: _qz(w), ["init_from="]),
-    "quantize method=lora": (lambda w: _qz(w, "init_from=x", "method=lora"), ["method.name=lora", "int8-dynamic", "qat"]),
-    "quantize int8-dynamic in groups": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.group_size=32"),
-                                        ["quantize.group_size", "int8-dynamic", "output channel"]),
-    "quantize int4 groups of 48": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=48"),
-                                   ["quantize.group_size=48", "power of two"]),
-    "quantize qat toward int8-dynamic": (lambda w: _qz(w, "init_from=x", "method=qat", "method.base=int8-dynamic"),
-                                         ["method.base=int8-dynamic", "int4-weight"]),
-    "quantize a skip pattern that matches nothing": (lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.skip=[clasifier]"),
-                                                     ["quantize.skip", "clasifier", "matches no module"]),
-    "quantize a quantized checkpoint": (lambda w: _qz(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "quantize its parent finetune/c"]),
-    "finetune a quantized checkpoint": (lambda w: _ft(_at(w, w.published), "init_from=quantize/q"), ["quantize/q", "finetune its parent"]),
+    "quantize method=lora": (
+        lambda w: _qz(w, "init_from=x", "method=lora"),
+        ["method.name=lora", "int8-dynamic", "qat"],
+    ),
+    "quantize int8-dynamic in groups": (
+        lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.group_size=32"),
+        ["quantize.group_size", "int8-dynamic", "output channel"],
+    ),
+    "quantize int4 groups of 48": (
+        lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=48"),
+        ["quantize.group_size=48", "power of two"],
+    ),
+    "quantize qat toward int8-dynamic": (
+        lambda w: _qz(w, "init_from=x", "method=qat", "method.base=int8-dynamic"),
+        ["method.base=int8-dynamic", "int4-weight"],
+    ),
+    "quantize a skip pattern that matches nothing": (
+        lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.skip=[clasifier]"),
+        ["quantize.skip", "clasifier", "matches no module"],
+    ),
+    "quantize a quantized checkpoint": (
+        lambda w: _qz(_at(w, w.published), "init_from=quantize/q"),
+        ["quantize/q", "quantize its parent finetune/c"],
+    ),
+    "finetune a quantized checkpoint": (
+        lambda w: _ft(_at(w, w.published), "init_from=quantize/q"),
+        ["quantize/q", "finetune its parent"],
+    ),
     # ckpt
-    "ckpt list of a missing root": (lambda w: ["ckpt", "list", "-o", str(w.out / "typo")], ["no checkpoint store", "typo"]),
-    "ckpt show of a missing ref": (lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)], ["pretrain/nope"]),
-    "ckpt rm a parent without --yes": (lambda w: ["ckpt", "rm", "pretrain/p@all", "-o", str(w.published)],
-                                       ["pretrain/p@all", "--yes"]),
-    "ckpt gc --older-than=soon": (lambda w: ["ckpt", "gc", "--older-than", "soon", "-o", str(w.published)], ["--older-than", "90s"]),
+    "ckpt list of a missing root": (
+        lambda w: ["ckpt", "list", "-o", str(w.out / "typo")],
+        ["no checkpoint store", "typo"],
+    ),
+    "ckpt show of a missing ref": (
+        lambda w: ["ckpt", "show", "pretrain/nope", "-o", str(w.published)],
+        ["pretrain/nope"],
+    ),
+    "ckpt rm a parent without --yes": (
+        lambda w: ["ckpt", "rm", "pretrain/p@all", "-o", str(w.published)],
+        ["pretrain/p@all", "--yes"],
+    ),
+    "ckpt gc --older-than=soon": (
+        lambda w: ["ckpt", "gc", "--older-than", "soon", "-o", str(w.published)],
+        ["--older-than", "90s"],
+    ),
 }
 
 
@@ -226,8 +369,17 @@ def files(tmp_path_factory, bases) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(bases["gpt"])  # a tiny Llama with grouped-query attention: 6 heads in 3 groups
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3,
-                                 head_dim=8, intermediate_size=64)).save_pretrained(d / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=8,
+            intermediate_size=64,
+        )
+    ).save_pretrained(d / "llama")
     tok.save_pretrained(d / "llama")
     return d
 
@@ -237,7 +389,9 @@ def published(tmp_path_factory, corpus, bases, reviews) -> Path:
     """pretrain/p@v001 whose weights were then overwritten in place (same size), and a child of it."""
     root = tmp_path_factory.mktemp("published")
     assert run_inprocess("pretrain", *tiny("clm", corpus, root, "name=p", "train.max_steps=2"))[0] == 0
-    code, err = run_inprocess("finetune", *cls_args(bases, reviews, root, f"init_from={bases['enc']}", "name=c", "train.max_steps=2"))
+    code, err = run_inprocess(
+        "finetune", *cls_args(bases, reviews, root, f"init_from={bases['enc']}", "name=c", "train.max_steps=2")
+    )
     assert code == 0, err
     store = Store(root)
     manifest = store.resolve("finetune/c").path / "llmctl.json"
@@ -282,12 +436,17 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every path in the store with its size and mtime, except the shared cache (lock files: only that they exist)."""
     if not root.is_dir():
         return {".": (root.stat().st_size, root.stat().st_mtime_ns)} if root.exists() else {}
-    return {str(p.relative_to(root)): (0, 0) if p.name.endswith(".lock") else (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if ".cache" not in p.relative_to(root).parts}  # a lock file holds the pid of whoever looked
+    return {
+        str(p.relative_to(root)): (0, 0) if p.name.endswith(".lock") else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if ".cache" not in p.relative_to(root).parts
+    }  # a lock file holds the pid of whoever looked
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, files, corpus, bases, reviews, interrupted, published):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    case, tmp_path, files, corpus, bases, reviews, interrupted, published
+):
     build, fragments = CASES[case]
     stores = {"interrupted": tmp_path / "interrupted", "published": tmp_path / "published"}
     shutil.copytree(interrupted, stores["interrupted"])

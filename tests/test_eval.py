@@ -24,10 +24,33 @@ def trained(tmp_path_factory, bases, reviews, corpus):
     runs = [
         ("finetune", *cls_args(bases, reviews, root, "name=cls", "train.max_steps=60")),
         ("finetune", *cls_args(bases, reviews, root, "name=child", "init_from=finetune/cls", "train.max_steps=4")),
-        ("finetune", "task=ner", "data=conll-fixture", f"init_from={bases['nerenc']}", "name=ner", "train.max_steps=20",
-         "train.batch_size=16", "train.eval_every=20", "train.lr=3e-3", "data.max_seq_len=48", "precision=fp32", f"output_root={root}"),
-        ("finetune", "task=sft", "data=tiny-instruct", f"init_from={bases['gpt']}", "name=sft", "train.max_steps=10", "train.batch_size=8",
-         "train.eval_every=10", "sft.num_samples=0", "precision=fp32", f"output_root={root}"),
+        (
+            "finetune",
+            "task=ner",
+            "data=conll-fixture",
+            f"init_from={bases['nerenc']}",
+            "name=ner",
+            "train.max_steps=20",
+            "train.batch_size=16",
+            "train.eval_every=20",
+            "train.lr=3e-3",
+            "data.max_seq_len=48",
+            "precision=fp32",
+            f"output_root={root}",
+        ),
+        (
+            "finetune",
+            "task=sft",
+            "data=tiny-instruct",
+            f"init_from={bases['gpt']}",
+            "name=sft",
+            "train.max_steps=10",
+            "train.batch_size=8",
+            "train.eval_every=10",
+            "sft.num_samples=0",
+            "precision=fp32",
+            f"output_root={root}",
+        ),
         ("pretrain", *tiny("clm", corpus, root, "name=gpt", "train.max_steps=20", "train.lr=3e-3")),
     ]
     for args in runs:
@@ -37,8 +60,19 @@ def trained(tmp_path_factory, bases, reviews, corpus):
 
 
 def _eval(root, *extra):
-    result = CliRunner().invoke(app, ["eval", "precision=fp32", f"output_root={root}", "cost.runs=3", "cost.throughput_runs=1",
-                                      "cost.batch_size=4", "cost.seq_len=32", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "precision=fp32",
+            f"output_root={root}",
+            "cost.runs=3",
+            "cost.throughput_runs=1",
+            "cost.batch_size=4",
+            "cost.seq_len=32",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 
@@ -50,7 +84,9 @@ def _record(root, ref: str) -> dict:
     return json.loads(files[-1].read_text())
 
 
-@pytest.mark.parametrize("ref, metric", [("finetune/cls", "accuracy"), ("finetune/ner", "f1"), ("finetune/sft", "loss")])
+@pytest.mark.parametrize(
+    "ref, metric", [("finetune/cls", "accuracy"), ("finetune/ner", "f1"), ("finetune/sft", "loss")]
+)
 def test_a_checkpoint_is_judged_on_its_own_task_and_split_with_no_flags(trained, ref, metric):
     manifest = Store(trained).resolve(ref).manifest
     before = {p.name for p in Store(trained).resolve(ref).path.iterdir()}
@@ -59,7 +95,9 @@ def test_a_checkpoint_is_judged_on_its_own_task_and_split_with_no_flags(trained,
     split = "test" if f"test/{metric}" in manifest["metrics"] else "validation"
     assert record["split"] == split and record["data"]["fingerprint"] == manifest["data"]["fingerprint"]
     recorded = manifest["metrics"][f"{'test' if split == 'test' else 'eval'}/{metric}"]
-    assert record["metrics"][metric] == pytest.approx(recorded, rel=1e-4, abs=1e-6)  # the fine-tune's own measurement, re-run from the manifest
+    assert record["metrics"][metric] == pytest.approx(
+        recorded, rel=1e-4, abs=1e-6
+    )  # the fine-tune's own measurement, re-run from the manifest
     if ref == "finetune/cls":
         assert len(record["metrics"]["confusion_matrix"]) == len(record["labels"]) == 5
         assert sum(map(sum, record["metrics"]["confusion_matrix"])) == record["data"]["examples"]
@@ -84,7 +122,9 @@ def test_cost_figures_are_measured_the_same_way_for_every_checkpoint(trained):
     assert cost["non_embedding_parameters"] == cost["parameters"] - embeddings
     assert cost["size_bytes"] == (path / "model.safetensors").stat().st_size
     assert 0 < cost["latency_ms_p50"] <= cost["latency_ms_p90"] and cost["latency_runs"] == 3
-    assert cost["throughput_seq_per_s"] > 0 and cost["throughput_tokens_per_s"] == pytest.approx(cost["throughput_seq_per_s"] * 32)
+    assert cost["throughput_seq_per_s"] > 0 and cost["throughput_tokens_per_s"] == pytest.approx(
+        cost["throughput_seq_per_s"] * 32
+    )
     weights = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
     assert cost["peak_memory_bytes"] >= weights
 
@@ -113,7 +153,14 @@ def test_a_comparison_writes_table_report_and_charts_with_deltas_against_parents
 def test_a_language_model_on_other_data_gets_perplexity_and_bits_per_byte(trained, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("\n".join(f"The coach said the team had played its best football on day {i}." for i in range(60)))
-    _eval(trained, "ckpt=pretrain/gpt", "data=files", f"data.train={other}", "data.split_ratio=[0.5,0.5,0]", "parents=false")
+    _eval(
+        trained,
+        "ckpt=pretrain/gpt",
+        "data=files",
+        f"data.train={other}",
+        "data.split_ratio=[0.5,0.5,0]",
+        "parents=false",
+    )
     record = _record(trained, "pretrain/gpt")
     own = Store(trained).resolve("pretrain/gpt").manifest["data"]["fingerprint"]
     assert record["split"] == "validation" and record["data"]["fingerprint"] != own  # no test split: validation
@@ -131,6 +178,8 @@ def test_a_plain_hf_folder_with_data_is_recorded_under_the_store(trained, bases,
 def test_a_base_language_model_is_judged_on_its_sft_childs_task_for_the_delta(trained, bases, tmp_path):
     _eval(trained, "ckpt=finetune/sft", f"report={tmp_path}", "cost.enabled=false", "samples=0")
     result = json.loads((tmp_path / "results.json").read_text())[0]
-    parent = json.loads(next((trained / "evals").rglob("sft-*.json")).read_text())  # the base GPT's record, outside the store
+    parent = json.loads(
+        next((trained / "evals").rglob("sft-*.json")).read_text()
+    )  # the base GPT's record, outside the store
     assert parent["task"] == "sft" and parent["path"] == str(bases["gpt"])
     assert result["delta"]["metric"] == pytest.approx(result["metrics"]["perplexity"] - parent["metrics"]["perplexity"])

@@ -4,15 +4,27 @@ import json
 
 import pytest
 import torch
-from conftest import cls_args as _cls_args, metrics_log, run_inprocess
-from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                          AutoTokenizer)
+from conftest import cls_args as _cls_args
+from conftest import metrics_log, run_inprocess
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 from llmctl.core.store import Store
 
 
-@pytest.mark.parametrize("method, extra, min_accuracy", [  # chance is 0.2; fewer trainable weights learn slower
-    ("full", [], 0.4), ("freeze", ["method.freeze_layers=1"], 0.3), ("lora", ["method.lr=1e-2"], 0.3)])
+@pytest.mark.parametrize(
+    "method, extra, min_accuracy",
+    [  # chance is 0.2; fewer trainable weights learn slower
+        ("full", [], 0.4),
+        ("freeze", ["method.freeze_layers=1"], 0.3),
+        ("lora", ["method.lr=1e-2"], 0.3),
+    ],
+)
 def test_classification_learns_with_each_method(bases, reviews, tmp_path, method, extra, min_accuracy):
     code, err = run_inprocess("finetune", *_cls_args(bases, reviews, tmp_path, f"method={method}", "name=c", *extra))
     assert code == 0, err
@@ -35,17 +47,32 @@ def test_classification_learns_with_each_method(bases, reviews, tmp_path, method
         words = base.bert.embeddings.word_embeddings.weight
         assert not torch.equal(base.cls.predictions.decoder.weight, words)  # bert-tiny's MLM output layer is its own
         assert torch.equal(model.bert.embeddings.word_embeddings.weight, words)
-        assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, base.bert.encoder.layer[0].output.dense.weight)
-        assert not torch.equal(model.bert.encoder.layer[1].output.dense.weight, base.bert.encoder.layer[1].output.dense.weight)
+        assert torch.equal(
+            model.bert.encoder.layer[0].output.dense.weight, base.bert.encoder.layer[0].output.dense.weight
+        )
+        assert not torch.equal(
+            model.bert.encoder.layer[1].output.dense.weight, base.bert.encoder.layer[1].output.dense.weight
+        )
     if method == "lora":
         assert (res.path / "adapter" / "adapter_model.safetensors").is_file()
         assert not any("lora" in k for k in model.state_dict())  # merged: a plain HF model
 
 
 def test_ner_on_the_shipped_conll_fixture(bases, tmp_path):
-    code, err = run_inprocess("finetune", "task=ner", "data=conll-fixture", f"init_from={bases['nerenc']}", "name=n",
-                              "train.max_steps=60", "train.batch_size=16", "train.eval_every=20", "train.lr=3e-3",
-                              "data.max_seq_len=48", "precision=fp32", f"output_root={tmp_path}")
+    code, err = run_inprocess(
+        "finetune",
+        "task=ner",
+        "data=conll-fixture",
+        f"init_from={bases['nerenc']}",
+        "name=n",
+        "train.max_steps=60",
+        "train.batch_size=16",
+        "train.eval_every=20",
+        "train.lr=3e-3",
+        "data.max_seq_len=48",
+        "precision=fp32",
+        f"output_root={tmp_path}",
+    )
     assert code == 0, err
     res = Store(tmp_path).resolve("finetune/n")
     m = res.manifest["metrics"]
@@ -54,19 +81,44 @@ def test_ner_on_the_shipped_conll_fixture(bases, tmp_path):
     for t in ("PER", "ORG", "LOC", "MISC", "micro", "macro", "weighted"):
         assert f"test/{t}/f1" in m and f"test/{t}/support" in m
     model = AutoModelForTokenClassification.from_pretrained(res.path)
-    assert set(model.config.id2label.values()) == {"O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"}
+    assert set(model.config.id2label.values()) == {
+        "O",
+        "B-PER",
+        "I-PER",
+        "B-ORG",
+        "I-ORG",
+        "B-LOC",
+        "I-LOC",
+        "B-MISC",
+        "I-MISC",
+    }
 
 
 @pytest.mark.parametrize("method, lr, min_drop", [("full", "3e-3", 0.5), ("lora", "3e-2", 0.02)])
 def test_sft_learns_the_responses_and_writes_samples(bases, tmp_path, method, lr, min_drop):
-    code, err = run_inprocess("finetune", "task=sft", f"method={method}", "data=tiny-instruct", f"init_from={bases['gpt']}", "name=s",
-                              "train.max_steps=60", "train.batch_size=8", "train.eval_every=20", f"method.lr={lr}",
-                              "sft.num_samples=2", "sft.max_new_tokens=8", "precision=fp32", f"output_root={tmp_path}")
+    code, err = run_inprocess(
+        "finetune",
+        "task=sft",
+        f"method={method}",
+        "data=tiny-instruct",
+        f"init_from={bases['gpt']}",
+        "name=s",
+        "train.max_steps=60",
+        "train.batch_size=8",
+        "train.eval_every=20",
+        f"method.lr={lr}",
+        "sft.num_samples=2",
+        "sft.max_new_tokens=8",
+        "precision=fp32",
+        f"output_root={tmp_path}",
+    )
     assert code == 0, err
     res = Store(tmp_path).resolve("finetune/s")
     evals = [r["eval/loss"] for r in metrics_log(res.path) if "eval/loss" in r]
     assert evals[-1] < evals[0] - min_drop, evals
-    assert res.manifest["metrics"]["eval/perplexity"] == pytest.approx(torch.tensor(res.manifest["metrics"]["eval/loss"]).exp().item(), rel=1e-4)
+    assert res.manifest["metrics"]["eval/perplexity"] == pytest.approx(
+        torch.tensor(res.manifest["metrics"]["eval/loss"]).exp().item(), rel=1e-4
+    )
     samples = [json.loads(line) for line in (res.path / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and {"prompt", "reference", "before", "after"} <= set(samples[0])
     model = AutoModelForCausalLM.from_pretrained(res.path)
@@ -75,18 +127,26 @@ def test_sft_learns_the_responses_and_writes_samples(bases, tmp_path, method, lr
     assert (res.path / "adapter" / "adapter_model.safetensors").is_file() == (method == "lora")
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["data.label_column=stars"], "no label column 'stars'"),
-    (["init_from=GPT"], "is a causal-lm checkpoint; task=classification needs an encoder"),
-    (["data.validation=UNSEEN"], "never appears in training"),
-    (["data.train=EMPTY"], "empty"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["data.label_column=stars"], "no label column 'stars'"),
+        (["init_from=GPT"], "is a causal-lm checkpoint; task=classification needs an encoder"),
+        (["data.validation=UNSEEN"], "never appears in training"),
+        (["data.train=EMPTY"], "empty"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(bases, reviews, tmp_path, extra, fragment):
     unseen = tmp_path / "unseen.csv"
     unseen.write_text("review,sentiment\nthe match was great,weather\n")
     (tmp_path / "empty.csv").write_text("")
-    extra = [e.replace("GPT", str(bases["gpt"])).replace("UNSEEN", str(unseen)).replace("EMPTY", str(tmp_path / "empty.csv")) for e in extra]
+    extra = [
+        e.replace("GPT", str(bases["gpt"])).replace("UNSEEN", str(unseen)).replace("EMPTY", str(tmp_path / "empty.csv"))
+        for e in extra
+    ]
     out = tmp_path / "out"
     code, err = run_inprocess("finetune", *_cls_args(bases, reviews, out, *extra))
     assert code == 2 and fragment in err and "\n" not in err, err
-    assert not out.exists() or [p for p in out.rglob("*") if ".cache" not in p.relative_to(out).parts] == []  # caches only
+    assert (
+        not out.exists() or [p for p in out.rglob("*") if ".cache" not in p.relative_to(out).parts] == []
+    )  # caches only

@@ -9,8 +9,18 @@ from llmctl.cli import app
 
 
 def _generate(tmp_path, bases, *extra, input=None):
-    result = CliRunner().invoke(app, ["generate", f"ckpt={bases['gpt']}", "precision=fp32", "max_new_tokens=12",
-                                      f"output_root={tmp_path / 'store'}", *extra], input=input)
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            f"ckpt={bases['gpt']}",
+            "precision=fp32",
+            "max_new_tokens=12",
+            f"output_root={tmp_path / 'store'}",
+            *extra,
+        ],
+        input=input,
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 
@@ -41,17 +51,35 @@ def test_a_batch_from_a_file_gives_what_each_prompt_gives_alone(tmp_path, bases)
 
 
 def test_sampling_repeats_with_a_seed_and_varies_without_it(tmp_path, bases):
-    runs = {seed: _records(tmp_path, bases, f"s{seed}", "prompt=The coach said", "sample.temperature=1.5", "max_new_tokens=20",
-                           f"seed={seed}")[0]["completion"] for seed in (1, 2)}
-    again = _records(tmp_path, bases, "again", "prompt=The coach said", "sample.temperature=1.5", "max_new_tokens=20", "seed=1")
+    runs = {
+        seed: _records(
+            tmp_path,
+            bases,
+            f"s{seed}",
+            "prompt=The coach said",
+            "sample.temperature=1.5",
+            "max_new_tokens=20",
+            f"seed={seed}",
+        )[0]["completion"]
+        for seed in (1, 2)
+    }
+    again = _records(
+        tmp_path, bases, "again", "prompt=The coach said", "sample.temperature=1.5", "max_new_tokens=20", "seed=1"
+    )
     assert again[0]["completion"] == runs[1]
     assert runs[1] != runs[2]
 
 
 def test_beam_search_and_chat_prompts_from_jsonl(tmp_path, bases):
-    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Who scored?"}]}) + "\n"
-                                         + json.dumps({"prompt": "The film took"}) + "\n")
-    records = _records(tmp_path, bases, "beam", f"prompts_file={tmp_path / 'chat.jsonl'}", "sample.strategy=beam", "sample.num_beams=3")
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Who scored?"}]})
+        + "\n"
+        + json.dumps({"prompt": "The film took"})
+        + "\n"
+    )
+    records = _records(
+        tmp_path, bases, "beam", f"prompts_file={tmp_path / 'chat.jsonl'}", "sample.strategy=beam", "sample.num_beams=3"
+    )
     assert len(records) == 2 and records[0]["prompt"][0]["content"] == "Who scored?"
     assert all(r["new_tokens"] > 0 for r in records)
 
@@ -70,10 +98,22 @@ def test_interactive_chat_keeps_the_conversation(tmp_path, bases, monkeypatch):
     result = _generate(tmp_path, bases, "interactive=true", "system_prompt=Be brief.", input="Who won?\nAnd then?\n\n")
     assert result.output.count("model> ") == 2
     assert seen[0] == ["Be brief.", "Who won?"]
-    assert seen[1][:2] == ["Be brief.", "Who won?"] and seen[1][-1] == "And then?" and len(seen[1]) == 4  # the answer in between
+    assert (
+        seen[1][:2] == ["Be brief.", "Who won?"] and seen[1][-1] == "And then?" and len(seen[1]) == 4
+    )  # the answer in between
 
 
 def test_an_interactive_conversation_longer_than_the_model_ends_in_one_line(tmp_path, bases):
-    result = CliRunner().invoke(app, ["generate", f"ckpt={bases['gpt']}", "precision=fp32", "max_new_tokens=40", "interactive=true",
-                                      f"output_root={tmp_path}"], input="The bank said " * 400 + "\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            f"ckpt={bases['gpt']}",
+            "precision=fp32",
+            "max_new_tokens=40",
+            "interactive=true",
+            f"output_root={tmp_path}",
+        ],
+        input="The bank said " * 400 + "\n",
+    )
     assert result.exit_code == 2 and "positions" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -14,8 +14,20 @@ pytest.importorskip("lm_eval")
 
 
 def _eval(tmp_path, bases, corpus, *extra):
-    result = CliRunner().invoke(app, ["eval", f"ckpt={bases['gpt']}", "data=files", f"data.train={corpus}", "precision=fp32",
-                                      "parents=false", "cost.enabled=false", f"output_root={tmp_path}", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            f"ckpt={bases['gpt']}",
+            "data=files",
+            f"data.train={corpus}",
+            "precision=fp32",
+            "parents=false",
+            "cost.enabled=false",
+            f"output_root={tmp_path}",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     records = {p.name: json.loads(p.read_text()) for p in (tmp_path / "evals").rglob("*.json")}
     return result, records
@@ -24,7 +36,9 @@ def _eval(tmp_path, bases, corpus, *extra):
 def test_the_shipped_task_runs_offline_and_is_recorded(tmp_path, bases, corpus):
     result, records = _eval(tmp_path, bases, corpus, "harness.tasks=[llmctl_arith]", "harness.limit=12")
     harness = next(r for name, r in records.items() if name.startswith("harness-"))["harness"]["llmctl_arith"]
-    assert 0.0 <= harness["acc"] <= 1.0 and harness["acc"] * 12 == pytest.approx(round(harness["acc"] * 12))  # 12 questions scored
+    assert 0.0 <= harness["acc"] <= 1.0 and harness["acc"] * 12 == pytest.approx(
+        round(harness["acc"] * 12)
+    )  # 12 questions scored
     assert "acc_stderr" in harness and "llmctl_arith" in result.output
 
 

@@ -25,7 +25,11 @@ def test_a_checkpoint_loads_as_its_own_kind_with_its_task(classifier):
     assert loaded.kind == "seq-cls" and type(loaded.model).__name__ == "BertForSequenceClassification"
     assert loaded.task["name"] == "classification" and loaded.task["labels"][0] == "business"
     assert loaded.artifact == {"format": "hf", "class": "BertForSequenceClassification"}
-    assert loaded.parent("init")["weights_sha256"] == loaded.sha256 == classifier.resolve("finetune/c").manifest["weights_sha256"]
+    assert (
+        loaded.parent("init")["weights_sha256"]
+        == loaded.sha256
+        == classifier.resolve("finetune/c").manifest["weights_sha256"]
+    )
     assert loaded.model.config.id2label[4] == "tech" and loaded.tokenizer("the bank")["input_ids"]
 
 
@@ -34,7 +38,9 @@ def test_a_task_head_of_another_shape_is_replaced_when_asked(classifier):
     loaded = load_checkpoint(classifier, "finetune/c", kind="seq-cls", head=head)
     assert loaded.model.classifier.weight.shape[0] == 3
     before = load_checkpoint(classifier, "finetune/c").model
-    assert (loaded.model.bert.encoder.layer[0].output.dense.weight == before.bert.encoder.layer[0].output.dense.weight).all()
+    assert (
+        loaded.model.bert.encoder.layer[0].output.dense.weight == before.bert.encoder.layer[0].output.dense.weight
+    ).all()
 
 
 def _copy_with_config(classifier, tmp_path, **changes):
@@ -52,7 +58,10 @@ def test_any_other_mismatch_names_the_tensor_and_both_shapes(classifier, tmp_pat
     with pytest.raises(LlmctlError) as e:
         load_checkpoint(classifier, str(folder), kind="seq-cls", head=head)
     msg = str(e.value)
-    assert re.search(r"intermediate\.dense\.bias has shape \[64\] in the checkpoint but \[128\] in its config\.json \(and \d+ more\)", msg), msg
+    assert re.search(
+        r"intermediate\.dense\.bias has shape \[64\] in the checkpoint but \[128\] in its config\.json \(and \d+ more\)",
+        msg,
+    ), msg
     assert "\n" not in msg
 
 

@@ -14,7 +14,12 @@ def _batch(vocab=50, n=4, length=16):
     labels = torch.full_like(ids, -100)
     picked = torch.rand(ids.shape, generator=g) < 0.3
     labels[picked] = ids[picked]
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+    }
 
 
 def _config():
@@ -48,10 +53,19 @@ def test_sparse_mlm_adds_the_nsp_loss_for_bert_pretraining():
 def _causal(family: str):
     torch.manual_seed(0)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
     else:  # tied input / output embeddings, as SmolLM2
-        config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             intermediate_size=64, tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        )
     return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, so both forwards see the same network
 
 
@@ -70,7 +84,9 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("chunk", [7, None])  # 7 does not divide the 60 positions; None = the default size (one chunk here)
+@pytest.mark.parametrize(
+    "chunk", [7, None]
+)  # 7 does not divide the 60 positions; None = the default size (one chunk here)
 def test_chunked_causal_loss_and_gradients_match_the_model_forward(family, chunk):
     model, batch = _causal(family), _lm_batch()
     assert chunked_loss_supported(model)

@@ -10,13 +10,18 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelFo
 from llmctl.core.store import Store
 
 
-@pytest.mark.parametrize("objective, auto_cls, kind", [
-    ("clm", AutoModelForCausalLM, "causal-lm"),
-    ("mlm", AutoModelForMaskedLM, "mlm"),
-    ("mlm+nsp", AutoModelForPreTraining, "pretraining"),
-])
+@pytest.mark.parametrize(
+    "objective, auto_cls, kind",
+    [
+        ("clm", AutoModelForCausalLM, "causal-lm"),
+        ("mlm", AutoModelForMaskedLM, "mlm"),
+        ("mlm+nsp", AutoModelForPreTraining, "pretraining"),
+    ],
+)
 def test_pretrain_learns_and_writes_a_plain_hf_checkpoint(corpus, tmp_path, objective, auto_cls, kind):
-    code, err = run_inprocess("pretrain", *tiny(objective, corpus, tmp_path, "name=t", "train.max_steps=30", "train.lr=3e-3"))
+    code, err = run_inprocess(
+        "pretrain", *tiny(objective, corpus, tmp_path, "name=t", "train.max_steps=30", "train.lr=3e-3")
+    )
     assert code == 0, err
     res = Store(tmp_path).resolve("pretrain/t")
     m = res.manifest
@@ -41,7 +46,9 @@ def test_pretrain_learns_and_writes_a_plain_hf_checkpoint(corpus, tmp_path, obje
 
 def test_init_from_records_the_parent_and_starts_from_its_weights(corpus, tmp_path):
     assert run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=base"))[0] == 0
-    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=child", "init_from=pretrain/base", "train.max_steps=4"))
+    code, err = run_inprocess(
+        "pretrain", *tiny("clm", corpus, tmp_path, "name=child", "init_from=pretrain/base", "train.max_steps=4")
+    )
     assert code == 0, err
     store = Store(tmp_path)
     base, child = store.resolve("pretrain/base"), store.resolve("pretrain/child")
@@ -53,7 +60,9 @@ def test_init_from_records_the_parent_and_starts_from_its_weights(corpus, tmp_pa
 
 
 def test_multirun_sweep_writes_one_version_per_job(corpus, tmp_path):
-    code, err = run_inprocess("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=sweep", "train.max_steps=4", "train.lr=3e-4,1e-3"))
+    code, err = run_inprocess(
+        "pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=sweep", "train.max_steps=4", "train.lr=3e-4,1e-3")
+    )
     assert code == 0, err
     store = Store(tmp_path)
     assert store.versions("pretrain", "sweep") == [1, 2]
@@ -64,27 +73,48 @@ def test_multirun_sweep_writes_one_version_per_job(corpus, tmp_path):
 
 
 def test_the_optuna_sweeper_logs_no_alembic_set_up_and_no_colour(corpus, tmp_path):
-    out = run_cli("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=opt", "train.max_steps=2", "train.eval_every=0"),
-                  "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "train.lr=interval(1e-4,1e-3)")
+    out = run_cli(
+        "pretrain",
+        "-m",
+        *tiny("clm", corpus, tmp_path, "name=opt", "train.max_steps=2", "train.eval_every=0"),
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=1",
+        "train.lr=interval(1e-4,1e-3)",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "alembic" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr
     assert "Best parameters" in out.stdout + out.stderr
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(corpus, tmp_path):
-    out = run_cli("pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=par", "train.max_steps=3", "train.lr=3e-4,1e-3",
-                                          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+    out = run_cli(
+        "pretrain",
+        "-m",
+        *tiny(
+            "clm",
+            corpus,
+            tmp_path,
+            "name=par",
+            "train.max_steps=3",
+            "train.lr=3e-4,1e-3",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+        ),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert Store(tmp_path).versions("pretrain", "par") == [1, 2]
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["data.train=/no/such/file.txt"], "data.train: no such file"),
-    (["init_from=pretrain/ghost"], "no checkpoint pretrain/ghost"),
-    (["init_from=./not-a-folder"], "neither a checkpoint"),
-    (["objective=clm"], "objective=clm needs a gpt2 or llama model"),
-    (["train.scheduler=zigzag"], "train.scheduler"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["data.train=/no/such/file.txt"], "data.train: no such file"),
+        (["init_from=pretrain/ghost"], "no checkpoint pretrain/ghost"),
+        (["init_from=./not-a-folder"], "neither a checkpoint"),
+        (["objective=clm"], "objective=clm needs a gpt2 or llama model"),
+        (["train.scheduler=zigzag"], "train.scheduler"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, extra, fragment):
     out_root = tmp_path / "out"
     args = tiny("mlm", corpus, out_root, *extra)
@@ -118,10 +148,19 @@ def test_ckpt_commands(corpus, tmp_path):
 def test_tokenizer_from_a_folder_that_holds_only_a_tokenizer(corpus, tmp_path):
     from llmctl.core.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([p.read_text() for p in sorted(corpus.iterdir())], family="gpt2", vocab_size=280, lowercase=False,
-                          max_len=32, cache_root=tmp_path / "c", data_fp="t")
+    tok = train_tokenizer(
+        [p.read_text() for p in sorted(corpus.iterdir())],
+        family="gpt2",
+        vocab_size=280,
+        lowercase=False,
+        max_len=32,
+        cache_root=tmp_path / "c",
+        data_fp="t",
+    )
     tok.save_pretrained(tmp_path / "tok")
-    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=t", "train.max_steps=2", f"tokenizer.from={tmp_path / 'tok'}"))
+    code, err = run_inprocess(
+        "pretrain", *tiny("clm", corpus, tmp_path, "name=t", "train.max_steps=2", f"tokenizer.from={tmp_path / 'tok'}")
+    )
     assert code == 0, err
     assert AutoTokenizer.from_pretrained(Store(tmp_path).resolve("pretrain/t").path).get_vocab() == tok.get_vocab()
 
@@ -131,8 +170,19 @@ def test_the_chunked_causal_loss_trains_the_model_the_hf_loss_trains(corpus, tmp
     the two runs' losses agree to float rounding at every step."""
     logs = {}
     for chunked in ("true", "false"):
-        code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, f"name=c{chunked}", f"clm_chunked_loss={chunked}",
-                                                     "+model.config.resid_pdrop=0", "+model.config.embd_pdrop=0", "+model.config.attn_pdrop=0"))
+        code, err = run_inprocess(
+            "pretrain",
+            *tiny(
+                "clm",
+                corpus,
+                tmp_path,
+                f"name=c{chunked}",
+                f"clm_chunked_loss={chunked}",
+                "+model.config.resid_pdrop=0",
+                "+model.config.embd_pdrop=0",
+                "+model.config.attn_pdrop=0",
+            ),
+        )
         assert code == 0, err
         res = Store(tmp_path).resolve(f"pretrain/c{chunked}")
         assert res.manifest["task"]["loss"] == ("chunked" if chunked == "true" else "model")

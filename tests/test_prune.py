@@ -24,17 +24,36 @@ def classifier(tmp_path_factory, bases, reviews):
 
 
 def _prune(root, *extra):
-    code, err = run_inprocess("prune", "init_from=finetune/c", "train.max_steps=30", "train.batch_size=8", "train.eval_every=10",
-                              "train.lr=1e-3", "patience=0", "precision=fp32", f"output_root={root}", "cost.runs=3",
-                              "cost.throughput_runs=1", "cost.seq_len=32", *extra)
+    code, err = run_inprocess(
+        "prune",
+        "init_from=finetune/c",
+        "train.max_steps=30",
+        "train.batch_size=8",
+        "train.eval_every=10",
+        "train.lr=1e-3",
+        "patience=0",
+        "precision=fp32",
+        f"output_root={root}",
+        "cost.runs=3",
+        "cost.throughput_runs=1",
+        "cost.seq_len=32",
+        *extra,
+    )
     assert code == 0, err
     return Store(root).resolve(f"prune/{next(e.split('=')[1] for e in extra if e.startswith('name='))}")
 
 
 def _reloads_with_the_same_metric(root, res):
     """Loaded back through its reference, the checkpoint scores what the saved model scored (eval re-runs its task)."""
-    code, err = run_inprocess("eval", f"ckpt={res.ref}", "precision=fp32", f"output_root={root}", "cost.enabled=false", "parents=false",
-                              "batch_size=8")
+    code, err = run_inprocess(
+        "eval",
+        f"ckpt={res.ref}",
+        "precision=fp32",
+        f"output_root={root}",
+        "cost.enabled=false",
+        "parents=false",
+        "batch_size=8",
+    )
     assert code == 0, err
     record = json.loads(next((res.path / "evals").glob("classification-*.json")).read_text())
     assert record["primary"]["value"] == pytest.approx(res.manifest["compare"]["after"]["primary"]["value"], abs=1e-9)
@@ -52,14 +71,18 @@ def test_magnitude_with_recovery_keeps_its_zeros_and_records_sparsity(classifier
     assert set(m["prune"]["cut"]["sparsity"]) and all(0 < s < 1 for s in m["prune"]["cut"]["sparsity"].values())
     assert m["compare"]["before"]["ref"] == "finetune/c@v001" and m["compare"]["after"]["cost"]["size_bytes"] > 0
     assert m["compare"]["after"]["delta"]["metric"] == pytest.approx(
-        m["compare"]["after"]["primary"]["value"] - m["compare"]["before"]["primary"]["value"])
+        m["compare"]["after"]["primary"]["value"] - m["compare"]["before"]["primary"]["value"]
+    )
     assert [p["role"] for p in m["parents"]] == ["init"]
 
 
 def test_structured_heads_and_ffn_shrink_and_reload_through_the_reference(classifier):
     res = _prune(classifier, "method=structured", "amount=0.5", "recover=true", "name=st")
     m = res.manifest
-    assert m["artifact"]["format"] == "pruned" and m["artifact"]["attention_heads"] == [1, 1]  # 2 heads of the tiny BERT → 1
+    assert m["artifact"]["format"] == "pruned" and m["artifact"]["attention_heads"] == [
+        1,
+        1,
+    ]  # 2 heads of the tiny BERT → 1
     assert m["prune"]["cut"]["ffn"]["after"] == m["prune"]["cut"]["ffn"]["before"] // 2
     assert m["compare"]["after"]["cost"]["parameters"] < m["compare"]["before"]["cost"]["parameters"]
     model = _reloads_with_the_same_metric(classifier, res)  # through the "pruned" format's rebuild

@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
-                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from llmctl.core import pruning
 from llmctl.core.errors import LlmctlError
@@ -17,14 +25,31 @@ IDS = torch.tensor([[5, 9, 3, 17, 22, 8, 11, 2], [4, 4, 30, 12, 7, 19, 1, 6]])
 
 def _bert():
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                    intermediate_size=48, num_labels=3)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            num_labels=3,
+        )
+    ).eval()
 
 
 def _llama():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
-                                        head_dim=8, intermediate_size=48)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=8,
+            intermediate_size=48,
+        )
+    ).eval()
 
 
 def _zero_structures(model, family: str, head_group: int, neurons: list[int]) -> None:
@@ -35,9 +60,9 @@ def _zero_structures(model, family: str, head_group: int, neurons: list[int]) ->
             group = n_heads // n_kv
             q_rows = slice(head_group * group * d, (head_group + 1) * group * d)
             kv_rows = slice(head_group * d, (head_group + 1) * d)
-            (q, _), = pruning._attention(layer, family)[0]
+            ((q, _),) = pruning._attention(layer, family)[0]
             kv = [m for m, _ in pruning._attention(layer, family)[1]]
-            (o, _), = pruning._attention(layer, family)[2]
+            ((o, _),) = pruning._attention(layer, family)[2]
             q.weight[q_rows] = 0
             o.weight[:, q_rows] = 0
             for m in kv:
@@ -118,7 +143,10 @@ def test_dropping_layers_keeps_exactly_the_named_layers():
     model = _llama()
     new = pruning.drop_layers(model, keep=[1])
     assert new.config.num_hidden_layers == 1
-    for a, b in zip(pruning.transformer_layers(new)[0].state_dict().values(), pruning.transformer_layers(model)[1].state_dict().values()):
+    for a, b in zip(
+        pruning.transformer_layers(new)[0].state_dict().values(),
+        pruning.transformer_layers(model)[1].state_dict().values(),
+    ):
         assert torch.equal(a, b)
     with torch.no_grad():
         assert torch.isfinite(new(input_ids=IDS).logits).all()

@@ -9,7 +9,14 @@ import copy
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from llmctl.core import quantization as q
 from llmctl.core.errors import LlmctlError
@@ -22,14 +29,32 @@ SETTINGS = {"group_size": None, "skip": [], "keep_head": True, "embeddings": Tru
 
 def _bert():
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128, max_position_embeddings=64, num_labels=3)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=120,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
+    ).eval()
 
 
 def _llama(tied: bool = True):
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        intermediate_size=128, tie_word_embeddings=tied)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=tied,
+        )
+    ).eval()
 
 
 def _gpt2():
@@ -66,8 +91,10 @@ def test_each_scheme_rebuilds_exactly_from_safetensors(tmp_path, scheme, build):
     rebuilt = _roundtrip(model, record, tmp_path, fresh)
     assert torch.equal(_out(rebuilt), quantized)
     with safe_open(str(tmp_path / q.WEIGHTS), "pt") as fh:  # plain tensors only: no pickle anywhere
-        assert all(fh.get_tensor(k).dtype in (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64)
-                   for k in fh.keys())
+        assert all(
+            fh.get_tensor(k).dtype in (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64)
+            for k in fh
+        )
     assert count_parameters(rebuilt)[0] == count_parameters(build())[0]  # logical sizes are unchanged
 
 
@@ -89,7 +116,9 @@ def test_what_stays_in_floating_point(tmp_path):
 
 def test_int4_groups_that_do_not_divide_a_layer_keep_it_in_floating_point():
     model = _bert()
-    record = q.quantize(model, "int4-weight", **{**SETTINGS, "group_size": 128})  # hidden 64: only the 128-wide FFN output divides
+    record = q.quantize(
+        model, "int4-weight", **{**SETTINGS, "group_size": 128}
+    )  # hidden 64: only the 128-wide FFN output divides
     assert record["linear"] == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
     assert "bert.encoder.layer.0.attention.self.query" in record["kept"]
 
@@ -105,7 +134,9 @@ def test_int4_is_smaller_on_disk_than_int8(tmp_path):
     sizes = {}
     for scheme in ("int8-weight", "int4-weight"):
         model = _llama(tied=False)
-        record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False, "keep_head": False})  # every Linear, tables in fp32
+        record = q.quantize(
+            model, scheme, **{**SETTINGS, "embeddings": False, "keep_head": False}
+        )  # every Linear, tables in fp32
         q.save(model, record, tmp_path / scheme)
         sizes[scheme] = (tmp_path / scheme / q.WEIGHTS).stat().st_size
     fp32 = 4 * count_parameters(_llama(tied=False))[0]
@@ -140,13 +171,16 @@ def test_qat_trains_through_fake_quantization_and_converts_to_a_ptq_layout(tmp_p
     fake = _out(model)
     record = q.finish_qat(model, record)
     assert record["method"] == "qat" and record["scheme"] == "int4-weight"
-    assert (_out(model) - fake).abs().max() < 0.05 * fake.abs().max()  # convert stores what training saw (+ int8 embeddings)
+    assert (
+        _out(model) - fake
+    ).abs().max() < 0.05 * fake.abs().max()  # convert stores what training saw (+ int8 embeddings)
     rebuilt = _roundtrip(model, record, tmp_path, _bert())
     assert torch.equal(_out(rebuilt), _out(model))
     ptq = _bert()
     ptq_record = q.quantize(ptq, "int4-weight", **SETTINGS)
-    assert {k: ptq_record[k] for k in ("linear", "embeddings", "bits", "group_size")} == \
-        {k: record[k] for k in ("linear", "embeddings", "bits", "group_size")}
+    assert {k: ptq_record[k] for k in ("linear", "embeddings", "bits", "group_size")} == {
+        k: record[k] for k in ("linear", "embeddings", "bits", "group_size")
+    }
 
 
 def test_a_changed_file_or_scheme_is_one_line(tmp_path):
@@ -164,12 +198,15 @@ def test_a_changed_file_or_scheme_is_one_line(tmp_path):
         q.rebuild(_bert(), {**record, "linear": record["linear"][1:]}, tmp_path / "d", where="x")
 
 
-@pytest.mark.parametrize("args, message", [
-    (("int8-dynamic", "cuda", None, None), "runs on cpu kernels, not cuda.*int8-weight"),
-    (("int8-dynamic", "cpu", 32, None), "int8-dynamic scales each output channel"),
-    (("int4-weight", "cpu", 48, None), "power of two"),
-    (("qat", "cpu", None, "int8-dynamic"), "QAT trains toward int4-weight or int8-weight"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("int8-dynamic", "cuda", None, None), "runs on cpu kernels, not cuda.*int8-weight"),
+        (("int8-dynamic", "cpu", 32, None), "int8-dynamic scales each output channel"),
+        (("int4-weight", "cpu", 48, None), "power of two"),
+        (("qat", "cpu", None, "int8-dynamic"), "QAT trains toward int4-weight or int8-weight"),
+    ],
+)
 def test_unsupported_combinations_are_refused(args, message):
     method, device, group, base = args
     with pytest.raises(LlmctlError, match=message):
@@ -191,12 +228,16 @@ def test_layers_with_peaked_inputs_are_found_on_calibration_batches_and_kept_in_
     with torch.no_grad():  # one FFN channel 1000× louder: layer 0's down_proj sees an outlier, as SmolLM2's do
         model.model.layers[0].mlp.up_proj.weight[7] *= 1000
     names = q.targets(model, skip=[], keep_head=True, embeddings=False)["linear"]
-    outliers = q.activation_outliers(model, [INPUTS, INPUTS], names, ratio=20)  # (one loud channel of 128: ~38×; the rest < 10×)
+    outliers = q.activation_outliers(
+        model, [INPUTS, INPUTS], names, ratio=20
+    )  # (one loud channel of 128: ~38×; the rest < 10×)
     assert list(outliers) == ["model.layers.0.mlp.down_proj"] and outliers["model.layers.0.mlp.down_proj"] > 20
     reference = _out(model)
     kept = copy.deepcopy(model)
     record = q.quantize(kept, "int8-dynamic", **SETTINGS, outliers=outliers)
-    assert "model.layers.0.mlp.down_proj" in record["kept"] and type(kept.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert (
+        "model.layers.0.mlp.down_proj" in record["kept"] and type(kept.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    )
     q.quantize(model, "int8-dynamic", **SETTINGS)  # the same layer in int8: its activations lose the typical values
     error = lambda m: float((_out(m) - reference).abs().mean())  # noqa: E731
     assert error(kept) < 0.75 * error(model)  # (seeded: 0.6×)

@@ -25,8 +25,16 @@ def world(tmp_path_factory, bases, reviews):
 
 
 def _quantize(root, *extra):
-    code, err = run_inprocess("quantize", "precision=fp32", f"output_root={root}", "cost.runs=3", "cost.warmup=1", "cost.throughput_runs=1",
-                              "cost.seq_len=32", *extra)
+    code, err = run_inprocess(
+        "quantize",
+        "precision=fp32",
+        f"output_root={root}",
+        "cost.runs=3",
+        "cost.warmup=1",
+        "cost.throughput_runs=1",
+        "cost.seq_len=32",
+        *extra,
+    )
     assert code == 0, err
     name = next((e.split("=")[1] for e in extra if e.startswith("name=")), "c")
     return Store(root).resolve(f"quantize/{name}")
@@ -46,29 +54,56 @@ def test_each_method_reloads_through_its_reference_with_the_outputs_it_had(world
     store = Store(world)
     loaded = load_checkpoint(store, res.ref)
     parent = load_checkpoint(store, "finetune/c").model
-    record = quantization.quantize(parent, method, outliers=m["artifact"]["quantization"].get("outliers"),
-                                   **{k: m["quantize"][k] for k in ("group_size", "skip", "keep_head", "embeddings")})
+    record = quantization.quantize(
+        parent,
+        method,
+        outliers=m["artifact"]["quantization"].get("outliers"),
+        **{k: m["quantize"][k] for k in ("group_size", "skip", "keep_head", "embeddings")},
+    )
     ids = torch.randint(5, parent.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_logits(loaded.model, ids), _logits(parent, ids))  # the saved artifact = the quantization done here
+    assert torch.equal(
+        _logits(loaded.model, ids), _logits(parent, ids)
+    )  # the saved artifact = the quantization done here
     assert record["linear"] == m["artifact"]["quantization"]["linear"]
     before, after = m["compare"]["before"], m["compare"]["after"]
     assert after["cost"]["size_bytes"] < 0.5 * before["cost"]["size_bytes"]
-    assert after["primary"]["value"] == pytest.approx(m["metrics"]["test/accuracy"])  # the published weights' own figure
+    assert after["primary"]["value"] == pytest.approx(
+        m["metrics"]["test/accuracy"]
+    )  # the published weights' own figure
     assert after["delta"]["metric"] == pytest.approx(after["primary"]["value"] - before["primary"]["value"])
-    assert after["primary"]["value"] > before["primary"]["value"] - 0.15  # tiny model, 25 test rows: quantization costs little
+    assert (
+        after["primary"]["value"] > before["primary"]["value"] - 0.15
+    )  # tiny model, 25 test rows: quantization costs little
     with safe_open(str(res.path / quantization.WEIGHTS), "pt") as fh:
         assert fh.metadata()["llmctl_quantization"] == method
     # eval takes it by reference and judges the same metric, with the parent's delta
-    code, err = run_inprocess("eval", f"ckpt={res.ref}", "precision=fp32", f"output_root={world}", "cost.runs=2", "cost.warmup=1",
-                              "cost.throughput_runs=1", "cost.seq_len=32")
+    code, err = run_inprocess(
+        "eval",
+        f"ckpt={res.ref}",
+        "precision=fp32",
+        f"output_root={world}",
+        "cost.runs=2",
+        "cost.warmup=1",
+        "cost.throughput_runs=1",
+        "cost.seq_len=32",
+    )
     assert code == 0, err
     judged = json.loads(next((res.path / "evals").glob("classification-*.json")).read_text())
     assert judged["primary"]["value"] == pytest.approx(after["primary"]["value"], abs=1e-9)
 
 
 def test_qat_trains_then_stores_the_int4_layout_ptq_writes(world):
-    res = _quantize(world, "init_from=finetune/c", "method=qat", "train.max_steps=30", "train.batch_size=8", "train.eval_every=10",
-                    "train.lr=1e-3", "patience=0", "name=qat")
+    res = _quantize(
+        world,
+        "init_from=finetune/c",
+        "method=qat",
+        "train.max_steps=30",
+        "train.batch_size=8",
+        "train.eval_every=10",
+        "train.lr=1e-3",
+        "patience=0",
+        "name=qat",
+    )
     m = res.manifest
     record = m["artifact"]["quantization"]
     assert record["method"] == "qat" and record["scheme"] == "int4-weight" and record["group_size"] == 32
@@ -86,13 +121,18 @@ def test_a_quantized_gpt_generates_and_is_refused_by_training_stages(world, base
     assert m["task"]["name"] == "clm" and "perplexity" in m["compare"]["after"]["metrics"]
     assert m["compare"]["after"]["metrics"]["perplexity"] < 1.5 * m["compare"]["before"]["metrics"]["perplexity"]
     out = world / "gen.jsonl"
-    code, err = run_inprocess("generate", f"ckpt={res.ref}", "prompt=the market", "max_new_tokens=8", f"output_root={world}", f"out={out}")
+    code, err = run_inprocess(
+        "generate", f"ckpt={res.ref}", "prompt=the market", "max_new_tokens=8", f"output_root={world}", f"out={out}"
+    )
     assert code == 0, err
     text = json.loads(out.read_text().splitlines()[0])["completion"]
     loaded = load_checkpoint(Store(world), res.ref, kind="causal-lm")
     ids = loaded.tokenizer("the market", return_tensors="pt").input_ids
     greedy = loaded.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id)
-    assert text.strip() and text.strip() == loaded.tokenizer.decode(greedy[0][ids.shape[1]:], skip_special_tokens=True).strip()
+    assert (
+        text.strip()
+        and text.strip() == loaded.tokenizer.decode(greedy[0][ids.shape[1] :], skip_special_tokens=True).strip()
+    )
     code, err = run_inprocess("finetune", *cls_args(bases, reviews, world, f"init_from={res.ref}"))
     assert code == 2 and "is quantized (int8-dynamic)" in err and "finetune its parent" in err
     code, err = run_inprocess("quantize", f"init_from={res.ref}", f"output_root={world}")
@@ -100,16 +140,34 @@ def test_a_quantized_gpt_generates_and_is_refused_by_training_stages(world, base
 
 
 def test_a_pruned_bert_with_fewer_heads_quantizes_and_reloads_with_its_shapes(world):
-    code, err = run_inprocess("prune", "init_from=finetune/c", "method=structured", "amount=0.5", "precision=fp32", f"output_root={world}",
-                              "cost.enabled=false", "name=cut")
+    code, err = run_inprocess(
+        "prune",
+        "init_from=finetune/c",
+        "method=structured",
+        "amount=0.5",
+        "precision=fp32",
+        f"output_root={world}",
+        "cost.enabled=false",
+        "name=cut",
+    )
     assert code == 0, err
     res = _quantize(world, "init_from=prune/cut", "method=int8-dynamic", "name=cut8")
     artifact = res.manifest["artifact"]
-    assert artifact["format"] == "quantized" and artifact["attention_heads"] == [1, 1]  # the pruned shapes travel with it
+    assert artifact["format"] == "quantized" and artifact["attention_heads"] == [
+        1,
+        1,
+    ]  # the pruned shapes travel with it
     store = Store(world)
     loaded = load_checkpoint(store, res.ref).model
     parent = load_checkpoint(store, "prune/cut").model
-    quantization.quantize(parent, "int8-dynamic", group_size=None, skip=[], keep_head=True, embeddings=True,
-                          outliers=artifact["quantization"].get("outliers"))
+    quantization.quantize(
+        parent,
+        "int8-dynamic",
+        group_size=None,
+        skip=[],
+        keep_head=True,
+        embeddings=True,
+        outliers=artifact["quantization"].get("outliers"),
+    )
     ids = torch.randint(5, parent.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(loaded, ids), _logits(parent, ids))

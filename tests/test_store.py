@@ -47,12 +47,15 @@ def test_references_resolve(tmp_path):
     assert store.resolve(str(folder)).manifest["version"] == 2
 
 
-@pytest.mark.parametrize("ref, fragment", [
-    ("pretrain/nope", "no checkpoint pretrain/nope"),
-    ("pretrain/x@v9", "has no version v9"),
-    ("not/a/ref/at/all", "neither a checkpoint"),
-    ("finetune/x", "no checkpoint finetune/x"),
-])
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("pretrain/nope", "no checkpoint pretrain/nope"),
+        ("pretrain/x@v9", "has no version v9"),
+        ("not/a/ref/at/all", "neither a checkpoint"),
+        ("finetune/x", "no checkpoint finetune/x"),
+    ],
+)
 def test_bad_references_say_what_and_how(tmp_path, ref, fragment):
     store = Store(tmp_path)
     _publish(store, "x", 1.0)
@@ -149,7 +152,9 @@ def test_a_removed_versions_number_is_never_given_to_another_model(tmp_path):
     for payload in (b"a", b"b", b"c"):
         _publish(store, "x", 1.0, payload)
     store.remove("pretrain/x@v3")
-    assert _publish(store, "x", 1.0, b"d").ref == "pretrain/x@v004"  # not v003 again: a child of v003 must not point here
+    assert (
+        _publish(store, "x", 1.0, b"d").ref == "pretrain/x@v004"
+    )  # not v003 again: a child of v003 must not point here
     store.remove("pretrain/x@all")
     assert _publish(store, "x", 1.0, b"e").ref == "pretrain/x@v005"
 
@@ -224,7 +229,9 @@ def test_lineage_says_removed_for_a_parent_that_was_removed(tmp_path):
 
     store = Store(tmp_path)
     a = _publish(store, "a", 1.0)
-    b = store.publish(_folder(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]})
+    b = store.publish(
+        _folder(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]}
+    )
     assert store.children("pretrain", "a", [1]) == [("finetune/b@v001", "pretrain/a@v001")]
     store.remove("pretrain/a@all")
     _publish(store, "a", 5.0, b"another model")  # takes v002, never v001

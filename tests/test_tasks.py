@@ -39,8 +39,19 @@ def test_a_pretrained_gpt_learns_to_end_documents(short_docs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, docs = short_docs
-    code, err = run_inprocess("pretrain", *tiny("clm", path, tmp_path, "name=eos", "train.max_steps=150", "train.lr=3e-3",
-                                                "train.eval_every=0", "data.split_ratio=[0.9,0.1,0]"))
+    code, err = run_inprocess(
+        "pretrain",
+        *tiny(
+            "clm",
+            path,
+            tmp_path,
+            "name=eos",
+            "train.max_steps=150",
+            "train.lr=3e-3",
+            "train.eval_every=0",
+            "data.split_ratio=[0.9,0.1,0]",
+        ),
+    )
     assert code == 0, err
     folder = Store(tmp_path).resolve("pretrain/eos").path
     model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
@@ -62,9 +73,18 @@ def test_sft_masks_the_prompt(tmp_path):
     from llmctl.core.tokenizer import train_tokenizer
 
     # a trained BPE has no chat template: this exercises the plain "### user / ### assistant" format
-    t = train_tokenizer(["What is 2 plus 3? 2 plus 3 is 5."] * 20, family="gpt2", vocab_size=300, lowercase=False, max_len=64,
-                        cache_root=tmp_path, data_fp="sft")
-    splits = DatasetDict({"train": Dataset.from_dict({"prompt": ["What is 2 plus 3?"], "response": ["2 plus 3 is 5."]})})
+    t = train_tokenizer(
+        ["What is 2 plus 3? 2 plus 3 is 5."] * 20,
+        family="gpt2",
+        vocab_size=300,
+        lowercase=False,
+        max_len=64,
+        cache_root=tmp_path,
+        data_fp="sft",
+    )
+    splits = DatasetDict(
+        {"train": Dataset.from_dict({"prompt": ["What is 2 plus 3?"], "response": ["2 plus 3 is 5."]})}
+    )
     row = prepare("sft", Data(splits, "fp", {}), t, max_seq_len=64, batch_size=1).splits["train"][0]
     labelled = [int(i) for i, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert t.decode(labelled).startswith("2 plus 3 is 5.")
@@ -79,7 +99,7 @@ def test_pretrain_and_finetune_write_one_task_record_that_gives_back_the_data(ba
     for ref, name, task in (("pretrain/p", "mlm", "text"), ("finetune/f", "classification", "classification")):
         manifest = store.resolve(ref).manifest
         record = manifest["task"]
-        assert RECORD_KEYS <= set(record) and record["name"] == name and record["kind"] == manifest["kind"]
+        assert set(record) >= RECORD_KEYS and record["name"] == name and record["kind"] == manifest["kind"]
         again = load_data(record_data_config(record), task=task)  # the same data, from the record alone
         assert again.fingerprint == record["fingerprint"] == manifest["data"]["fingerprint"]
     f = store.resolve("finetune/f").manifest["task"]
@@ -89,10 +109,16 @@ def test_pretrain_and_finetune_write_one_task_record_that_gives_back_the_data(ba
 
 
 def test_records_of_older_manifests_are_read_in_todays_shape():
-    old_pretrain = {"task": {"stage": "pretrain", "objective": "clm", "max_seq_len": 128},
-                    "objective": {"metric": "eval/loss", "mode": "min"}, "data": {"fingerprint": "abc", "config": {"source": "kjv", "split_seed": 0}}}
-    old_finetune = {"task": {"stage": "finetune", "task": "ner", "method": "full", "labels": ["O", "B-PER"]},
-                    "objective": {"metric": "eval/f1", "mode": "max"}, "data": {"fingerprint": "def", "config": {"source": "conll-fixture", "max_seq_len": 64}}}
+    old_pretrain = {
+        "task": {"stage": "pretrain", "objective": "clm", "max_seq_len": 128},
+        "objective": {"metric": "eval/loss", "mode": "min"},
+        "data": {"fingerprint": "abc", "config": {"source": "kjv", "split_seed": 0}},
+    }
+    old_finetune = {
+        "task": {"stage": "finetune", "task": "ner", "method": "full", "labels": ["O", "B-PER"]},
+        "objective": {"metric": "eval/f1", "mode": "max"},
+        "data": {"fingerprint": "def", "config": {"source": "conll-fixture", "max_seq_len": 64}},
+    }
     a, b = read_task_record(old_pretrain), read_task_record(old_finetune)
     assert a["name"] == "clm" and a["kind"] == "causal-lm" and a["max_seq_len"] == 128 and a["data"]["source"] == "kjv"
     assert b["name"] == "ner" and b["labels"] == ["O", "B-PER"] and b["max_seq_len"] == 64 and b["fingerprint"] == "def"

@@ -24,7 +24,9 @@ def _losses(log):
 
 
 def _run_folder(runs: Path) -> Path:
-    return next(p for p in runs.iterdir() if p.is_dir() and not p.name.endswith(".state") and not p.name.startswith("."))
+    return next(
+        p for p in runs.iterdir() if p.is_dir() and not p.name.endswith(".state") and not p.name.startswith(".")
+    )
 
 
 def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
@@ -33,7 +35,13 @@ def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     straight = _losses(metrics_log(Store(tmp_path / "a").resolve("pretrain/r").path))
 
-    args = [sys.executable, "-m", "llmctl", "pretrain", *tiny("clm", corpus, tmp_path / "b", "name=r", steps, "train.eval_every=0")]
+    args = [
+        sys.executable,
+        "-m",
+        "llmctl",
+        "pretrain",
+        *tiny("clm", corpus, tmp_path / "b", "name=r", steps, "train.eval_every=0"),
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "b" / "pretrain" / "r" / ".runs"
     deadline = time.time() + 120
@@ -50,7 +58,9 @@ def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
     stopped_at = max(_losses(metrics_log(_run_folder(runs))))
     assert stopped_at < 200
 
-    resumed = run_cli("pretrain", *tiny("clm", corpus, tmp_path / "b", "name=r", steps, "train.eval_every=0", "resume=auto"))
+    resumed = run_cli(
+        "pretrain", *tiny("clm", corpus, tmp_path / "b", "name=r", steps, "train.eval_every=0", "resume=auto")
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     curve = _losses(metrics_log(Store(tmp_path / "b").resolve("pretrain/r").path))
@@ -78,8 +88,19 @@ def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews,
     # best evaluation and resumed, it must publish the same weights and metrics and stop at the same
     # step. (Before the fix, the first evaluation after a resume counted as best and the patience
     # count started again.)
-    args = cls_args(bases, reviews, tmp_path, "name=b", "train.max_steps=60", "train.eval_every=5", "patience=3",
-                    "train.warmup_ratio=0", "train.lr=3e-3", "objective_metric=eval/loss", "objective_mode=max")
+    args = cls_args(
+        bases,
+        reviews,
+        tmp_path,
+        "name=b",
+        "train.max_steps=60",
+        "train.eval_every=5",
+        "patience=3",
+        "train.warmup_ratio=0",
+        "train.lr=3e-3",
+        "objective_metric=eval/loss",
+        "objective_mode=max",
+    )
     assert run_inprocess("finetune", *args, "output_root=" + str(tmp_path / "straight"))[0] == 0
     straight = Store(tmp_path / "straight").resolve("finetune/b")
     best, last = straight.manifest["metrics"]["train/best_step"], straight.manifest["metrics"]["train/steps"]
@@ -99,7 +120,9 @@ def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews,
 
 
 def _keeper(tmp_path, mode="min", patience=2):
-    return BestKeeper("eval/loss", mode, patience, tmp_path / "best.safetensors", Runtime(device=None, precision="fp32", reason=""))
+    return BestKeeper(
+        "eval/loss", mode, patience, tmp_path / "best.safetensors", Runtime(device=None, precision="fp32", reason="")
+    )
 
 
 def test_best_keeper_ties_go_to_later_weights_and_nan_never_wins(tmp_path):
@@ -123,7 +146,9 @@ def test_best_keeper_ties_go_to_later_weights_and_nan_never_wins(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def _torchrun(*args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def test_ddp_ranks_stay_in_sync_see_different_batches_and_draw_different_masks(tmp_path):
@@ -139,15 +164,23 @@ def test_ddp_ranks_stay_in_sync_see_different_batches_and_draw_different_masks(t
 
 
 def test_ddp_ranks_stop_together_when_one_is_signalled(tmp_path):
-    out = _torchrun(str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), "stop", timeout=180)  # a hang fails by timeout
+    out = _torchrun(
+        str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), "stop", timeout=180
+    )  # a hang fails by timeout
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["stopped_at"] == ranks[1]["stopped_at"] == 3  # rank 0 was never signalled, yet stops with rank 1
-    assert {p.name for p in (tmp_path / "run.state").iterdir()} >= {"rng-rank0.safetensors", "rng-rank1.safetensors", "trainer_state.json"}
+    assert {p.name for p in (tmp_path / "run.state").iterdir()} >= {
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+        "trainer_state.json",
+    }
 
 
 def test_torchrun_two_processes_on_cpu_write_one_checkpoint(corpus, tmp_path):
-    out = _torchrun("-m", "llmctl", "pretrain", *tiny("clm", corpus, tmp_path, "name=ddp", "train.max_steps=6", "device=cpu"))
+    out = _torchrun(
+        "-m", "llmctl", "pretrain", *tiny("clm", corpus, tmp_path, "name=ddp", "train.max_steps=6", "device=cpu")
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     store = Store(tmp_path)
     assert store.versions("pretrain", "ddp") == [1]
@@ -158,8 +191,20 @@ def test_torchrun_two_processes_on_cpu_write_one_checkpoint(corpus, tmp_path):
 
 def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, tmp_path):
     # every rank must restore the same best weights (rank 0 writes them; the others wait, then load)
-    args = cls_args(bases, reviews, tmp_path, "name=d", "train.max_steps=12", "train.eval_every=4", "patience=0", "device=cpu",
-                    "train.warmup_ratio=0", "train.lr=3e-3", "objective_metric=eval/loss", "objective_mode=max")
+    args = cls_args(
+        bases,
+        reviews,
+        tmp_path,
+        "name=d",
+        "train.max_steps=12",
+        "train.eval_every=4",
+        "patience=0",
+        "device=cpu",
+        "train.warmup_ratio=0",
+        "train.lr=3e-3",
+        "objective_metric=eval/loss",
+        "objective_mode=max",
+    )
     out = _torchrun("-m", "llmctl", "finetune", *args)
     assert out.returncode == 0, out.stderr[-3000:]
     res = Store(tmp_path).resolve("finetune/d")
@@ -198,16 +243,37 @@ def test_the_default_pretraining_optimizer_is_the_hf_trainers(preset, tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose(config_name="pretrain", overrides=[f"conf={preset}"])
     torch.manual_seed(0)
-    model = (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)) if preset.startswith("gpt") else
-             BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
-    ours = Trainer(model, train_data=[{"input_ids": torch.zeros(4, dtype=torch.long)}] * int(cfg.train.batch_size), collate=None,
-                   cfg=cfg.train, rt=Runtime(device=torch.device("cpu"), precision="fp32", reason="test"), run_dir=tmp_path,
-                   state_dir=tmp_path / "state", seed=0).optimizer
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), learning_rate=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay),
-                             use_cpu=True, report_to=[])
+    model = (
+        GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+        if preset.startswith("gpt")
+        else BertForMaskedLM(
+            BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        )
+    )
+    ours = Trainer(
+        model,
+        train_data=[{"input_ids": torch.zeros(4, dtype=torch.long)}] * int(cfg.train.batch_size),
+        collate=None,
+        cfg=cfg.train,
+        rt=Runtime(device=torch.device("cpu"), precision="fp32", reason="test"),
+        run_dir=tmp_path,
+        state_dir=tmp_path / "state",
+        seed=0,
+    ).optimizer
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        learning_rate=float(cfg.train.lr),
+        weight_decay=float(cfg.train.weight_decay),
+        use_cpu=True,
+        report_to=[],
+    )
     theirs = HFTrainer(model=model, args=args).create_optimizer()
 
     def settings(optimizer):
-        return {id(p): (g.get("initial_lr", g["lr"]), tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        return {
+            id(p): (g.get("initial_lr", g["lr"]), tuple(g["betas"]), g["eps"], g["weight_decay"])
+            for g in optimizer.param_groups
+            for p in g["params"]
+        }
 
     assert settings(ours) == settings(theirs)

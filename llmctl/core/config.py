@@ -13,8 +13,8 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmctl.core.errors import LlmctlError, first_line
 
@@ -25,7 +25,9 @@ def config_dir() -> Path:
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "pretrain.yaml").is_file():
             return candidate
-    raise LlmctlError(f"llmctl's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'}); reinstall llmctl")
+    raise LlmctlError(
+        f"llmctl's configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'}); reinstall llmctl"
+    )
 
 
 def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") -> None:
@@ -36,7 +38,7 @@ def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") ->
     elif "--help" in args or "-h" in args:
         print(stage_help(stage, [a for a in args if a not in ("--help", "-h")], doc))
         return
-    if "--cfg" in args and args[args.index("--cfg") + 1:][:1] == ["job"] and not {"--package", "-p"} & set(args):
+    if "--cfg" in args and args[args.index("--cfg") + 1 :][:1] == ["job"] and not {"--package", "-p"} & set(args):
         print(_commented(stage, args))
         return
     _hydra(stage, args, job)
@@ -75,7 +77,9 @@ def _hydra(stage: str, args: list[str], job: Callable) -> None:
     except MissingConfigException as e:
         raise LlmctlError(_missing_config_line(e)) from None
     except OverrideParseException as e:
-        raise LlmctlError(f"cannot parse the overrides: {first_line(str(e))}; write key=value (quote values with spaces)") from None
+        raise LlmctlError(
+            f"cannot parse the overrides: {first_line(str(e))}; write key=value (quote values with spaces)"
+        ) from None
     except ConfigCompositionException as e:
         raise LlmctlError(_composition_line(stage, e)) from None
     except OmegaConfBaseException as e:
@@ -93,14 +97,23 @@ _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.+-]*):(?P<value>[^#
 def stage_help(stage: str, args: list[str], doc: str) -> str:
     """The stage's description, the config groups it takes, and its composed config with comments."""
     groups = _stage_groups(stage)
-    lines = [doc.strip(), "", "Config groups (choose with group=option; add your own with --config-dir DIR holding <group>/<name>.yaml):"]
+    lines = [
+        doc.strip(),
+        "",
+        "Config groups (choose with group=option; add your own with --config-dir DIR holding <group>/<name>.yaml):",
+    ]
     for group, default in groups.items():
         options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml") if stage in _option_stages(p, stage))
         lines.append(f"  {group}: {', '.join(o + (' (default)' if o == default else '') for o in options)}")
-    lines += ["", "Flags: -m/--multirun (sweeps: key=a,b; hydra/sweeper=optuna; hydra/launcher=joblib), --cfg job (the composed",
-              "config, nothing run), --config-dir DIR, --hydra-help (Hydra's own help).", "",
-              f"Config{' with your overrides' if args else ''} (every key can be overridden: key=value):", "",
-              _commented(stage, [*args, "--cfg", "job"])]
+    lines += [
+        "",
+        "Flags: -m/--multirun (sweeps: key=a,b; hydra/sweeper=optuna; hydra/launcher=joblib), --cfg job (the composed",
+        "config, nothing run), --config-dir DIR, --hydra-help (Hydra's own help).",
+        "",
+        f"Config{' with your overrides' if args else ''} (every key can be overridden: key=value):",
+        "",
+        _commented(stage, [*args, "--cfg", "job"]),
+    ]
     return "\n".join(lines)
 
 
@@ -108,7 +121,7 @@ def _option_stages(path: Path, stage: str) -> set[str]:
     """The stages a config option is for: its `# for: a, b` line (a group shared by stages, like `method`), else every stage."""
     for line in path.read_text().splitlines()[:3]:
         if line.startswith("# for:"):
-            return {s.strip() for s in line[len("# for:"):].split(",")}
+            return {s.strip() for s in line[len("# for:") :].split(",")}
     return {stage}
 
 
@@ -157,7 +170,10 @@ def _comments(stage: str, args: list[str]) -> dict[str, str]:
     defaults.update({k: v for k, _, v in (a.partition("=") for a in args) if k in defaults and v})
     files = sorted(root.glob("conf/*.yaml"))  # presets (lowest precedence)
     files += [p for g in defaults for p in sorted((root / g).glob("*.yaml")) if p.stem != defaults[g] and g != "conf"]
-    files += [root / g / f"{o}.yaml" for g, o in defaults.items() if o and g != "conf"] + [root / "common.yaml", root / f"{stage}.yaml"]
+    files += [root / g / f"{o}.yaml" for g, o in defaults.items() if o and g != "conf"] + [
+        root / "common.yaml",
+        root / f"{stage}.yaml",
+    ]
     found: dict[str, str] = {}
     for path in files:
         if not path.is_file():
@@ -216,8 +232,10 @@ def _missing_config_line(e) -> str:
     options = getattr(e, "options", None) or []
     group, _, choice = missing.rpartition("/")
     if group and options is not None:
-        return (f"unknown preset {group}={choice}; available: {', '.join(sorted(options)) or '(none)'}"
-                " (add your own with --config-dir DIR holding <group>/<name>.yaml)")
+        return (
+            f"unknown preset {group}={choice}; available: {', '.join(sorted(options)) or '(none)'}"
+            " (add your own with --config-dir DIR holding <group>/<name>.yaml)"
+        )
     return first_line(str(e))
 
 
@@ -227,8 +245,10 @@ def _composition_line(stage: str, e) -> str:
     msg = first_line(str(e))
     group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", msg)
     if group:
-        return (f"llmctl {stage} takes no config group {group.group(1)!r} (its groups: {', '.join(_stage_groups(stage))}); "
-                f"drop {group.group(1)}=..., or see `llmctl {stage} --help`")
+        return (
+            f"llmctl {stage} takes no config group {group.group(1)!r} (its groups: {', '.join(_stage_groups(stage))}); "
+            f"drop {group.group(1)}=..., or see `llmctl {stage} --help`"
+        )
     if key and "not in struct" in str(cause):
         known = _all_keys(stage)
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
@@ -248,7 +268,7 @@ def _all_keys(stage: str) -> list[str]:
     keys: list[str] = []
 
     def walk(node, prefix):
-        for k in node.keys():
+        for k in node:
             full = f"{prefix}{k}"
             keys.append(full)
             child = node._get_node(k)

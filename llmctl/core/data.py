@@ -39,8 +39,23 @@ from llmctl.core.errors import LlmctlError, first_line
 
 BUILTIN = ("bbc-news", "kjv", "conll-fixture", "tiny-instruct")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TASK_COLUMNS = {"text": "text", "classification": "text + label", "ner": "tokens + ner_tags", "sft": "prompt + response, or messages"}
-_FORMATS = {".txt": "text", ".text": "text", ".conll": "conll", ".iob": "conll", ".bio": "conll", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TASK_COLUMNS = {
+    "text": "text",
+    "classification": "text + label",
+    "ner": "tokens + ner_tags",
+    "sft": "prompt + response, or messages",
+}
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 PACKING_VERSION = 2  # bump when packing changes, to invalidate caches (2: every split is packed)
 
@@ -64,13 +79,21 @@ class Data:
         return split in self.splits
 
     def record(self) -> dict:
-        return {"source": self.config.get("train") or self.config.get("source"), "fingerprint": self.fingerprint,
-                "examples": {k: len(v) for k, v in self.splits.items()}, "duplicates_dropped": self.dropped, "config": self.config}
+        return {
+            "source": self.config.get("train") or self.config.get("source"),
+            "fingerprint": self.fingerprint,
+            "examples": {k: len(v) for k, v in self.splits.items()},
+            "duplicates_dropped": self.dropped,
+            "config": self.config,
+        }
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
-        return (f"data {self.fingerprint[:12]} · " + " / ".join(f"{len(v)} {k}" for k, v in self.splits.items())
-                + (f" · {dropped} exact duplicate{'s' * (dropped != 1)} dropped" if dropped else ""))
+        return (
+            f"data {self.fingerprint[:12]} · "
+            + " / ".join(f"{len(v)} {k}" for k, v in self.splits.items())
+            + (f" · {dropped} exact duplicate{'s' * (dropped != 1)} dropped" if dropped else "")
+        )
 
 
 def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = None) -> Data:
@@ -84,18 +107,25 @@ def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = No
     if data_cfg.get("train"):
         dsd = _load_local_splits(data_cfg, task, cache_dir)
     elif data_cfg.get("source") in BUILTIN:
-        dsd = {k: _normalize(v, data_cfg, task, f"data={data_cfg.source}") for k, v in _load_builtin(data_cfg.source, cache_dir).items()}
+        dsd = {
+            k: _normalize(v, data_cfg, task, f"data={data_cfg.source}")
+            for k, v in _load_builtin(data_cfg.source, cache_dir).items()
+        }
     elif data_cfg.get("source"):
         dsd = _load_source(data_cfg, task, cache_dir)
     else:
-        raise LlmctlError("data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>")
+        raise LlmctlError(
+            "data: nothing to load; set data.source (bbc-news, kjv, a path or a hub id) or data.train=<file>"
+        )
     dropped = _dedupe(dsd, task) if data_cfg.get("dedupe", True) else {}
     dsd = _split(dsd, data_cfg)
     if data_cfg.get("max_docs"):
         dsd["train"] = dsd["train"].select(range(min(int(data_cfg.max_docs), len(dsd["train"]))))
     for split, ds in dsd.items():
         if len(ds) == 0 or (task in ("text", "classification") and not any(t and t.strip() for t in ds["text"][:1000])):
-            raise LlmctlError(f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column")
+            raise LlmctlError(
+                f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column"
+            )
     dsd = DatasetDict({k: dsd[k] for k in ("train", "validation", "test") if k in dsd})
     return Data(splits=dsd, fingerprint=fingerprint(dsd), config=absolute_config(data_cfg), dropped=dropped)
 
@@ -125,6 +155,7 @@ def absolute_config(data_cfg) -> dict:
 
 def _dedupe_keys(ds, task: str) -> list[str]:
     """Whitespace-normalised text of each example, over the columns the task reads."""
+
     def norm(text) -> str:
         return " ".join(str(text).split())
 
@@ -190,12 +221,18 @@ def _load_builtin(name: str, cache_dir: str | None = None) -> dict:
                 chapters.setdefault(ref.split(":")[0], []).append(verse.strip())
         return {"all": Dataset.from_dict({"text": ["\n".join(v) for v in chapters.values()]})}
     if name == "conll-fixture":
-        return {split: read_conll([str(ASSETS / "ner" / f"{f}.conll")], "source")
-                for split, f in (("train", "train"), ("validation", "dev"), ("test", "test"))}
+        return {
+            split: read_conll([str(ASSETS / "ner" / f"{f}.conll")], "source")
+            for split, f in (("train", "train"), ("validation", "dev"), ("test", "test"))
+        }
     if name == "tiny-instruct":
         from datasets import load_dataset
 
-        return {"all": load_dataset("json", data_files=str(ASSETS / "sft" / "instructions.jsonl"), split="train", cache_dir=cache_dir)}
+        return {
+            "all": load_dataset(
+                "json", data_files=str(ASSETS / "sft" / "instructions.jsonl"), split="train", cache_dir=cache_dir
+            )
+        }
     raise AssertionError(name)
 
 
@@ -222,7 +259,9 @@ def read_conll(files: list[str], key: str, encoding: str = "utf-8"):
             tags.append(sent_tags)
             sent_tokens, sent_tags = [], []
     if not tokens:
-        raise LlmctlError(f"data.{key}: {', '.join(files[:3])} holds no sentences; expected CoNLL lines 'token ... tag'")
+        raise LlmctlError(
+            f"data.{key}: {', '.join(files[:3])} holds no sentences; expected CoNLL lines 'token ... tag'"
+        )
     return Dataset.from_dict({"tokens": tokens, "ner_tags": tags})
 
 
@@ -236,7 +275,9 @@ def _expand(spec, key: str) -> list[str]:
         else:
             found = sorted(glob.glob(str(p), recursive=True))
         if not found:
-            raise LlmctlError(f"data.{key}: no such file {str(s)!r} (relative to {Path.cwd()}); give an existing file, folder or glob")
+            raise LlmctlError(
+                f"data.{key}: no such file {str(s)!r} (relative to {Path.cwd()}); give an existing file, folder or glob"
+            )
         files.extend(found)
     return files
 
@@ -244,7 +285,9 @@ def _expand(spec, key: str) -> list[str]:
 def _format_of(files: list[str], key: str) -> str:
     formats = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in formats or len(formats) != 1:
-        raise LlmctlError(f"data.{key}: files must all be one of {', '.join(_FORMATS)} (got {', '.join(sorted({Path(f).suffix for f in files}))})")
+        raise LlmctlError(
+            f"data.{key}: files must all be one of {', '.join(_FORMATS)} (got {', '.join(sorted({Path(f).suffix for f in files}))})"
+        )
     return formats.pop()
 
 
@@ -254,7 +297,9 @@ def _read_files(files: list[str], key: str, data_cfg, task: str, cache_dir: str 
     fmt = _format_of(files, key)
     conll = fmt == "conll" or (fmt == "text" and task == "ner")
     if fmt == "text" and not conll and task != "text":
-        raise LlmctlError(f"data.{key}: plain .txt files carry no {TASK_COLUMNS[task]} columns; use .jsonl / .csv / .parquet")
+        raise LlmctlError(
+            f"data.{key}: plain .txt files carry no {TASK_COLUMNS[task]} columns; use .jsonl / .csv / .parquet"
+        )
     if all(Path(f).stat().st_size == 0 for f in files):
         wanted = "a CoNLL file" if conll else "a file with text" if fmt == "text" else "a file with rows"
         raise LlmctlError(f"data.{key}: {', '.join(files[:3])} is empty; give {wanted}")
@@ -267,14 +312,28 @@ def _read_files(files: list[str], key: str, data_cfg, task: str, cache_dir: str 
     try:
         if fmt == "text":
             # several files = one document each; one file = one example per line
-            ds = load_dataset("text", data_files=files, sample_by="document" if len(files) > 1 else "line", split="train",
-                              encoding=encoding, cache_dir=cache_dir)
+            ds = load_dataset(
+                "text",
+                data_files=files,
+                sample_by="document" if len(files) > 1 else "line",
+                split="train",
+                encoding=encoding,
+                cache_dir=cache_dir,
+            )
             return ds.filter(lambda t: bool(t.strip()), input_columns="text")
-        ds = load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **({} if fmt == "parquet" else {"encoding": encoding}))
+        ds = load_dataset(
+            fmt,
+            data_files=files,
+            split="train",
+            cache_dir=cache_dir,
+            **({} if fmt == "parquet" else {"encoding": encoding}),
+        )
     except Exception as e:  # a malformed file: datasets wraps the cause in a long DatasetGenerationError
         cause = e.__cause__ or e.__context__ or e
-        raise LlmctlError(f"data.{key}: cannot read {', '.join(files[:3])} as {fmt} ({type(cause).__name__}: "
-                          f"{first_line(str(cause), 200)}); check the file's format") from None
+        raise LlmctlError(
+            f"data.{key}: cannot read {', '.join(files[:3])} as {fmt} ({type(cause).__name__}: "
+            f"{first_line(str(cause), 200)}); check the file's format"
+        ) from None
     return _normalize(ds, data_cfg, task, f"data.{key}")
 
 
@@ -286,22 +345,30 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
     with open(path, "rb") as fh:
         head = fh.read(8192)
         if b"\x00" in head and not encoding.lower().replace("-", "").startswith(("utf16", "utf32")):
-            raise LlmctlError(f"data.{key}: {path} looks like a binary file (it holds NUL bytes), not text; give a text file")
+            raise LlmctlError(
+                f"data.{key}: {path} looks like a binary file (it holds NUL bytes), not text; give a text file"
+            )
         fh.seek(0)
         decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
         for block in iter(lambda: fh.read(1 << 20), b""):
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as e:
-                at = offset - (len(e.object) - len(block)) + e.start  # e.object: bytes held back from the last block + this one
-                raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (byte 0x{e.object[e.start]:02x} at offset {at}); "
-                                  f"convert it to {encoding} or set data.encoding=<its encoding>, e.g. data.encoding=latin-1") from None
+                at = (
+                    offset - (len(e.object) - len(block)) + e.start
+                )  # e.object: bytes held back from the last block + this one
+                raise LlmctlError(
+                    f"data.{key}: {path} is not valid {encoding} text (byte 0x{e.object[e.start]:02x} at offset {at}); "
+                    f"convert it to {encoding} or set data.encoding=<its encoding>, e.g. data.encoding=latin-1"
+                ) from None
             offset += len(block)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:  # a multi-byte character cut off at the end of the file
-            raise LlmctlError(f"data.{key}: {path} is not valid {encoding} text (it ends inside a character, at offset {offset}); "
-                              f"convert it to {encoding} or set data.encoding=<its encoding>") from None
+            raise LlmctlError(
+                f"data.{key}: {path} is not valid {encoding} text (it ends inside a character, at offset {offset}); "
+                f"convert it to {encoding} or set data.encoding=<its encoding>"
+            ) from None
     if csv_rows:
         import csv
 
@@ -311,13 +378,15 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
             raise LlmctlError(f"data.{key}: {path} has a header but no rows; add rows or remove the file")
 
 
-
 def _normalize(ds, data_cfg, task: str, where: str):
     """Rename the configured columns to the names the task uses; one clear error when missing."""
+
     def take(column: str, as_name: str, knob: str):
         nonlocal ds
         if column not in ds.column_names:
-            raise LlmctlError(f"{where}: no {as_name} column {column!r} (columns: {', '.join(ds.column_names)}); set data.{knob}=<name>")
+            raise LlmctlError(
+                f"{where}: no {as_name} column {column!r} (columns: {', '.join(ds.column_names)}); set data.{knob}=<name>"
+            )
         if column != as_name:
             if as_name in ds.column_names:
                 ds = ds.remove_columns(as_name)
@@ -330,14 +399,22 @@ def _normalize(ds, data_cfg, task: str, where: str):
         if data_cfg.get("text_pair_column"):
             take(data_cfg.text_pair_column, "text_pair", "text_pair_column")
     if task == "ner" and not {"tokens", "ner_tags"} <= set(ds.column_names):
-        raise LlmctlError(f"{where}: NER needs 'tokens' and 'ner_tags' columns (has {', '.join(ds.column_names)}); or give CoNLL files")
+        raise LlmctlError(
+            f"{where}: NER needs 'tokens' and 'ner_tags' columns (has {', '.join(ds.column_names)}); or give CoNLL files"
+        )
     if task == "sft" and "messages" not in ds.column_names and not {"prompt", "response"} <= set(ds.column_names):
-        raise LlmctlError(f"{where}: SFT needs 'prompt' and 'response' columns or a chat 'messages' column (has {', '.join(ds.column_names)})")
+        raise LlmctlError(
+            f"{where}: SFT needs 'prompt' and 'response' columns or a chat 'messages' column (has {', '.join(ds.column_names)})"
+        )
     return ds
 
 
 def _load_local_splits(data_cfg, task: str, cache_dir: str | None) -> dict:
-    out = {"all" if not data_cfg.get("validation") else "train": _read_files(_expand(data_cfg.train, "train"), "train", data_cfg, task, cache_dir)}
+    out = {
+        "all" if not data_cfg.get("validation") else "train": _read_files(
+            _expand(data_cfg.train, "train"), "train", data_cfg, task, cache_dir
+        )
+    }
     for key in ("validation", "test"):
         if data_cfg.get(key):
             out[key] = _read_files(_expand(data_cfg[key], key), key, data_cfg, task, cache_dir)
@@ -353,14 +430,18 @@ def _load_source(data_cfg, task: str, cache_dir: str | None) -> dict:
     try:
         dsd = load_dataset(src, data_cfg.get("config_name"), cache_dir=cache_dir)
     except Exception as e:  # network, unknown id, ...
-        raise LlmctlError(f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise LlmctlError(
+            f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     out = {k: _normalize(v, data_cfg, task, f"data.source={src}") for k, v in dsd.items()}
     if "validation" not in out and "train" in out:
         out["all"] = out.pop("train")
     return out
 
 
-MIN_VALIDATION = 100  # labelled data: validation gets at least min(100, a fifth of the examples) to select a checkpoint on
+MIN_VALIDATION = (
+    100  # labelled data: validation gets at least min(100, a fifth of the examples) to select a checkpoint on
+)
 
 
 def _split(dsd: dict, data_cfg) -> dict:
@@ -375,10 +456,14 @@ def _split(dsd: dict, data_cfg) -> dict:
     ratio = [float(x) for x in data_cfg.get("split_ratio") or [0.9, 0.1, 0.0]]
     seed = int(data_cfg.get("split_seed") or 0)
     if len(ds) < 3:
-        raise LlmctlError(f"data: {_describe(data_cfg)} has {len(ds)} examples; need at least 3 to split off validation")
+        raise LlmctlError(
+            f"data: {_describe(data_cfg)} has {len(ds)} examples; need at least 3 to split off validation"
+        )
     labelled = "label" in ds.column_names
     if ratio[2] > 0 and "test" not in dsd:
-        ds, dsd["test"] = _split_off(ds, math.ceil(ratio[2] / sum(ratio) * len(ds)), seed, labelled)  # datasets' own rounding
+        ds, dsd["test"] = _split_off(
+            ds, math.ceil(ratio[2] / sum(ratio) * len(ds)), seed, labelled
+        )  # datasets' own rounding
     n_val = math.ceil(ratio[1] / (ratio[0] + ratio[1]) * len(ds))
     if labelled:
         n_val = max(n_val, min(MIN_VALIDATION, len(ds) // 5), len(set(ds["label"][:])))
@@ -427,8 +512,17 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
 
     from llmctl.core.tokenizer import tokenizer_hash
 
-    key_src = json.dumps({"v": PACKING_VERSION, "data": data_fp, "tok": tokenizer_hash(tokenizer), "objective": objective,
-                          "len": max_seq_len, "seed": seed if objective == "mlm+nsp" else None}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "v": PACKING_VERSION,
+            "data": data_fp,
+            "tok": tokenizer_hash(tokenizer),
+            "objective": objective,
+            "len": max_seq_len,
+            "seed": seed if objective == "mlm+nsp" else None,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache = Path(cache_root) / "packed" / key
     if (cache / "dataset_dict.json").is_file():
@@ -436,11 +530,20 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
     builder = {"clm": _pack_clm, "mlm": _pack_mlm, "mlm+nsp": _pack_nsp}[objective]
     packed = DatasetDict()
     for split, ds in dsd.items():
-        rows = ds.map(builder, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
-                      fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed}, desc=f"packing {split}",
-                      load_from_cache_file=False)  # llmctl caches the packed result itself (below)
+        rows = ds.map(
+            builder,
+            batched=True,
+            batch_size=1000,
+            with_indices=True,
+            remove_columns=ds.column_names,
+            fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed},
+            desc=f"packing {split}",
+            load_from_cache_file=False,
+        )  # llmctl caches the packed result itself (below)
         if len(rows) == 0 and split in ("train", "validation"):
-            raise LlmctlError(f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text")
+            raise LlmctlError(
+                f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text"
+            )
         if len(rows):  # a test split shorter than one sequence is left out
             packed[split] = rows
     tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")
@@ -457,7 +560,7 @@ def _pack_clm(batch, indices, tok, length, seed):
     for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]:
         stream.extend(ids + [tok.eos_token_id])
     n = len(stream) // length * length
-    return {"input_ids": [stream[i:i + length] for i in range(0, n, length)]}
+    return {"input_ids": [stream[i : i + length] for i in range(0, n, length)]}
 
 
 def _pack_mlm(batch, indices, tok, length, seed):
@@ -466,7 +569,7 @@ def _pack_mlm(batch, indices, tok, length, seed):
         stream.extend(ids + [tok.sep_token_id])
     body = length - 2
     n = len(stream) // body * body
-    return {"input_ids": [[tok.cls_token_id, *stream[i:i + body], tok.sep_token_id] for i in range(0, n, body)]}
+    return {"input_ids": [[tok.cls_token_id, *stream[i : i + body], tok.sep_token_id] for i in range(0, n, body)]}
 
 
 def _pack_nsp(batch, indices, tok, length, seed):

@@ -49,8 +49,13 @@ class Runtime:
         return f"device {self.device} · precision {self.precision} ({self.reason}){procs}"
 
     def record(self) -> dict:
-        return {"device": str(self.device), "precision": self.precision, "precision_reason": self.reason,
-                "world_size": self.world_size, "cpu_bf16": cpu_has_native_bf16()}
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "precision_reason": self.reason,
+            "world_size": self.world_size,
+            "cpu_bf16": cpu_has_native_bf16(),
+        }
 
 
 def cpu_has_native_bf16() -> bool:
@@ -71,7 +76,16 @@ def torchrun_command(stage: str, ids: list[int], overrides: list[str], config_di
     each sweep job starts its own torchrun, which runs that job once."""
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(ids)}", "-m", "llmctl", stage]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={len(ids)}",
+        "-m",
+        "llmctl",
+        stage,
+    ]
     for folder in config_dirs:
         cmd += ["--config-dir", folder]
     return cmd + list(overrides)
@@ -81,15 +95,22 @@ def setup_runtime(device_cfg, precision_cfg: str) -> Runtime:
     """Resolve device and precision, and join the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    spec = device_spec(device_cfg, world_size=world_size, local_rank=local_rank, cuda=torch.cuda.is_available(),
-                       visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    spec = device_spec(
+        device_cfg,
+        world_size=world_size,
+        local_rank=local_rank,
+        cuda=torch.cuda.is_available(),
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
     device = torch.device(spec)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision, reason = _choose_precision(str(precision_cfg), device)
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device=device, precision=precision, reason=reason, rank=rank, world_size=world_size, local_rank=local_rank)
+    return Runtime(
+        device=device, precision=precision, reason=reason, rank=rank, world_size=world_size, local_rank=local_rank
+    )
 
 
 def device_spec(device_cfg, *, world_size: int, local_rank: int, cuda: bool, visible: str | None) -> str:
@@ -105,14 +126,20 @@ def device_spec(device_cfg, *, world_size: int, local_rank: int, cuda: bool, vis
         return "cpu"
     if spec == "cuda" or re.fullmatch(r"cuda:\d+", spec):
         if not cuda:
-            raise LlmctlError(f"device={device_cfg} asks for CUDA but this machine has no usable GPU; use device=cpu or device=auto")
+            raise LlmctlError(
+                f"device={device_cfg} asks for CUDA but this machine has no usable GPU; use device=cpu or device=auto"
+            )
         if spec != "cuda" and world_size > 1:
-            raise LlmctlError(f"device={spec} names one GPU, but torchrun started {world_size} processes that would all use it; "
-                              f"use device=cuda (each process takes the GPU of its LOCAL_RANK) or device=[ids]")
+            raise LlmctlError(
+                f"device={spec} names one GPU, but torchrun started {world_size} processes that would all use it; "
+                f"use device=cuda (each process takes the GPU of its LOCAL_RANK) or device=[ids]"
+            )
         if spec == "cuda":
             spec = f"cuda:{ids[local_rank] if ids and not visible else local_rank}"
         return spec
-    raise LlmctlError(f"device={device_cfg!r} is not understood; use auto, cpu, cuda, cuda:N or a list of GPU ids like [0,1]")
+    raise LlmctlError(
+        f"device={device_cfg!r} is not understood; use auto, cpu, cuda, cuda:N or a list of GPU ids like [0,1]"
+    )
 
 
 def _choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
@@ -127,7 +154,11 @@ def _choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
         return requested, "requested"
     native = cpu_has_native_bf16()
     if requested == "auto":
-        return ("bf16", "auto: CPU has native bf16 (AVX512-BF16/AMX)") if native else ("fp32", "auto: CPU lacks native bf16")
+        return (
+            ("bf16", "auto: CPU has native bf16 (AVX512-BF16/AMX)")
+            if native
+            else ("fp32", "auto: CPU lacks native bf16")
+        )
     if requested == "fp16":
         raise LlmctlError("precision=fp16 gains nothing on CPU; use precision=bf16 (native bf16 CPUs) or fp32")
     if requested == "bf16" and not native:

@@ -21,8 +21,11 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.models import DEPTH_KEY, layers_prefix, transformer_layers
 
 TEACHER_LOGITS = "teacher_logits"  # the column holding cached teacher logits in a training split
-WIDTH_KEYS = {"bert": ("hidden_size", "num_attention_heads", "intermediate_size"), "gpt2": ("n_embd", "n_head", "n_inner"),
-              "llama": ("hidden_size", "num_attention_heads", "intermediate_size")}
+WIDTH_KEYS = {
+    "bert": ("hidden_size", "num_attention_heads", "intermediate_size"),
+    "gpt2": ("n_embd", "n_head", "n_inner"),
+    "llama": ("hidden_size", "num_attention_heads", "intermediate_size"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,15 +57,19 @@ def student_config(teacher_config, *, num_layers: int | None, width: dict | None
     return config
 
 
-def student_from_teacher(teacher, *, num_layers: int | None, init: str = "teacher-layers", width: dict | None = None, seed: int = 0):
+def student_from_teacher(
+    teacher, *, num_layers: int | None, init: str = "teacher-layers", width: dict | None = None, seed: int = 0
+):
     """A smaller model of the teacher's family: its layers copied from every k-th teacher layer (embeddings,
     final norm and head copied too), or `init="random"` (fresh weights, same config). Returns (student, kept layer ids)."""
     family = teacher.config.model_type
     config = student_config(teacher.config, num_layers=num_layers, width=width)
     changed = [k for k in WIDTH_KEYS.get(family, ()) if getattr(config, k, None) != getattr(teacher.config, k, None)]
     if init == "teacher-layers" and changed:
-        raise LlmctlError(f"student.init=teacher-layers copies the teacher's layers, so {changed[0]} must stay "
-                          f"{getattr(teacher.config, changed[0])}; use student.init=random for another width")
+        raise LlmctlError(
+            f"student.init=teacher-layers copies the teacher's layers, so {changed[0]} must stay "
+            f"{getattr(teacher.config, changed[0])}; use student.init=random for another width"
+        )
     torch.manual_seed(seed)
     student = type(teacher)(config)
     depth = len(transformer_layers(teacher))
@@ -75,7 +82,7 @@ def student_from_teacher(teacher, *, num_layers: int | None, init: str = "teache
     state = {}
     for key in student.state_dict():
         if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
+            index, rest = key[len(prefix) :].split(".", 1)
             key_in_teacher = f"{prefix}{kept[int(index)]}.{rest}"
         else:
             key_in_teacher = key
@@ -87,7 +94,9 @@ def student_from_teacher(teacher, *, num_layers: int | None, init: str = "teache
 # ---------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
     """KL(softmax(z_t/T) ‖ softmax(z_s/T)) · T², summed over classes, averaged over the positions `mask`
     keeps (all when None); in fp32; 0 when nothing is kept."""
     t = float(temperature)
@@ -106,8 +115,17 @@ class DistillLoss:
     `kind` is the artifact kind (seq-cls, token-cls, causal-lm). `projection` maps the student's
     hidden states to the teacher's width for the hidden-state loss (train it with the student)."""
 
-    def __init__(self, teacher, *, kind: str, alpha: float, temperature: float, hidden_weight: float = 0.0,
-                 hidden_loss: str = "mse", projection=None):
+    def __init__(
+        self,
+        teacher,
+        *,
+        kind: str,
+        alpha: float,
+        temperature: float,
+        hidden_weight: float = 0.0,
+        hidden_loss: str = "mse",
+        projection=None,
+    ):
         if not 0.0 <= float(alpha) <= 1.0:
             raise LlmctlError(f"distill.alpha={alpha}: must be in [0, 1] (the weight of the teacher's soft targets)")
         self.teacher, self.kind, self.alpha, self.t = teacher, kind, float(alpha), float(temperature)
@@ -123,7 +141,9 @@ class DistillLoss:
             return ce, {"loss/ce": ce.detach()}
         if cached is None or hidden:
             with torch.no_grad():
-                teacher_out = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden)
+                teacher_out = self.teacher(
+                    **{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden
+                )
         teacher_logits = cached if cached is not None else teacher_out.logits
         labels = batch.get("labels")
         if self.kind == "causal-lm":  # next-token logits: position i predicts token i + 1
@@ -149,7 +169,9 @@ class DistillLoss:
         """The embeddings, and each student layer's output against the teacher's output at the same depth
         share (TinyBERT's uniform map: student layer j of n ↔ teacher layer (j + 1) · L / n)."""
         n, depth = len(student_states) - 1, len(teacher_states) - 1
-        pairs = [(student_states[0], teacher_states[0])] + [(student_states[j + 1], teacher_states[(j + 1) * depth // n]) for j in range(n)]
+        pairs = [(student_states[0], teacher_states[0])] + [
+            (student_states[j + 1], teacher_states[(j + 1) * depth // n]) for j in range(n)
+        ]
         mask = attention_mask.unsqueeze(-1).float() if attention_mask is not None else None
         total = torch.zeros((), device=student_states[0].device)
         for s, t in pairs:

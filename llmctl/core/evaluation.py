@@ -36,8 +36,14 @@ from llmctl.core.store import Resolved, parse_ref, write_json_atomic
 
 EVALS = "evals"  # the folder beside a checkpoint's weights that keeps its eval records
 # The metric a task is judged by first (the comparison table's and the charts' metric).
-PRIMARY = {"classification": ("accuracy", "max"), "ner": ("f1", "max"), "clm": ("perplexity", "min"),
-           "mlm": ("perplexity", "min"), "mlm+nsp": ("perplexity", "min"), "sft": ("perplexity", "min")}
+PRIMARY = {
+    "classification": ("accuracy", "max"),
+    "ner": ("f1", "max"),
+    "clm": ("perplexity", "min"),
+    "mlm": ("perplexity", "min"),
+    "mlm+nsp": ("perplexity", "min"),
+    "sft": ("perplexity", "min"),
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -55,8 +61,10 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str |
     kind = source_kind(source)
     record = read_task_record(source.manifest)
     if not task and not (record or {}).get("name") and kind not in KIND_TASK:
-        raise LlmctlError(f"ckpt={source.ref} is a bare {kind} with no task head; evaluate a checkpoint that has one "
-                          f"(fine-tune it first: llmctl finetune init_from={source.ref})")
+        raise LlmctlError(
+            f"ckpt={source.ref} is a bare {kind} with no task head; evaluate a checkpoint that has one "
+            f"(fine-tune it first: llmctl finetune init_from={source.ref})"
+        )
     task = task_of(kind, record, other_data=data_cfg is not None, task=task)
     if data_cfg is None:
         if (record is None or not record.get("data")) and not need_data:
@@ -65,9 +73,25 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str |
     return {"kind": kind, "task": task, "record": record, "data_cfg": data_cfg}
 
 
-def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_size: int = 16, max_batches: int | None = None,
-             max_seq_len: int | None = None, cost: dict | None = None, samples: int = 0, max_new_tokens: int = 40,
-             seed: int = 0, cache_root: Path | None = None, console=None, need_data: bool = True, task: str | None = None) -> dict:
+def evaluate(
+    store,
+    spec,
+    *,
+    rt,
+    data_cfg=None,
+    split: str | None = None,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_seq_len: int | None = None,
+    cost: dict | None = None,
+    samples: int = 0,
+    max_new_tokens: int = 40,
+    seed: int = 0,
+    cache_root: Path | None = None,
+    console=None,
+    need_data: bool = True,
+    task: str | None = None,
+) -> dict:
     """Evaluate one checkpoint on its task (see the module docstring); returns its eval record."""
     from llmctl.core.data import load_data
     from llmctl.core.loading import check_device, load_checkpoint, resolve_source
@@ -84,34 +108,73 @@ def evaluate(store, spec, *, rt, data_cfg=None, split: str | None = None, batch_
     loaded = load_checkpoint(store, source, what="ckpt")
     check_device(loaded, rt.device)
     model, tok = loaded.model.to(rt.device).eval(), loaded.tokenizer
-    out = {"ref": source.ref, "path": str(source.path), "kind": p["kind"], "task": task, "split": None, "data": None,
-           "metrics": {}, "primary": primary(task, {}), "parent": first_parent(source.manifest), "weights_sha256": loaded.sha256,
-           "runtime": {**rt.record(), "threads": _threads()}, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = {
+        "ref": source.ref,
+        "path": str(source.path),
+        "kind": p["kind"],
+        "task": task,
+        "split": None,
+        "data": None,
+        "metrics": {},
+        "primary": primary(task, {}),
+        "parent": first_parent(source.manifest),
+        "weights_sha256": loaded.sha256,
+        "runtime": {**rt.record(), "threads": _threads()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     if data is not None:
         length = sequence_length(max_seq_len, record, p["data_cfg"], model.config)
-        prepared = prepare(task, data, tok, max_seq_len=length, batch_size=batch_size, seed=seed, cache_root=cache_root,
-                           eval_batches=max_batches, system_prompt=record.get("system_prompt"))
+        prepared = prepare(
+            task,
+            data,
+            tok,
+            max_seq_len=length,
+            batch_size=batch_size,
+            seed=seed,
+            cache_root=cache_root,
+            eval_batches=max_batches,
+            system_prompt=record.get("system_prompt"),
+        )
         check_labels(model, prepared, source.ref)
         if console is not None:
-            console.print(f"[bold]{source.ref}[/] · {task} on {split} ({len(data[split])} examples, data {data.fingerprint[:12]}) · {length} tokens")
+            console.print(
+                f"[bold]{source.ref}[/] · {task} on {split} ({len(data[split])} examples, data {data.fingerprint[:12]}) · {length} tokens"
+            )
         started = time.perf_counter()
-        out.update(judge(model, prepared, split, rt=rt, seed=seed), labels=prepared.info.get("labels"), max_seq_len=length,
-                   max_batches=max_batches, data={"fingerprint": data.fingerprint, "examples": len(data[split]), "config": data.config},
-                   eval_seconds=round(time.perf_counter() - started, 3))
+        out.update(
+            judge(model, prepared, split, rt=rt, seed=seed),
+            labels=prepared.info.get("labels"),
+            max_seq_len=length,
+            max_batches=max_batches,
+            data={"fingerprint": data.fingerprint, "examples": len(data[split]), "config": data.config},
+            eval_seconds=round(time.perf_counter() - started, 3),
+        )
         if task == "sft" and samples:
             from llmctl.core.tasks import sample_generations
 
-            out["samples"] = sample_generations(model, tok, data[split], system_prompt=record.get("system_prompt"),
-                                                num=samples, max_new_tokens=max_new_tokens)
+            out["samples"] = sample_generations(
+                model,
+                tok,
+                data[split],
+                system_prompt=record.get("system_prompt"),
+                num=samples,
+                max_new_tokens=max_new_tokens,
+            )
     elif console is not None:
         console.print(f"[bold]{source.ref}[/] · records no data: cost figures and harness tasks only")
     if cost is not None:
         out["cost"] = measure_cost(model, source.path, rt, **cost)
-    out["_model"], out["_tokenizer"], out["_split"] = model, tok, data[split] if data is not None else None  # for the caller; never saved
+    out["_model"], out["_tokenizer"], out["_split"] = (
+        model,
+        tok,
+        data[split] if data is not None else None,
+    )  # for the caller; never saved
     return out
 
 
-def judge(model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None = None, cost: dict | None = None) -> dict:
+def judge(
+    model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None = None, cost: dict | None = None
+) -> dict:
     """A model's metrics on `split` of a prepared task (core.tasks), and with `cost` (and the folder its
     weights are saved in) its cost figures: what `evaluate` records, for a model already in memory
     (distill and prune judge before / after with it)."""
@@ -140,15 +203,29 @@ class BeforeAfter:
     the saved folder through `publish(after_save=...)`; both go into the manifest's `compare` under
     `names` and print as one table (distill: teacher / student, prune: before / after)."""
 
-    def __init__(self, model, prepared, split: str, *, ref: str, folder: Path, rt, seed: int, cost: dict | None,
-                 names: tuple[str, str] = ("before", "after")):
+    def __init__(
+        self,
+        model,
+        prepared,
+        split: str,
+        *,
+        ref: str,
+        folder: Path,
+        rt,
+        seed: int,
+        cost: dict | None,
+        names: tuple[str, str] = ("before", "after"),
+    ):
         self.prepared, self.split, self.rt, self.seed, self.cost, self.names = prepared, split, rt, seed, cost, names
         self.before = {"ref": ref, **judge(model, prepared, split, rt=rt, seed=seed, folder=folder, cost=cost)}
         self.after: dict | None = None
 
     def after_save(self, model, ref: str):
         def measure(folder: Path) -> dict:
-            self.after = {"ref": ref, **judge(model, self.prepared, self.split, rt=self.rt, seed=self.seed, folder=folder, cost=self.cost)}
+            self.after = {
+                "ref": ref,
+                **judge(model, self.prepared, self.split, rt=self.rt, seed=self.seed, folder=folder, cost=self.cost),
+            }
             self.after["delta"] = delta(self.after, self.before)
             return {"compare": {self.names[0]: self.before, self.names[1]: self.after}}
 
@@ -164,8 +241,10 @@ def choose_split(data, split: str | None, data_cfg) -> str:
     if split is None:
         return "test" if "test" in data else "validation"
     if split not in data:
-        raise LlmctlError(f"split={split}: the data ({data_cfg.get('train') or data_cfg.get('source')}) has no {split} split "
-                          f"(it has {', '.join(data.splits)}); choose one of those")
+        raise LlmctlError(
+            f"split={split}: the data ({data_cfg.get('train') or data_cfg.get('source')}) has no {split} split "
+            f"(it has {', '.join(data.splits)}); choose one of those"
+        )
     return split
 
 
@@ -177,9 +256,14 @@ def check_labels(model, prepared, ref: str) -> None:
     own = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     if labels != own:
         unknown = sorted(set(labels) - set(own))
-        why = (f"label {unknown[0]!r} is not one of its {len(own)} labels" if unknown
-               else f"the labels come in another order ({', '.join(labels[:4])}… vs {', '.join(own[:4])}…)")
-        raise LlmctlError(f"ckpt={ref}: the data does not match the model's label map: {why}; evaluate it on data with the labels it was trained on")
+        why = (
+            f"label {unknown[0]!r} is not one of its {len(own)} labels"
+            if unknown
+            else f"the labels come in another order ({', '.join(labels[:4])}… vs {', '.join(own[:4])}…)"
+        )
+        raise LlmctlError(
+            f"ckpt={ref}: the data does not match the model's label map: {why}; evaluate it on data with the labels it was trained on"
+        )
 
 
 def primary(task: str, metrics: dict) -> dict:
@@ -199,8 +283,17 @@ def first_parent(manifest: dict | None) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Cost
 # ---------------------------------------------------------------------------------------------
-def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int = 16, warmup: int = 10, runs: int = 20,
-                 throughput_runs: int = 5) -> dict:
+def measure_cost(
+    model,
+    folder: Path,
+    rt,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    warmup: int = 10,
+    runs: int = 20,
+    throughput_runs: int = 5,
+) -> dict:
     """Parameters, size on disk, batch-1 latency (median / p90), throughput and peak memory."""
     import torch
 
@@ -243,10 +336,15 @@ def measure_cost(model, folder: Path, rt, *, seq_len: int = 128, batch_size: int
     seqs_per_s = int(batch_size) * int(throughput_runs) / elapsed
     weights_bytes = tensor_bytes(model)  # quantized weights at their real width
     return {
-        "parameters": total, "non_embedding_parameters": non_embedding,
+        "parameters": total,
+        "non_embedding_parameters": non_embedding,
         "size_bytes": weights_size(folder),
-        "seq_len": length, "latency_ms_p50": 1000 * statistics.median(times), "latency_ms_p90": 1000 * _quantile(times, 0.9),
-        "latency_runs": len(times), "throughput_batch": int(batch_size), "throughput_seq_per_s": seqs_per_s,
+        "seq_len": length,
+        "latency_ms_p50": 1000 * statistics.median(times),
+        "latency_ms_p90": 1000 * _quantile(times, 0.9),
+        "latency_runs": len(times),
+        "throughput_batch": int(batch_size),
+        "throughput_seq_per_s": seqs_per_s,
         "throughput_tokens_per_s": seqs_per_s * length,
         "peak_memory_bytes": peak.bytes if rt.device.type == "cuda" else weights_bytes + peak.bytes,
         "peak_memory_how": peak.how,
@@ -269,8 +367,13 @@ def parameter_counts(model) -> tuple[int, int]:
 
     total, _ = count_parameters(model)
     embedding = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    embedding.update({id(m): packed_weight(m).numel() for m in model.modules()  # int8 embedding tables (core.quantization)
-                      if hasattr(m, "embedding_dim") and packed_weight(m) is not None})
+    embedding.update(
+        {
+            id(m): packed_weight(m).numel()
+            for m in model.modules()  # int8 embedding tables (core.quantization)
+            if hasattr(m, "embedding_dim") and packed_weight(m) is not None
+        }
+    )
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and getattr(out, "weight", None) is not None:
         embedding.setdefault(id(out.weight), out.weight.numel())  # an untied LM head is an embedding too
@@ -399,7 +502,12 @@ def load_record(store, ref: str, path: str, key: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 def delta(child: dict, parent: dict | None) -> dict | None:
     """The child's primary metric minus its parent's, and its size / latency as ratios of the parent's."""
-    if not parent or parent.get("task") != child.get("task") or parent["primary"]["value"] is None or child["primary"]["value"] is None:
+    if (
+        not parent
+        or parent.get("task") != child.get("task")
+        or parent["primary"]["value"] is None
+        or child["primary"]["value"] is None
+    ):
         return None
     out = {"ref": parent["ref"], "metric": child["primary"]["value"] - parent["primary"]["value"]}
     c, p = child.get("cost") or {}, parent.get("cost") or {}
@@ -417,19 +525,35 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     metrics = {r["primary"]["metric"] for r in records}
     one = len(metrics) == 1
     seq = {(r.get("cost") or {}).get("seq_len") for r in records} - {None}
-    headers = ["checkpoint", (next(iter(metrics)) if one else "metric"), "Δ parent", "params (non-emb)", "size", "size ×",
-               "latency p50 / p90 ms" + (f" @{seq.pop()}" if len(seq) == 1 else ""), "seq/s", "peak mem"]
+    headers = [
+        "checkpoint",
+        (next(iter(metrics)) if one else "metric"),
+        "Δ parent",
+        "params (non-emb)",
+        "size",
+        "size ×",
+        "latency p50 / p90 ms" + (f" @{seq.pop()}" if len(seq) == 1 else ""),
+        "seq/s",
+        "peak mem",
+    ]
     rows = []
     for r in records:
         p, c, d = r["primary"], r.get("cost") or {}, r.get("delta")
         value = "—" if p["value"] is None else f"{p['value']:.4f}" if one else f"{p['metric']} {p['value']:.4f}"
         latency = f"{_num(c.get('latency_ms_p50'))} / {_num(c.get('latency_ms_p90'))}" if c else "—"
-        rows.append([
-            r["ref"], value, f"{d['metric']:+.4f}" if d else "—",
-            f"{_count(c.get('parameters'))} ({_count(c.get('non_embedding_parameters'))})" if c else "—", _bytes(c.get("size_bytes")),
-            f"{d['size_bytes_ratio']:.2f}×" if d and "size_bytes_ratio" in d else "—",
-            latency, _num(c.get("throughput_seq_per_s")), _bytes(c.get("peak_memory_bytes")),
-        ])
+        rows.append(
+            [
+                r["ref"],
+                value,
+                f"{d['metric']:+.4f}" if d else "—",
+                f"{_count(c.get('parameters'))} ({_count(c.get('non_embedding_parameters'))})" if c else "—",
+                _bytes(c.get("size_bytes")),
+                f"{d['size_bytes_ratio']:.2f}×" if d and "size_bytes_ratio" in d else "—",
+                latency,
+                _num(c.get("throughput_seq_per_s")),
+                _bytes(c.get("peak_memory_bytes")),
+            ]
+        )
     return headers, rows
 
 
@@ -455,7 +579,7 @@ def _count(n) -> str:
 def _bytes(n) -> str:
     if n is None:
         return "—"
-    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def _num(x) -> str:

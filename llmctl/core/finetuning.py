@@ -34,9 +34,21 @@ class Finetuned:
     samples: list[dict] = field(default_factory=list)  # SFT: generations before / after training
 
 
-def finetune(model, tokenizer, task: Prepared, train_cfg, run, *, method=None, select: tuple[str, str] | None = None,
-             patience: int = 0, loss_fn: LossFn = default_loss, samples: int = 0, max_new_tokens: int = 40,
-             system_prompt: str | None = None) -> Finetuned:
+def finetune(
+    model,
+    tokenizer,
+    task: Prepared,
+    train_cfg,
+    run,
+    *,
+    method=None,
+    select: tuple[str, str] | None = None,
+    patience: int = 0,
+    loss_fn: LossFn = default_loss,
+    samples: int = 0,
+    max_new_tokens: int = 40,
+    system_prompt: str | None = None,
+) -> Finetuned:
     """Train `model` on `task` with the shared loop; see the module docstring. `method` is the
     `method` config group (None = full); `samples` > 0 writes that many SFT generations, before and
     after training, to samples.jsonl in the run folder."""
@@ -46,16 +58,34 @@ def finetune(model, tokenizer, task: Prepared, train_cfg, run, *, method=None, s
     total, trainable = count_parameters(model)
     sft_samples = samples if task.task == "sft" and rt.is_main else 0
     before = _samples(model, tokenizer, task, sft_samples, max_new_tokens, system_prompt)
-    trainer = Trainer(model, train_data=task.splits["train"], collate=task.collate, cfg=train_cfg, rt=rt, run_dir=run.run_dir,
-                      state_dir=run.state_dir, seed=seed, evaluate=lambda m: task.evaluate(m, "validation", "eval"),
-                      loss_fn=loss_fn, console=run.console, select=select, patience=patience,
-                      lr=method.get("lr") if method is not None else None, identity=run.identity)
+    trainer = Trainer(
+        model,
+        train_data=task.splits["train"],
+        collate=task.collate,
+        cfg=train_cfg,
+        rt=rt,
+        run_dir=run.run_dir,
+        state_dir=run.state_dir,
+        seed=seed,
+        evaluate=lambda m: task.evaluate(m, "validation", "eval"),
+        loss_fn=loss_fn,
+        console=run.console,
+        select=select,
+        patience=patience,
+        lr=method.get("lr") if method is not None else None,
+        identity=run.identity,
+    )
     metrics = trainer.fit(run.resume_state)
-    metrics.update({"parameters/trainable": trainable, "parameters/total": total, "parameters/trainable_share": trainable / total})
+    metrics.update(
+        {"parameters/trainable": trainable, "parameters/total": total, "parameters/trainable_share": trainable / total}
+    )
     if "test" in task.splits and rt.is_main:
         metrics.update(evaluate_model(model, lambda m: task.evaluate(m, "test", "test"), rt, seed))
     after = _samples(model, tokenizer, task, sft_samples, max_new_tokens, system_prompt)
-    pairs = [{"prompt": b["prompt"], "reference": b["reference"], "before": b["output"], "after": a["output"]} for b, a in zip(before, after)]
+    pairs = [
+        {"prompt": b["prompt"], "reference": b["reference"], "before": b["output"], "after": a["output"]}
+        for b, a in zip(before, after)
+    ]
     if pairs:
         with open(run.run_dir / "samples.jsonl", "w") as fh:
             fh.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -67,7 +97,9 @@ def finetune(model, tokenizer, task: Prepared, train_cfg, run, *, method=None, s
 def _samples(model, tokenizer, task: Prepared, n: int, max_new_tokens: int, system_prompt) -> list[dict]:
     if not n:
         return []
-    return sample_generations(model, tokenizer, task.data["validation"], system_prompt=system_prompt, num=n, max_new_tokens=max_new_tokens)
+    return sample_generations(
+        model, tokenizer, task.data["validation"], system_prompt=system_prompt, num=n, max_new_tokens=max_new_tokens
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +132,14 @@ def apply_method(method, model, task: str):
             raise LlmctlError(f"method.target_modules: no default LoRA targets for {family}; name the modules to adapt")
         if task not in LORA_TASK:
             raise LlmctlError(f"method=lora is not available for task={task}; use method=full")
-        config = LoraConfig(r=int(method.r), lora_alpha=int(method.alpha), lora_dropout=float(method.dropout),
-                            target_modules=targets, task_type=getattr(TaskType, LORA_TASK[task]),
-                            fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores (in, out); peft would switch it with a warning
+        config = LoraConfig(
+            r=int(method.r),
+            lora_alpha=int(method.alpha),
+            lora_dropout=float(method.dropout),
+            target_modules=targets,
+            task_type=getattr(TaskType, LORA_TASK[task]),
+            fan_in_fan_out=family == "gpt2",
+        )  # GPT-2's Conv1D stores (in, out); peft would switch it with a warning
         try:
             return get_peft_model(model, config)
         except ValueError as e:

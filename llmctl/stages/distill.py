@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation
+from llmctl.core import evaluation, schema
 from llmctl.core import run as stage_run
-from llmctl.core import schema
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, load_on_task, refuse_quantized, resolve_source, source_kind
@@ -42,10 +41,10 @@ KINDS = ("seq-cls", "token-cls", "causal-lm")
 
 class Student(schema.Section):
     init: Literal["teacher-layers", "random"]
-    num_layers: Optional[int] = Field(default=None, ge=1)
-    hidden_size: Optional[int] = Field(default=None, ge=8)
-    num_heads: Optional[int] = Field(default=None, ge=1)
-    intermediate_size: Optional[int] = Field(default=None, ge=8)
+    num_layers: int | None = Field(default=None, ge=1)
+    hidden_size: int | None = Field(default=None, ge=8)
+    num_heads: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=8)
 
 
 class Distill(schema.Section):
@@ -60,8 +59,8 @@ class Config(schema.CheckpointStageConfig):
     """conf/distill.yaml, checked before the stage runs (core/schema.py)."""
 
     teacher: str
-    task: Optional[Literal["classification", "ner", "sft", "clm"]] = None
-    student: Union[Student, str]
+    task: Literal["classification", "ner", "sft", "clm"] | None = None
+    student: Student | str
     distill: Distill
 
 
@@ -71,8 +70,10 @@ def run(cfg) -> float | None:
         source = resolve_source(run.store, cfg.teacher, what="teacher")
         kind = source_kind(source)
         if kind not in KINDS:
-            raise LlmctlError(f"teacher={cfg.teacher} is a {kind} checkpoint; distill takes a teacher of kind {', '.join(KINDS)} "
-                              f"(fine-tune it first, or pretrain a causal LM)")
+            raise LlmctlError(
+                f"teacher={cfg.teacher} is a {kind} checkpoint; distill takes a teacher of kind {', '.join(KINDS)} "
+                f"(fine-tune it first, or pretrain a causal LM)"
+            )
         on = load_on_task(run, cfg, source, what="teacher", stage="distill", task=cfg.task)
         teacher, task, data, prepared, length = on.loaded, on.task, on.data, on.prepared, on.length
         teacher.model.eval().requires_grad_(False)
@@ -87,36 +88,83 @@ def run(cfg) -> float | None:
 
         # ---- train ----
         train_task = prepared
-        uses_teacher = float(cfg.distill.alpha) > 0 or float(cfg.distill.hidden_weight) > 0  # alpha=0: the no-teacher baseline
+        uses_teacher = (
+            float(cfg.distill.alpha) > 0 or float(cfg.distill.hidden_weight) > 0
+        )  # alpha=0: the no-teacher baseline
         if cfg.distill.cache_teacher and kind == "seq-cls" and uses_teacher:
             from llmctl.core.distillation import cache_teacher_logits
 
-            cached = cache_teacher_logits(teacher.model, prepared.splits["train"], prepared.collate, batch_size=int(cfg.train.batch_size),
-                                          device=run.rt.device, autocast=run.rt.autocast)
+            cached = cache_teacher_logits(
+                teacher.model,
+                prepared.splits["train"],
+                prepared.collate,
+                batch_size=int(cfg.train.batch_size),
+                device=run.rt.device,
+                autocast=run.rt.autocast,
+            )
             train_task = dataclasses.replace(prepared, splits={**prepared.splits, "train": cached})
             run.print(f"[dim]teacher logits cached for {len(cached)} training examples[/]")
         from llmctl.core.distillation import DistillLoss
 
         d = cfg.distill
-        loss_fn = DistillLoss(teacher.model, kind=kind, alpha=float(d.alpha), temperature=float(d.temperature),
-                              hidden_weight=float(d.hidden_weight), hidden_loss=str(d.hidden_loss), projection=projection)
+        loss_fn = DistillLoss(
+            teacher.model,
+            kind=kind,
+            alpha=float(d.alpha),
+            temperature=float(d.temperature),
+            hidden_weight=float(d.hidden_weight),
+            hidden_loss=str(d.hidden_loss),
+            projection=projection,
+        )
         select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
-        stage_run.open_run_dir(run, {"stage": "distill", "task": task, "data_fingerprint": data.fingerprint, "world_size": run.rt.world_size,
-                                     "model": f"{teacher.sha256}:{init}", "tokenizer": tokenizer_hash(tok)})
-        result = finetune(model, tok, train_task, cfg.train, run, select=select, patience=int(cfg.patience), loss_fn=loss_fn)
+        stage_run.open_run_dir(
+            run,
+            {
+                "stage": "distill",
+                "task": task,
+                "data_fingerprint": data.fingerprint,
+                "world_size": run.rt.world_size,
+                "model": f"{teacher.sha256}:{init}",
+                "tokenizer": tokenizer_hash(tok),
+            },
+        )
+        result = finetune(
+            model, tok, train_task, cfg.train, run, select=select, patience=int(cfg.patience), loss_fn=loss_fn
+        )
         student = result.model.student if projection is not None else result.model
 
         # ---- judge both, publish the student (rank 0: the others are done) ----
         if not run.rt.is_main:
             return None
         split = on.split
-        judged = evaluation.BeforeAfter(teacher.model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
-                                        cost=evaluation.cost_settings(cfg.cost), names=("teacher", "student"))
-        metrics = {**result.metrics, **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)}}
+        judged = evaluation.BeforeAfter(
+            teacher.model,
+            prepared,
+            split,
+            ref=source.ref,
+            folder=source.path,
+            rt=run.rt,
+            seed=int(cfg.seed),
+            cost=evaluation.cost_settings(cfg.cost),
+            names=("teacher", "student"),
+        )
+        metrics = {
+            **result.metrics,
+            **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)},
+        }
         settings = {"teacher": source.ref, "init": init, "kept_layers": kept, **{k: d[k] for k in d}}
-        published = stage_run.publish(run, student, tok, kind=kind, metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
-                                      extra={"distill": settings}, after_save=judged.after_save(student, f"distill/{run.name}"))
+        published = stage_run.publish(
+            run,
+            student,
+            tok,
+            kind=kind,
+            metrics=metrics,
+            objective=select,
+            data=data,
+            task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
+            extra={"distill": settings},
+            after_save=judged.after_save(student, f"distill/{run.name}"),
+        )
         if published is None:
             return None
         run.print(judged.table(published.ref, f"llmctl distill · {task} on {split} · teacher → student"))
@@ -139,10 +187,14 @@ def _student(run, cfg, teacher, prepared, kind: str):
         loaded = load_checkpoint(run.store, src, kind=kind, head=prepared.head or None, what="student")
         family, theirs = loaded.model.config.model_type, teacher.model.config.model_type
         if family != theirs:
-            raise LlmctlError(f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the teacher's family")
+            raise LlmctlError(
+                f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the teacher's family"
+            )
         if loaded.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-            raise LlmctlError(f"student={cfg.student} has another vocabulary than the teacher ({len(loaded.tokenizer)} vs "
-                              f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one tokenizer")
+            raise LlmctlError(
+                f"student={cfg.student} has another vocabulary than the teacher ({len(loaded.tokenizer)} vs "
+                f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one tokenizer"
+            )
         run.parents.append(loaded.parent("init"))
         return loaded.model, None, f"from {src.ref}"
     from llmctl.core.distillation import WIDTH_KEYS, student_from_teacher
@@ -151,7 +203,9 @@ def _student(run, cfg, teacher, prepared, kind: str):
     family = teacher.model.config.model_type
     names = WIDTH_KEYS.get(family, ("hidden_size", "num_attention_heads", "intermediate_size"))
     width = dict(zip(names, (s.hidden_size, s.num_heads, s.intermediate_size)))
-    student, kept = student_from_teacher(teacher.model, num_layers=s.num_layers, init=str(s.init), width=width, seed=int(cfg.seed))
+    student, kept = student_from_teacher(
+        teacher.model, num_layers=s.num_layers, init=str(s.init), width=width, seed=int(cfg.seed)
+    )
     how = f"from teacher layers {kept}" if kept else "random init"
     return student, kept or None, how
 
@@ -179,7 +233,7 @@ def _with_projection(student, teacher, cfg):
 
 def _width(model) -> int:
     c = model.config
-    return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+    return int(getattr(c, "hidden_size", None) or c.n_embd)
 
 
 def _shape(model) -> str:

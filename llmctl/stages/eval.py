@@ -24,38 +24,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 from pydantic import Field
 
-from llmctl.core import evaluation, harness
+from llmctl.core import evaluation, harness, schema
 from llmctl.core import run as stage_run
-from llmctl.core import schema
 from llmctl.core.errors import LlmctlError
 from llmctl.core.loading import resolve_source
 
 
 class Harness(schema.Section):
     tasks: list[str]
-    include_path: Optional[str] = None
-    limit: Optional[float] = Field(default=None, gt=0)
-    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    include_path: str | None = None
+    limit: float | None = Field(default=None, gt=0)
+    num_fewshot: int | None = Field(default=None, ge=0)
     batch_size: int = Field(ge=1)
 
 
 class Config(schema.StageConfig):
     """conf/eval.yaml, checked before the stage runs (core/schema.py)."""
 
-    ckpt: Union[str, list[str]]
-    data: Optional[schema.Data] = None
-    split: Optional[str] = None
+    ckpt: str | list[str]
+    data: schema.Data | None = None
+    split: str | None = None
     batch_size: int = Field(ge=1)
-    max_batches: Optional[int] = Field(default=None, ge=1)
-    max_seq_len: Optional[int] = Field(default=None, ge=8)
+    max_batches: int | None = Field(default=None, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=8)
     samples: int = Field(ge=0)
     max_new_tokens: int = Field(ge=1)
     parents: bool
-    report: Optional[str] = None
+    report: str | None = None
     cost: schema.Cost
     harness: Harness
 
@@ -68,7 +66,9 @@ def run(cfg) -> float | None:
         harness.check_installed()
     report = _report_dir(cfg.report)
     with stage_run.start("eval", cfg, default_name="eval", publishes=False) as run:
-        sources = [resolve_source(run.store, ref, what="ckpt") for ref in refs]  # every reference checked before any work
+        sources = [
+            resolve_source(run.store, ref, what="ckpt") for ref in refs
+        ]  # every reference checked before any work
         plans = [evaluation.plan(s, data_cfg=data_cfg, need_data=not tasks) for s in sources]
         if tasks:
             _check_harness(cfg, sources, plans, tasks)
@@ -87,8 +87,13 @@ def run(cfg) -> float | None:
             for record in records:
                 record["delta"] = evaluation.delta(record, _parent_record(run, cfg, record))
         tasks_seen = sorted({f"{r['task']} on {r['split']}" if r["split"] else r["task"] for r in records})
-        run.print(evaluation.comparison_table(records, f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, "
-                                                       f"{records[0]['runtime']['threads']} threads"))
+        run.print(
+            evaluation.comparison_table(
+                records,
+                f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, "
+                f"{records[0]['runtime']['threads']} threads",
+            )
+        )
         if report is not None:
             written = _write_report(report, records, run.rt)
             run.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
@@ -101,9 +106,13 @@ def run(cfg) -> float | None:
 def _refs(ckpt) -> list[str]:
     refs = [str(r) for r in ckpt] if not isinstance(ckpt, str) else [ckpt]
     if not refs or any(not r.strip() for r in refs):
-        raise LlmctlError("ckpt: give a checkpoint reference, e.g. ckpt=finetune/bbc, or a list: 'ckpt=[finetune/a,finetune/b]'")
+        raise LlmctlError(
+            "ckpt: give a checkpoint reference, e.g. ckpt=finetune/bbc, or a list: 'ckpt=[finetune/a,finetune/b]'"
+        )
     if len(set(refs)) != len(refs):
-        raise LlmctlError(f"ckpt: {next(r for r in refs if refs.count(r) > 1)} is named twice; name each checkpoint once")
+        raise LlmctlError(
+            f"ckpt: {next(r for r in refs if refs.count(r) > 1)} is named twice; name each checkpoint once"
+        )
     return refs
 
 
@@ -122,7 +131,9 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 
     for source, plan in zip(sources, plans):
         if plan["kind"] != "causal-lm":
-            raise LlmctlError(f"harness.tasks: {source.ref} is a {plan['kind']} checkpoint; the harness judges causal LMs")
+            raise LlmctlError(
+                f"harness.tasks: {source.ref} is a {plan['kind']} checkpoint; the harness judges causal LMs"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         harness.task_manager(harness.task_folder(Path(tmp), cfg.harness.include_path, ["-"]), tasks)
 
@@ -131,10 +142,23 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 # Evaluating
 # ---------------------------------------------------------------------------------------------
 def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None) -> dict:
-    return evaluation.evaluate(run.store, source, rt=run.rt, data_cfg=data_cfg, split=cfg.split, batch_size=int(cfg.batch_size),
-                               max_batches=cfg.max_batches, max_seq_len=cfg.max_seq_len, samples=int(cfg.samples),
-                               max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.seed), console=run.console, need_data=need_data,
-                               task=task, cost=evaluation.cost_settings(cfg.cost) if cost else None)
+    return evaluation.evaluate(
+        run.store,
+        source,
+        rt=run.rt,
+        data_cfg=data_cfg,
+        split=cfg.split,
+        batch_size=int(cfg.batch_size),
+        max_batches=cfg.max_batches,
+        max_seq_len=cfg.max_seq_len,
+        samples=int(cfg.samples),
+        max_new_tokens=int(cfg.max_new_tokens),
+        seed=int(cfg.seed),
+        console=run.console,
+        need_data=need_data,
+        task=task,
+        cost=evaluation.cost_settings(cfg.cost) if cost else None,
+    )
 
 
 def _harness(run, cfg, record: dict, tasks: list[str]) -> dict:
@@ -142,8 +166,18 @@ def _harness(run, cfg, record: dict, tasks: list[str]) -> dict:
     split = record["_split"]
     documents = list(split["text"]) if split is not None and "text" in split.column_names else None
     run.print(f"lm-evaluation-harness: {', '.join(tasks)}")
-    return harness.run_tasks(record["_model"], record["_tokenizer"], tasks, rt=run.rt, documents=documents, include_path=h.include_path,
-                             limit=h.limit, num_fewshot=h.num_fewshot, batch_size=int(h.batch_size), seed=int(cfg.seed))
+    return harness.run_tasks(
+        record["_model"],
+        record["_tokenizer"],
+        tasks,
+        rt=run.rt,
+        documents=documents,
+        include_path=h.include_path,
+        limit=h.limit,
+        num_fewshot=h.num_fewshot,
+        batch_size=int(h.batch_size),
+        seed=int(cfg.seed),
+    )
 
 
 def _release(record: dict) -> dict:
@@ -173,7 +207,14 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
         return saved
     run.print(f"[dim]parent of {record['ref']}:[/]")
     try:  # the parent judged on the child's task and data (a base LM on its SFT child's conversations)
-        fresh = _evaluate(run, cfg, source, OmegaConf.create(record["data"]["config"]), cost=bool(cfg.cost.enabled), task=record["task"])
+        fresh = _evaluate(
+            run,
+            cfg,
+            source,
+            OmegaConf.create(record["data"]["config"]),
+            cost=bool(cfg.cost.enabled),
+            task=record["task"],
+        )
     except LlmctlError as e:
         record["delta_note"] = f"parent {source.ref} cannot be judged on this task ({e})"
         return None
@@ -198,15 +239,19 @@ def _print_one(run, record: dict) -> None:
     from rich.table import Table
 
     m, task = record["metrics"], record["task"]
-    keys = {"classification": ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1"),
-            "ner": ("loss", "f1", "precision", "recall", "token_accuracy")}.get(task, ("loss", "perplexity", "bits_per_byte", "tokens"))
+    keys = {
+        "classification": ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1"),
+        "ner": ("loss", "f1", "precision", "recall", "token_accuracy"),
+    }.get(task, ("loss", "perplexity", "bits_per_byte", "tokens"))
     if m:
         run.print("  " + " · ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m))
     if task == "classification":
         labels = record["labels"]
         per_class = Table("label", "precision", "recall", "f1", "support", box=None, pad_edge=False)
         for name in labels:
-            per_class.add_row(name, *(_fmt(m[f"{name}/{k}"]) for k in ("precision", "recall", "f1")), str(m[f"{name}/support"]))
+            per_class.add_row(
+                name, *(_fmt(m[f"{name}/{k}"]) for k in ("precision", "recall", "f1")), str(m[f"{name}/support"])
+            )
         run.print(per_class)
         matrix = Table("true \\ predicted", *labels, box=None, pad_edge=False)
         for name, row in zip(labels, m["confusion_matrix"]):
@@ -234,32 +279,64 @@ def _write_report(folder: Path, records: list[dict], rt) -> list[Path]:
     charts = _charts(folder, records)
     headers, rows = evaluation.table_rows(records)
     runtime = records[0].get("runtime") or {}
-    lines = ["# llmctl eval report", "",
-             f"{len(records)} checkpoint(s) · device {runtime.get('device')} · precision {runtime.get('precision')} · "
-             f"{runtime.get('threads')} threads · {_cpu_name()}", "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join("---" if h == "checkpoint" else "---:" for h in headers) + "|",
-             *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows), ""]
+    lines = [
+        "# llmctl eval report",
+        "",
+        f"{len(records)} checkpoint(s) · device {runtime.get('device')} · precision {runtime.get('precision')} · "
+        f"{runtime.get('threads')} threads · {_cpu_name()}",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" if h == "checkpoint" else "---:" for h in headers) + "|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows),
+        "",
+    ]
     lines += [f"![{p.stem}]({p.name})" for p in charts] + [""]
     for r in records:
-        judged = (f"{r['task']} on the {r['split']} split ({r['data']['examples']} examples, data {r['data']['fingerprint'][:12]}), "
-                  f"{r['max_seq_len']} tokens" if r.get("data") else "no task metrics (harness only)")
-        lines += [f"## {r['ref']}", "", f"{judged}; parent: {(r.get('parent') or {}).get('ref') or '—'}"
-                  + (f" ({r['delta_note']}: no delta)" if r.get("delta_note") else ""), ""]
+        judged = (
+            f"{r['task']} on the {r['split']} split ({r['data']['examples']} examples, data {r['data']['fingerprint'][:12]}), "
+            f"{r['max_seq_len']} tokens"
+            if r.get("data")
+            else "no task metrics (harness only)"
+        )
+        lines += [
+            f"## {r['ref']}",
+            "",
+            f"{judged}; parent: {(r.get('parent') or {}).get('ref') or '—'}"
+            + (f" ({r['delta_note']}: no delta)" if r.get("delta_note") else ""),
+            "",
+        ]
         m = r["metrics"]
         if r["task"] == "classification":
             lines += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {n} | {m[f'{n}/precision']:.4f} | {m[f'{n}/recall']:.4f} | {m[f'{n}/f1']:.4f} | {m[f'{n}/support']} |" for n in r["labels"]]
-            lines += ["", "Confusion matrix (rows: true, columns: predicted)", "", "| | " + " | ".join(r["labels"]) + " |",
-                      "|---|" + "---:|" * len(r["labels"])]
-            lines += [f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(r["labels"], m["confusion_matrix"])]
+            lines += [
+                f"| {n} | {m[f'{n}/precision']:.4f} | {m[f'{n}/recall']:.4f} | {m[f'{n}/f1']:.4f} | {m[f'{n}/support']} |"
+                for n in r["labels"]
+            ]
+            lines += [
+                "",
+                "Confusion matrix (rows: true, columns: predicted)",
+                "",
+                "| | " + " | ".join(r["labels"]) + " |",
+                "|---|" + "---:|" * len(r["labels"]),
+            ]
+            lines += [
+                f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(r["labels"], m["confusion_matrix"])
+            ]
         elif r["task"] == "ner":
             from llmctl.core.metrics import format_ner_table
 
             lines += ["```", format_ner_table({f"x/{k}": v for k, v in m.items()}, "x"), "```"]
         else:
-            lines += [" · ".join(f"{k} {_fmt(m[k])}" for k in ("loss", "perplexity", "bits_per_byte", "tokens") if k in m)]
+            lines += [
+                " · ".join(f"{k} {_fmt(m[k])}" for k in ("loss", "perplexity", "bits_per_byte", "tokens") if k in m)
+            ]
         for s in r.get("samples") or []:
-            lines += ["", f"- prompt: {s['prompt']!r}", f"  - answer: {s['output']!r}", f"  - reference: {s['reference']!r}"]
+            lines += [
+                "",
+                f"- prompt: {s['prompt']!r}",
+                f"  - answer: {s['output']!r}",
+                f"  - reference: {s['reference']!r}",
+            ]
         for name, values in (r.get("harness") or {}).items():
             lines += ["", f"lm-evaluation-harness `{name}`: " + " · ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
         lines.append("")
@@ -283,12 +360,16 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
     from matplotlib import ticker
 
     metric = records[0]["primary"]["metric"]
-    points = [r for r in records if r["primary"]["metric"] == metric and r["primary"]["value"] is not None and r.get("cost")]
+    points = [
+        r for r in records if r["primary"]["metric"] == metric and r["primary"]["value"] is not None and r.get("cost")
+    ]
     if not points:
         return []
     written = []
-    for key, label, scale, name in (("size_bytes", "size on disk (MiB)", 2 ** -20, "size"),
-                                    ("latency_ms_p50", f"batch-1 latency, median (ms, {points[0]['cost']['seq_len']} tokens)", 1, "latency")):
+    for key, label, scale, name in (
+        ("size_bytes", "size on disk (MiB)", 2**-20, "size"),
+        ("latency_ms_p50", f"batch-1 latency, median (ms, {points[0]['cost']['seq_len']} tokens)", 1, "latency"),
+    ):
         fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
         xs = [r["cost"][key] * scale for r in points]
         ys = [r["primary"]["value"] for r in points]
@@ -299,13 +380,23 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         middle = math.sqrt(min(xs) * max(xs))
         span = (max(ys) - min(ys)) or 1.0
-        row: dict[int, int] = {}  # points at (nearly) the same height: labels alternate above / below, further out each time
-        for x, y, r in sorted(zip(xs, ys, points), key=lambda p: p[0]):  # labels point inwards, so none runs off the chart
+        row: dict[
+            int, int
+        ] = {}  # points at (nearly) the same height: labels alternate above / below, further out each time
+        for x, y, r in sorted(
+            zip(xs, ys, points), key=lambda p: p[0]
+        ):  # labels point inwards, so none runs off the chart
             right = x > middle
             k = row[round(y / span * 25)] = row.get(round(y / span * 25), -1) + 1
             dy = 6 + 11 * (k // 2) if k % 2 == 0 else -14 - 11 * (k // 2)
-            ax.annotate(r["ref"], (x, y), textcoords="offset points", xytext=(-8 if right else 8, dy), fontsize=8,
-                        ha="right" if right else "left")
+            ax.annotate(
+                r["ref"],
+                (x, y),
+                textcoords="offset points",
+                xytext=(-8 if right else 8, dy),
+                fontsize=8,
+                ha="right" if right else "left",
+            )
         ax.set_xlabel(label + " · log scale")
         better = "higher is better" if records[0]["primary"]["mode"] == "max" else "lower is better"
         ax.set_ylabel(f"{metric} ({better})")

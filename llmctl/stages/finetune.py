@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -38,7 +38,7 @@ from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
 
 
 class Sft(schema.Section):
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     num_samples: int = Field(ge=0)
     max_new_tokens: int = Field(ge=1)
 
@@ -55,8 +55,10 @@ class Config(schema.TrainingStageConfig):
     @classmethod
     def _not_pretraining(cls, task):
         if task in PACKED:
-            raise ValueError("is a pretraining objective; finetune takes classification, ner or sft "
-                             "(continue pretraining with llmctl pretrain init_from=...)")
+            raise ValueError(
+                "is a pretraining objective; finetune takes classification, ner or sft "
+                "(continue pretraining with llmctl pretrain init_from=...)"
+            )
         return task
 
 
@@ -67,34 +69,85 @@ def run(cfg) -> float | None:
         tokenizer = load_tokenizer(source.path)
         _check_length(cfg, source)
         data = load_data(cfg.data, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
-        prepared = prepare(task, data, tokenizer, max_seq_len=int(cfg.data.max_seq_len), batch_size=int(cfg.train.batch_size),
-                           seed=int(cfg.seed), system_prompt=cfg.sft.get("system_prompt"))
+        prepared = prepare(
+            task,
+            data,
+            tokenizer,
+            max_seq_len=int(cfg.data.max_seq_len),
+            batch_size=int(cfg.train.batch_size),
+            seed=int(cfg.seed),
+            system_prompt=cfg.sft.get("system_prompt"),
+        )
         run.print(f"{data.summary()} · {_summary(prepared.info)}")
 
         loaded = load_checkpoint(run.store, source, kind=KIND[task], head=prepared.head or None, what=where)
         run.parents.append(loaded.parent("init"))
         if loaded.new_tensors:
-            run.print(f"[dim]initialised fresh (not in {source.ref}): {', '.join(loaded.new_tensors[:6])}"
-                      f"{' …' if len(loaded.new_tensors) > 6 else ''}[/]")
+            run.print(
+                f"[dim]initialised fresh (not in {source.ref}): {', '.join(loaded.new_tensors[:6])}"
+                f"{' …' if len(loaded.new_tensors) > 6 else ''}[/]"
+            )
         run.print(f"model {type(loaded.model).__name__} from {source.ref} · method {cfg.method.name}")
 
         select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
-        stage_run.open_run_dir(run, {"stage": "finetune", "task": task, "data_fingerprint": data.fingerprint,
-                                     "world_size": run.rt.world_size, "model": loaded.sha256, "tokenizer": tokenizer_hash(tokenizer)})
-        result = finetune(loaded.model, tokenizer, prepared, cfg.train, run, method=cfg.method, select=select,
-                          patience=int(cfg.patience), samples=int(cfg.sft.num_samples), max_new_tokens=int(cfg.sft.max_new_tokens),
-                          system_prompt=cfg.sft.get("system_prompt"))
+        stage_run.open_run_dir(
+            run,
+            {
+                "stage": "finetune",
+                "task": task,
+                "data_fingerprint": data.fingerprint,
+                "world_size": run.rt.world_size,
+                "model": loaded.sha256,
+                "tokenizer": tokenizer_hash(tokenizer),
+            },
+        )
+        result = finetune(
+            loaded.model,
+            tokenizer,
+            prepared,
+            cfg.train,
+            run,
+            method=cfg.method,
+            select=select,
+            patience=int(cfg.patience),
+            samples=int(cfg.sft.num_samples),
+            max_new_tokens=int(cfg.sft.max_new_tokens),
+            system_prompt=cfg.sft.get("system_prompt"),
+        )
         metrics = result.metrics
         share = metrics["parameters/trainable_share"]
-        run.print(f"trained {metrics['parameters/trainable']:,} of {metrics['parameters/total']:,} parameters ({100 * share:.2f} %)")
+        run.print(
+            f"trained {metrics['parameters/trainable']:,} of {metrics['parameters/total']:,} parameters ({100 * share:.2f} %)"
+        )
 
-        published = stage_run.publish(run, result.model, tokenizer, kind=KIND[task], metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=int(cfg.data.max_seq_len), objective=select,
-                                                       stage="finetune", method=cfg.method.name))
+        published = stage_run.publish(
+            run,
+            result.model,
+            tokenizer,
+            kind=KIND[task],
+            metrics=metrics,
+            objective=select,
+            data=data,
+            task=task_record(
+                prepared,
+                data,
+                max_seq_len=int(cfg.data.max_seq_len),
+                objective=select,
+                stage="finetune",
+                method=cfg.method.name,
+            ),
+        )
         if published is None:
             return None
-        shown = {k: v for k, v in metrics.items() if k.count("/") == 1 and isinstance(v, float) and k.split("/")[0] in ("eval", "test")}
-        run.print(f"[green]wrote[/] {published.ref} → {published.path}\n  " + " · ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        shown = {
+            k: v
+            for k, v in metrics.items()
+            if k.count("/") == 1 and isinstance(v, float) and k.split("/")[0] in ("eval", "test")
+        }
+        run.print(
+            f"[green]wrote[/] {published.ref} → {published.path}\n  "
+            + " · ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        )
         if task == "ner" and "test/f1" in metrics:
             from llmctl.core.metrics import format_ner_table
 
@@ -118,16 +171,25 @@ def _source(run, cfg, task: str):
     if cfg.init_from:
         source, where = resolve_source(run.store, cfg.init_from, what="init_from"), f"init_from={cfg.init_from}"
     elif cfg.model.get("pretrained"):
-        source, where = resolve_source(run.store, cfg.model.pretrained, what="model.pretrained"), f"model={cfg.model.pretrained}"
+        source, where = (
+            resolve_source(run.store, cfg.model.pretrained, what="model.pretrained"),
+            f"model={cfg.model.pretrained}",
+        )
     else:
-        raise LlmctlError("finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, model=smollm2-135m)")
+        raise LlmctlError(
+            "finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, model=smollm2-135m)"
+        )
     refuse_quantized(source, what=where.split("=", 1)[0], stage="finetune")
     kind = source_kind(source)
     if task == "sft" and kind != "causal-lm":
-        raise LlmctlError(f"{where} is a {kind} checkpoint; task=sft needs a causal LM (e.g. model=smollm2-135m or a pretrain/... causal-lm)")
+        raise LlmctlError(
+            f"{where} is a {kind} checkpoint; task=sft needs a causal LM (e.g. model=smollm2-135m or a pretrain/... causal-lm)"
+        )
     if task != "sft" and kind == "causal-lm":
-        raise LlmctlError(f"{where} is a causal-lm checkpoint; task={task} needs an encoder (a BERT-family mlm / pretraining / "
-                          f"seq-cls / token-cls checkpoint or HF folder, e.g. model=minilm-l6)")
+        raise LlmctlError(
+            f"{where} is a causal-lm checkpoint; task={task} needs an encoder (a BERT-family mlm / pretraining / "
+            f"seq-cls / token-cls checkpoint or HF folder, e.g. model=minilm-l6)"
+        )
     return source, where
 
 
@@ -137,8 +199,10 @@ def _check_length(cfg, source) -> None:
 
     positions = max_positions(AutoConfig.from_pretrained(str(source.path)))
     if positions and int(cfg.data.max_seq_len) > positions:
-        raise LlmctlError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {positions} positions of {source.ref}; "
-                          f"set data.max_seq_len={positions} or lower")
+        raise LlmctlError(
+            f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {positions} positions of {source.ref}; "
+            f"set data.max_seq_len={positions} or lower"
+        )
 
 
 def _summary(info: dict) -> str:

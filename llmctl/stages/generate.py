@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -37,7 +37,7 @@ from llmctl.core.tasks import end_of_turn_ids, prompt_ids
 class Sample(schema.Section):
     strategy: Literal["auto", "greedy", "sample", "beam"]
     temperature: float = Field(gt=0)
-    top_k: Optional[int] = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1)
     top_p: float = Field(gt=0, le=1)
     repetition_penalty: float = Field(gt=0)
     num_beams: int = Field(ge=1)
@@ -47,11 +47,11 @@ class Config(schema.StageConfig):
     """conf/generate.yaml, checked before the stage runs (core/schema.py)."""
 
     ckpt: str
-    prompt: Optional[str] = None
-    prompts_file: Optional[str] = None
-    out: Optional[str] = None
+    prompt: str | None = None
+    prompts_file: str | None = None
+    out: str | None = None
     chat: bool
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     interactive: bool
     stream: bool
     batch_size: int = Field(ge=1)
@@ -65,8 +65,10 @@ def run(cfg) -> None:
     with stage_run.start("generate", cfg, default_name="generate", publishes=False) as run:
         source = resolve_source(run.store, cfg.ckpt, what="ckpt")
         if source_kind(source) != "causal-lm":
-            raise LlmctlError(f"ckpt={cfg.ckpt} is a {source_kind(source)} checkpoint; generate needs a causal LM "
-                              f"(a pretrain/... clm, an SFT fine-tune, model folders like SmolLM2)")
+            raise LlmctlError(
+                f"ckpt={cfg.ckpt} is a {source_kind(source)} checkpoint; generate needs a causal LM "
+                f"(a pretrain/... clm, an SFT fine-tune, model folders like SmolLM2)"
+            )
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
@@ -83,7 +85,7 @@ def run(cfg) -> None:
         else:
             size = int(cfg.batch_size)
             for i in range(0, len(prompts), size):
-                results += _batch(run, model, tok, encoded[i:i + size], prompts[i:i + size], settings)
+                results += _batch(run, model, tok, encoded[i : i + size], prompts[i : i + size], settings)
         if out is not None:
             _write_jsonl(out, results)
             run.print(f"[green]wrote[/] {len(results)} generation(s) to {out}")
@@ -98,7 +100,9 @@ def _prompts(cfg) -> list:
     if cfg.interactive:
         return []
     if bool(cfg.prompt) == bool(cfg.prompts_file):
-        raise LlmctlError("generate needs exactly one of prompt=\"...\" or prompts_file=<.txt or .jsonl> (or interactive=true)")
+        raise LlmctlError(
+            'generate needs exactly one of prompt="..." or prompts_file=<.txt or .jsonl> (or interactive=true)'
+        )
     if cfg.prompt:
         return [str(cfg.prompt)]
     path = Path(str(cfg.prompts_file)).expanduser()
@@ -107,7 +111,9 @@ def _prompts(cfg) -> list:
     check_text_file(str(path), "prompts_file")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
-        raise LlmctlError(f"prompts_file={path} holds no prompts; write one per line (.txt) or one JSON object per line (.jsonl)")
+        raise LlmctlError(
+            f"prompts_file={path} holds no prompts; write one per line (.txt) or one JSON object per line (.jsonl)"
+        )
     if path.suffix != ".jsonl":
         return lines
     prompts = []
@@ -115,10 +121,12 @@ def _prompts(cfg) -> list:
         try:
             record = json.loads(line)
         except ValueError:
-            raise LlmctlError(f"prompts_file={path}:{n} is not JSON; write one object per line with a \"prompt\" or \"messages\" field") from None
+            raise LlmctlError(
+                f'prompts_file={path}:{n} is not JSON; write one object per line with a "prompt" or "messages" field'
+            ) from None
         prompt = record.get("messages") or record.get("prompt") if isinstance(record, dict) else None
         if not prompt:
-            raise LlmctlError(f"prompts_file={path}:{n} has no \"prompt\" or \"messages\" field")
+            raise LlmctlError(f'prompts_file={path}:{n} has no "prompt" or "messages" field')
         prompts.append(prompt)
     return prompts
 
@@ -130,8 +138,10 @@ def _check_length(model, encoded: list[list[int]], max_new_tokens: int) -> None:
     positions = max_positions(model.config)
     longest = max(map(len, encoded), default=0)
     if positions and longest + max_new_tokens > positions:
-        raise LlmctlError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} positions; "
-                          f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt")
+        raise LlmctlError(
+            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} positions; "
+            f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt"
+        )
 
 
 def _out_path(cfg) -> Path | None:
@@ -161,11 +171,18 @@ def _settings(cfg, tok) -> dict:
     """Keyword arguments for `model.generate`."""
     strategy = _strategy(cfg.sample)
     stop = _stops(tok, chat=bool(cfg.chat))
-    settings = {"max_new_tokens": int(cfg.max_new_tokens), "use_cache": True, "eos_token_id": stop,
-                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
-                "repetition_penalty": float(cfg.sample.repetition_penalty), "do_sample": strategy == "sample"}
+    settings = {
+        "max_new_tokens": int(cfg.max_new_tokens),
+        "use_cache": True,
+        "eos_token_id": stop,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
+        "repetition_penalty": float(cfg.sample.repetition_penalty),
+        "do_sample": strategy == "sample",
+    }
     if strategy == "sample":
-        settings.update(temperature=float(cfg.sample.temperature), top_p=float(cfg.sample.top_p), top_k=cfg.sample.top_k or 0)
+        settings.update(
+            temperature=float(cfg.sample.temperature), top_p=float(cfg.sample.top_p), top_k=cfg.sample.top_k or 0
+        )
     if strategy == "beam":
         settings.update(num_beams=int(cfg.sample.num_beams), early_stopping=True)
     return settings
@@ -214,9 +231,14 @@ def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream:
     with torch.no_grad(), run.rt.autocast():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **settings)
     elapsed = time.perf_counter() - start
-    new = out[0, ids.shape[1]:]
-    record = _record(prompt, tok.decode(new, skip_special_tokens=True), len(new), elapsed,
-                     (streamer.first - start) if streamer is not None and streamer.first else None)
+    new = out[0, ids.shape[1] :]
+    record = _record(
+        prompt,
+        tok.decode(new, skip_special_tokens=True),
+        len(new),
+        elapsed,
+        (streamer.first - start) if streamer is not None and streamer.first else None,
+    )
     if not stream:
         print(record["completion"])  # plain text: generated brackets are not rich markup
     _report(run, record)
@@ -261,21 +283,31 @@ def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> 
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
         ids = prompt_ids(tok, messages)
-        _check_length(model, [ids], settings["max_new_tokens"])  # a long conversation ends with one line, not an IndexError
+        _check_length(
+            model, [ids], settings["max_new_tokens"]
+        )  # a long conversation ends with one line, not an IndexError
         record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True)
         messages.append({"role": "assistant", "content": record["completion"].strip()})
 
 
 def _record(prompt, completion: str, new_tokens: int, elapsed: float, first: float | None) -> dict:
-    return {"prompt": prompt, "completion": completion, "new_tokens": int(new_tokens), "seconds": round(elapsed, 4),
-            "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
-            "time_to_first_token_s": round(first, 4) if first is not None else None}
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "new_tokens": int(new_tokens),
+        "seconds": round(elapsed, 4),
+        "tokens_per_s": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
+        "time_to_first_token_s": round(first, 4) if first is not None else None,
+    }
 
 
 def _report(run, record: dict) -> None:
     first = record["time_to_first_token_s"]
-    run.print(f"[dim]{record['new_tokens']} tokens in {record['seconds']:.2f} s · {record['tokens_per_s'] or 0:,.1f} tokens/s"
-              + (f" · first token after {first:.2f} s" if first is not None else "") + "[/]")
+    run.print(
+        f"[dim]{record['new_tokens']} tokens in {record['seconds']:.2f} s · {record['tokens_per_s'] or 0:,.1f} tokens/s"
+        + (f" · first token after {first:.2f} s" if first is not None else "")
+        + "[/]"
+    )
 
 
 def _show_prompt(prompt) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -41,7 +41,7 @@ FAMILIES = {"mlm": ("bert",), "mlm+nsp": ("bert",), "clm": ("gpt2", "llama")}
 
 
 class Tokenizer(schema.Section):
-    from_: Optional[str] = Field(default=None, alias="from")
+    from_: str | None = Field(default=None, alias="from")
     vocab_size: int = Field(ge=64)
     lowercase: bool
 
@@ -65,30 +65,64 @@ def run(cfg) -> float | None:
         model = _setup_model(run, cfg, source, family, objective, tokenizer)
         baseline = _unigram_baseline(prepared, tokenizer, objective, cfg)
 
-        stage_run.open_run_dir(run, {"stage": "pretrain", "task": objective, "data_fingerprint": data.fingerprint,
-                                     "world_size": run.rt.world_size, "tokenizer": tokenizer_hash(tokenizer),
-                                     "model": run.parents[0]["weights_sha256"] if run.parents else _config_hash(model)})
+        stage_run.open_run_dir(
+            run,
+            {
+                "stage": "pretrain",
+                "task": objective,
+                "data_fingerprint": data.fingerprint,
+                "world_size": run.rt.world_size,
+                "tokenizer": tokenizer_hash(tokenizer),
+                "model": run.parents[0]["weights_sha256"] if run.parents else _config_hash(model),
+            },
+        )
         trained, loss_fn = model, default_loss
         if objective != "clm" and cfg.mlm_sparse_head:
             trained, loss_fn = SparseMLM(model), module_loss  # same loss, vocabulary projection on masked tokens only
         elif objective == "clm" and cfg.clm_chunked_loss and chunked_loss_supported(model):
             trained, loss_fn = ChunkedCausalLM(model), module_loss  # same loss, logits never held whole
-        trainer = Trainer(trained, train_data=prepared.splits["train"], collate=prepared.collate, cfg=cfg.train, rt=run.rt,
-                          run_dir=run.run_dir, state_dir=run.state_dir, seed=int(cfg.seed), loss_fn=loss_fn, console=run.console,
-                          evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, LossModule) else m), identity=run.identity)
+        trainer = Trainer(
+            trained,
+            train_data=prepared.splits["train"],
+            collate=prepared.collate,
+            cfg=cfg.train,
+            rt=run.rt,
+            run_dir=run.run_dir,
+            state_dir=run.state_dir,
+            seed=int(cfg.seed),
+            loss_fn=loss_fn,
+            console=run.console,
+            evaluate=lambda m: prepared.evaluate(m.model if isinstance(m, LossModule) else m),
+            identity=run.identity,
+        )
         metrics = trainer.fit(run.resume_state)
         metrics["baseline/unigram_loss"] = baseline
 
-        result = stage_run.publish(run, model, tokenizer, kind=KIND[objective], metrics=metrics, objective=OBJECTIVE[objective], data=data,
-                                   task=task_record(prepared, data, max_seq_len=int(cfg.data.max_seq_len),
-                                                    objective=stage_run.resolve_objective(cfg, OBJECTIVE[objective]), stage="pretrain",
-                                                    packed_sequences={k: len(v) for k, v in prepared.splits.items()},
-                                                    loss=getattr(trained, "name", LossModule.name)))
+        result = stage_run.publish(
+            run,
+            model,
+            tokenizer,
+            kind=KIND[objective],
+            metrics=metrics,
+            objective=OBJECTIVE[objective],
+            data=data,
+            task=task_record(
+                prepared,
+                data,
+                max_seq_len=int(cfg.data.max_seq_len),
+                objective=stage_run.resolve_objective(cfg, OBJECTIVE[objective]),
+                stage="pretrain",
+                packed_sequences={k: len(v) for k, v in prepared.splits.items()},
+                loss=getattr(trained, "name", LossModule.name),
+            ),
+        )
         if result is None:
             return None
-        run.print(f"[green]wrote[/] {result.ref} → {result.path}\n"
-                  f"  eval loss {metrics.get('eval/loss', float('nan')):.4f} · perplexity {metrics.get('eval/perplexity', float('nan')):.2f}"
-                  f" · unigram baseline loss {baseline:.4f} · {metrics['train/tokens_per_s']:,.0f} tokens/s")
+        run.print(
+            f"[green]wrote[/] {result.ref} → {result.path}\n"
+            f"  eval loss {metrics.get('eval/loss', float('nan')):.4f} · perplexity {metrics.get('eval/perplexity', float('nan')):.2f}"
+            f" · unigram baseline loss {baseline:.4f} · {metrics['train/tokens_per_s']:,.0f} tokens/s"
+        )
         return result.manifest["objective"]["value"]
 
 
@@ -106,8 +140,10 @@ def _family(cfg, source, objective: str) -> str:
     if source is not None:
         family = json.loads((source.path / "config.json").read_text()).get("model_type", family)
     if family not in FAMILIES[objective]:
-        raise LlmctlError(f"objective={objective} needs a {' or '.join(FAMILIES[objective])} model, but the model is {family}; "
-                          f"use conf={'gpt-tiny' if objective == 'clm' else 'bert-tiny'} or objective={'clm' if family != 'bert' else 'mlm'}")
+        raise LlmctlError(
+            f"objective={objective} needs a {' or '.join(FAMILIES[objective])} model, but the model is {family}; "
+            f"use conf={'gpt-tiny' if objective == 'clm' else 'bert-tiny'} or objective={'clm' if family != 'bert' else 'mlm'}"
+        )
     return family
 
 
@@ -124,15 +160,34 @@ def _setup_data(run, cfg, source, family: str, objective: str):
             elif source is not None:
                 tok = load_tokenizer(source.path)
             else:
-                tok = train_tokenizer(data["train"]["text"], family=family, vocab_size=int(cfg.tokenizer.vocab_size),
-                                      lowercase=bool(cfg.tokenizer.lowercase), max_len=max_len, cache_root=cache,
-                                      data_fp=data.fingerprint, say=run.print)
-            prepared = prepare(objective, data, tok, max_seq_len=max_len, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed),
-                               cache_root=cache, eval_batches=cfg.train.get("eval_batches"), mlm_probability=float(cfg.mlm_probability))
+                tok = train_tokenizer(
+                    data["train"]["text"],
+                    family=family,
+                    vocab_size=int(cfg.tokenizer.vocab_size),
+                    lowercase=bool(cfg.tokenizer.lowercase),
+                    max_len=max_len,
+                    cache_root=cache,
+                    data_fp=data.fingerprint,
+                    say=run.print,
+                )
+            prepared = prepare(
+                objective,
+                data,
+                tok,
+                max_seq_len=max_len,
+                batch_size=int(cfg.train.batch_size),
+                seed=int(cfg.seed),
+                cache_root=cache,
+                eval_batches=cfg.train.get("eval_batches"),
+                mlm_probability=float(cfg.mlm_probability),
+            )
             result = (data, tok, prepared)
         barrier(run.rt)
-    run.print(f"{data.summary()} → " + " / ".join(f"{len(v)} {k}" for k, v in result[2].splits.items())
-              + f" sequences of ≤{max_len} tokens · vocab {len(result[1])}")
+    run.print(
+        f"{data.summary()} → "
+        + " / ".join(f"{len(v)} {k}" for k, v in result[2].splits.items())
+        + f" sequences of ≤{max_len} tokens · vocab {len(result[1])}"
+    )
     return result
 
 
@@ -146,18 +201,26 @@ def _tokenizer_folder(run, spec: str) -> Path:
 
 def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
     if source is not None:
-        loaded = load_checkpoint(run.store, source, kind=KIND[objective], what="init_from" if cfg.init_from else "model.pretrained")
+        loaded = load_checkpoint(
+            run.store, source, kind=KIND[objective], what="init_from" if cfg.init_from else "model.pretrained"
+        )
         model = loaded.model
         run.parents.append(loaded.parent("init"))
     else:
         model = build_model(family, cfg.model.config, KIND[objective], tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise LlmctlError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer")
+        raise LlmctlError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer"
+        )
     positions = max_positions(model.config)
     if positions and int(cfg.data.max_seq_len) > positions:
-        raise LlmctlError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's {positions} positions; lower data.max_seq_len")
+        raise LlmctlError(
+            f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's {positions} positions; lower data.max_seq_len"
+        )
     total, _ = count_parameters(model)
-    run.print(f"model {type(model).__name__} · {total / 1e6:.2f} M parameters · {'from ' + run.parents[0]['ref'] if run.parents else 'random init'}")
+    run.print(
+        f"model {type(model).__name__} · {total / 1e6:.2f} M parameters · {'from ' + run.parents[0]['ref'] if run.parents else 'random init'}"
+    )
     return model
 
 
@@ -166,8 +229,12 @@ def _unigram_baseline(prepared, tokenizer, objective: str, cfg) -> float:
     train = prepared.splits["train"]
     scored = evaluated_rows(prepared.splits["validation"], cfg.train.get("eval_batches"), int(cfg.train.batch_size))
     ignore = set() if objective == "clm" else set(tokenizer.all_special_ids)
-    return unigram_loss(train.select(range(min(20000, len(train)))).with_format(None)["input_ids"][:],
-                        scored.with_format(None)["input_ids"][:], len(tokenizer), ignore)
+    return unigram_loss(
+        train.select(range(min(20000, len(train)))).with_format(None)["input_ids"][:],
+        scored.with_format(None)["input_ids"][:],
+        len(tokenizer),
+        ignore,
+    )
 
 
 def _config_hash(model) -> str:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation, pruning
+from llmctl.core import evaluation, pruning, schema
 from llmctl.core import run as stage_run
-from llmctl.core import schema
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_on_task, resolve_source
@@ -48,12 +47,12 @@ class Method(schema.Section):
 
 class Prune(schema.Section):
     scope: Literal["global", "layer"]
-    heads: Optional[float] = Field(default=None, ge=0)
-    ffn: Optional[float] = Field(default=None, ge=0, lt=1)
+    heads: float | None = Field(default=None, ge=0)
+    ffn: float | None = Field(default=None, ge=0, lt=1)
     importance: Literal["magnitude", "taylor"]
     calibration_batches: int = Field(ge=1)
-    keep_layers: Optional[list[int]] = None
-    num_layers: Optional[int] = Field(default=None, ge=1)
+    keep_layers: list[int] | None = None
+    num_layers: int | None = Field(default=None, ge=1)
 
 
 class Config(schema.CheckpointStageConfig):
@@ -68,7 +67,9 @@ class Config(schema.CheckpointStageConfig):
 def run(cfg) -> float | None:
     method = str(cfg.method.name)
     if not cfg.init_from:
-        raise LlmctlError("prune needs the checkpoint to prune: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc")
+        raise LlmctlError(
+            "prune needs the checkpoint to prune: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc"
+        )
     with stage_run.start("prune", cfg, default_name=_default_name(cfg)) as run:
         # ---- the checkpoint, its task and data ----
         source = resolve_source(run.store, cfg.init_from, what="init_from")
@@ -80,8 +81,16 @@ def run(cfg) -> float | None:
 
         # ---- prune (a bad cut fails here, before the slow judging); the original is judged as "before" ----
         def before():
-            return evaluation.BeforeAfter(model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
-                                          cost=evaluation.cost_settings(cfg.cost))
+            return evaluation.BeforeAfter(
+                model,
+                prepared,
+                split,
+                ref=source.ref,
+                folder=source.path,
+                rt=run.rt,
+                seed=int(cfg.seed),
+                cost=evaluation.cost_settings(cfg.cost),
+            )
 
         judged = before() if method == "magnitude" else None  # magnitude masks the model in place: judge it first
         report = _prune(run, cfg, method, model, prepared)
@@ -91,8 +100,17 @@ def run(cfg) -> float | None:
 
         # ---- recover, judge, publish ----
         select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
-        stage_run.open_run_dir(run, {"stage": "prune", "task": task, "data_fingerprint": data.fingerprint, "world_size": run.rt.world_size,
-                                     "model": loaded.sha256, "tokenizer": tokenizer_hash(tok)})
+        stage_run.open_run_dir(
+            run,
+            {
+                "stage": "prune",
+                "task": task,
+                "data_fingerprint": data.fingerprint,
+                "world_size": run.rt.world_size,
+                "model": loaded.sha256,
+                "tokenizer": tokenizer_hash(tok),
+            },
+        )
         if cfg.recover:
             metrics = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
         else:
@@ -102,12 +120,28 @@ def run(cfg) -> float | None:
         if method == "magnitude":
             report["sparsity"] = pruning.finalize_magnitude(model)
             shares = list(report["sparsity"].values())
-            run.print(f"sparsity per matrix: {min(shares):.1%} – {max(shares):.1%} (mean {sum(shares) / len(shares):.1%})")
-        settings = {"method": method, "amount": float(cfg.amount), "recover": bool(cfg.recover), **{k: cfg.prune[k] for k in cfg.prune},
-                    "cut": report}  # what was removed: heads / FFN before and after, kept layers, sparsity per matrix
-        published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="prune", method=method),
-                                      extra={"prune": settings}, after_save=judged.after_save(model, f"prune/{run.name}"))
+            run.print(
+                f"sparsity per matrix: {min(shares):.1%} – {max(shares):.1%} (mean {sum(shares) / len(shares):.1%})"
+            )
+        settings = {
+            "method": method,
+            "amount": float(cfg.amount),
+            "recover": bool(cfg.recover),
+            **{k: cfg.prune[k] for k in cfg.prune},
+            "cut": report,
+        }  # what was removed: heads / FFN before and after, kept layers, sparsity per matrix
+        published = stage_run.publish(
+            run,
+            model,
+            tok,
+            kind=kind,
+            metrics=metrics,
+            objective=select,
+            data=data,
+            task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="prune", method=method),
+            extra={"prune": settings},
+            after_save=judged.after_save(model, f"prune/{run.name}"),
+        )
         if published is None:
             return None
         run.print(judged.table(published.ref, f"llmctl prune · {method} · {task} on {split}"))
@@ -130,7 +164,11 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
             grads = pruning.taylor_grads(model, batches, run.rt.device)
         new, report = pruning.structured(model, heads=heads, ffn=ffn, importance=str(p.importance), grads=grads)
         h, f = report["heads"], report["ffn"]
-        return {"model": new, **report, "summary": f"heads {h['before']} → {h['after']} per layer, FFN {f['before']} → {f['after']}"}
+        return {
+            "model": new,
+            **report,
+            "summary": f"heads {h['before']} → {h['after']} per layer, FFN {f['before']} → {f['after']}",
+        }
     depth = len(transformer_layers(model))
     if p.keep_layers is not None:
         keep = [int(i) for i in p.keep_layers]
@@ -138,7 +176,11 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
         keep = pruning.keep_evenly(depth, int(p.num_layers))
     else:
         raise LlmctlError("method=layers needs prune.keep_layers=[0,2,4] or prune.num_layers=<how many to keep>")
-    return {"model": pruning.drop_layers(model, keep=keep), "kept_layers": keep, "summary": f"kept layers {keep} of {depth}"}
+    return {
+        "model": pruning.drop_layers(model, keep=keep),
+        "kept_layers": keep,
+        "summary": f"kept layers {keep} of {depth}",
+    }
 
 
 def _default_name(cfg) -> str:

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation, quantization
+from llmctl.core import evaluation, quantization, schema
 from llmctl.core import run as stage_run
-from llmctl.core import schema
 from llmctl.core.errors import LlmctlError
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import artifact_record, load_on_task, resolve_source
@@ -46,11 +45,11 @@ from llmctl.core.tokenizer import tokenizer_hash
 
 class Method(schema.Section):
     name: Literal["int8-dynamic", "int8-weight", "int4-weight", "qat"]
-    base: Optional[Literal["int4-weight", "int8-weight"]] = None
+    base: Literal["int4-weight", "int8-weight"] | None = None
 
 
 class Quantize(schema.Section):
-    group_size: Optional[int] = Field(default=None, ge=2)
+    group_size: int | None = Field(default=None, ge=2)
     skip: list[str] = []
     keep_head: bool
     embeddings: bool
@@ -68,13 +67,21 @@ class Config(schema.CheckpointStageConfig):
 def run(cfg) -> float | None:
     method = str(cfg.method.name)
     if not cfg.init_from:
-        raise LlmctlError("quantize needs the checkpoint to quantize: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc")
+        raise LlmctlError(
+            "quantize needs the checkpoint to quantize: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc"
+        )
     q = cfg.quantize
-    settings = {"group_size": None if q.group_size is None else int(q.group_size), "skip": [str(s) for s in q.skip],
-                "keep_head": bool(q.keep_head), "embeddings": bool(q.embeddings)}
+    settings = {
+        "group_size": None if q.group_size is None else int(q.group_size),
+        "skip": [str(s) for s in q.skip],
+        "keep_head": bool(q.keep_head),
+        "embeddings": bool(q.embeddings),
+    }
     with stage_run.start("quantize", cfg, default_name=_default_name(cfg)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
-        scheme = quantization.check(method, device=run.rt.device, group_size=settings["group_size"], base=cfg.method.get("base"))
+        scheme = quantization.check(
+            method, device=run.rt.device, group_size=settings["group_size"], base=cfg.method.get("base")
+        )
         if run.rt.distributed:
             raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
         source = resolve_source(run.store, cfg.init_from, what="init_from")
@@ -82,16 +89,38 @@ def run(cfg) -> float | None:
         loaded, kind, task, data, prepared, split = on.loaded, on.kind, on.task, on.data, on.prepared, on.split
         model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
-        run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})")
-        chosen = quantization.targets(model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"])  # a bad
+        run.print(
+            f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})"
+        )
+        chosen = quantization.targets(
+            model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"]
+        )  # a bad
         # skip pattern or nothing to quantize fails here, before the slow judging and before the run folder exists
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
-        judged = evaluation.BeforeAfter(model, prepared, split, ref=source.ref, folder=source.path, rt=run.rt, seed=int(cfg.seed),
-                                        cost=evaluation.cost_settings(cfg.cost))
+        judged = evaluation.BeforeAfter(
+            model,
+            prepared,
+            split,
+            ref=source.ref,
+            folder=source.path,
+            rt=run.rt,
+            seed=int(cfg.seed),
+            cost=evaluation.cost_settings(cfg.cost),
+        )
         select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
-        stage_run.open_run_dir(run, {"stage": "quantize", "task": task, "data_fingerprint": data.fingerprint, "world_size": 1,
-                                     "model": loaded.sha256, "tokenizer": tokenizer_hash(tok), "method": method})
+        stage_run.open_run_dir(
+            run,
+            {
+                "stage": "quantize",
+                "task": task,
+                "data_fingerprint": data.fingerprint,
+                "world_size": 1,
+                "model": loaded.sha256,
+                "tokenizer": tokenizer_hash(tok),
+                "method": method,
+            },
+        )
         if method == "qat":
             qrecord = quantization.prepare_qat(model, scheme, **settings)
             trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
@@ -99,22 +128,50 @@ def run(cfg) -> float | None:
         else:
             outliers = None
             if scheme == "int8-dynamic" and q.calibration_batches:  # layers too peaked for int8 activations stay fp32
-                outliers = quantization.activation_outliers(model, prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches)),
-                                                            chosen["linear"], ratio=float(q.outlier_ratio))
+                outliers = quantization.activation_outliers(
+                    model,
+                    prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches)),
+                    chosen["linear"],
+                    ratio=float(q.outlier_ratio),
+                )
             trained, qrecord = {}, quantization.quantize(model, scheme, method=method, outliers=outliers, **settings)
-        metrics = {**trained, **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own figures
-        run.print(f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
-                  + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
-                  + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
-                  + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")
-                  + (f" (inputs peaking at {', '.join(f'{v:.0f}' for v in qrecord['outliers'].values())}× their RMS)" if qrecord.get("outliers") else ""))
-        published = stage_run.publish(run, model, tok, kind=kind, metrics=metrics, objective=select, data=data,
-                                      task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="quantize", method=method),
-                                      extra={"quantize": {"method": method, **settings, "base": cfg.method.get("base"),
-                                                         "calibration_batches": int(q.calibration_batches), "outlier_ratio": float(q.outlier_ratio)}},
-                                      artifact=artifact_record(model, qrecord),
-                                      save_weights=lambda folder: quantization.save(model, qrecord, folder),
-                                      after_save=judged.after_save(model, f"quantize/{run.name}"))
+        metrics = {
+            **trained,
+            **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed)),
+        }  # the published weights' own figures
+        run.print(
+            f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
+            + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
+            + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
+            + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")
+            + (
+                f" (inputs peaking at {', '.join(f'{v:.0f}' for v in qrecord['outliers'].values())}× their RMS)"
+                if qrecord.get("outliers")
+                else ""
+            )
+        )
+        published = stage_run.publish(
+            run,
+            model,
+            tok,
+            kind=kind,
+            metrics=metrics,
+            objective=select,
+            data=data,
+            task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="quantize", method=method),
+            extra={
+                "quantize": {
+                    "method": method,
+                    **settings,
+                    "base": cfg.method.get("base"),
+                    "calibration_batches": int(q.calibration_batches),
+                    "outlier_ratio": float(q.outlier_ratio),
+                }
+            },
+            artifact=artifact_record(model, qrecord),
+            save_weights=lambda folder: quantization.save(model, qrecord, folder),
+            after_save=judged.after_save(model, f"quantize/{run.name}"),
+        )
         run.print(judged.table(published.ref, f"llmctl quantize · {method} · {task} on {split}"))
         run.print(f"[green]wrote[/] {published.ref} → {published.path}")
         return published.manifest["objective"]["value"]

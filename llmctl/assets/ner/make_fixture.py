@@ -12,14 +12,71 @@ and last columns).
 import random
 from pathlib import Path
 
-PER = ["John Smith", "Maria Garcia", "Wei Chen", "Angela Merkel", "Tony Blair", "Serena Williams", "David Beckham",
-       "Ana Lopez", "Peter Müller", "Sarah Connor", "Ravi Kumar", "Emma Watson", "Jacques Chirac", "Kofi Annan", "Lars Berg"]
-ORG = ["Microsoft", "the United Nations", "Reuters", "Manchester United", "the BBC", "Deutsche Bank", "Toyota",
-       "the European Commission", "Google", "Real Madrid", "Greenpeace", "the World Bank", "Sony", "NASA", "Oxford University"]
-LOC = ["London", "Paris", "Germany", "New York", "Tokyo", "Brazil", "the Alps", "Madrid", "Kenya", "Lake Geneva",
-       "India", "Sydney", "the Nile", "Canada", "Beijing"]
-MISC = ["English", "the Olympics", "French", "the World Cup", "Christmas", "Windows", "German", "the Grammy Awards",
-        "Japanese", "the Tour de France", "Euro", "Brexit"]
+PER = [
+    "John Smith",
+    "Maria Garcia",
+    "Wei Chen",
+    "Angela Merkel",
+    "Tony Blair",
+    "Serena Williams",
+    "David Beckham",
+    "Ana Lopez",
+    "Peter Müller",
+    "Sarah Connor",
+    "Ravi Kumar",
+    "Emma Watson",
+    "Jacques Chirac",
+    "Kofi Annan",
+    "Lars Berg",
+]
+ORG = [
+    "Microsoft",
+    "the United Nations",
+    "Reuters",
+    "Manchester United",
+    "the BBC",
+    "Deutsche Bank",
+    "Toyota",
+    "the European Commission",
+    "Google",
+    "Real Madrid",
+    "Greenpeace",
+    "the World Bank",
+    "Sony",
+    "NASA",
+    "Oxford University",
+]
+LOC = [
+    "London",
+    "Paris",
+    "Germany",
+    "New York",
+    "Tokyo",
+    "Brazil",
+    "the Alps",
+    "Madrid",
+    "Kenya",
+    "Lake Geneva",
+    "India",
+    "Sydney",
+    "the Nile",
+    "Canada",
+    "Beijing",
+]
+MISC = [
+    "English",
+    "the Olympics",
+    "French",
+    "the World Cup",
+    "Christmas",
+    "Windows",
+    "German",
+    "the Grammy Awards",
+    "Japanese",
+    "the Tour de France",
+    "Euro",
+    "Brexit",
+]
 TEMPLATES = [
     "{PER} said on Monday that {ORG} would open an office in {LOC} .",
     "{ORG} shares rose 3 percent in {LOC} after the announcement .",
