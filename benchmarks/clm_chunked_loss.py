@@ -5,7 +5,8 @@ Prints step times, the ratio, peak extra memory of the loss, and both losses (th
 
     python benchmarks/clm_chunked_loss.py                                   # gpt-tiny shapes: 2 × 128, vocab 8,000
     python benchmarks/clm_chunked_loss.py --hidden 256 --layers 4 --vocab 8192 --batch 16
-    python benchmarks/clm_chunked_loss.py --hidden 576 --layers 2 --vocab 49152 --batch 4 --seq 512 --rounds 3 --steps 2   # SmolLM2's head
+    python benchmarks/clm_chunked_loss.py --hidden 576 --layers 2 --vocab 49152 --batch 4 --seq 512 \
+        --rounds 3 --steps 2   # SmolLM2's head
 """
 
 import argparse
@@ -80,10 +81,12 @@ def main() -> None:
     )
     print(f"loss (same weights, same batch): hf {same['hf']:.6f} · chunked {same['chunked']:.6f}")
     print(
-        f"step time (median of {a.rounds} rounds): hf {hf * 1e3:.1f} ms ({tokens / hf:,.0f} tok/s) · chunked {ch * 1e3:.1f} ms ({tokens / ch:,.0f} tok/s)"
+        f"step time (median of {a.rounds} rounds): hf {hf * 1e3:.1f} ms ({tokens / hf:,.0f} tok/s) · chunked "
+        f"{ch * 1e3:.1f} ms ({tokens / ch:,.0f} tok/s)"
     )
     print(
-        f"speed-up: {hf / ch:.2f}× · full logits the HF loss holds: {logits_mib:,.0f} MiB (and as much again for their log-softmax and gradient)"
+        f"speed-up: {hf / ch:.2f}× · full logits the HF loss holds: {logits_mib:,.0f} MiB (and as much again for "
+        "their log-softmax and gradient)"
     )
 
 

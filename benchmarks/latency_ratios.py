@@ -1,6 +1,7 @@
 """Batch-1 latency of several checkpoints against the first, interleaved so machine noise hits all alike.
 
-    python benchmarks/latency_ratios.py finetune/minilm-l6-classification distill/bbc-3l-teacher-layers prune/bbc-structured
+    python benchmarks/latency_ratios.py finetune/minilm-l6-classification distill/bbc-3l-teacher-layers \
+        prune/bbc-structured
 
 `llmctl eval` times each checkpoint in turn (median / p90 of warm runs); on a shared or throttling
 machine a slow minute lands on whichever model is being timed. Here every round times each model
@@ -50,7 +51,8 @@ def main() -> None:
                     times[i].append(time.perf_counter() - start)
     base = statistics.median(times[0])
     print(
-        f"batch 1 · {args.seq_len} tokens · {torch.get_num_threads()} threads · {args.rounds} rounds × {args.passes} passes, interleaved"
+        f"batch 1 · {args.seq_len} tokens · {torch.get_num_threads()} threads · {args.rounds} rounds × "
+        f"{args.passes} passes, interleaved"
     )
     print(f"{'checkpoint':<48} {'median ms':>10} {'p90 ms':>8} {'speed-up':>9}")
     for ref, t in zip(args.refs, times):

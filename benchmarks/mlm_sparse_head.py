@@ -67,7 +67,8 @@ def main() -> None:
     )
     print(f"loss (same weights, same batch): dense {dense_loss:.6f} · sparse {sparse_loss:.6f}")
     print(
-        f"step time: dense {dense * 1e3:.1f} ms ({tokens / dense:,.0f} tok/s) · sparse {sparse * 1e3:.1f} ms ({tokens / sparse:,.0f} tok/s)"
+        f"step time: dense {dense * 1e3:.1f} ms ({tokens / dense:,.0f} tok/s) · sparse {sparse * 1e3:.1f} ms "
+        f"({tokens / sparse:,.0f} tok/s)"
     )
     print(f"speed-up: {dense / sparse:.2f}×")
 

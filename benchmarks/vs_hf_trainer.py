@@ -6,7 +6,8 @@ precision, several seeds.
     python benchmarks/vs_hf_trainer.py --shape bert-tiny
     python benchmarks/vs_hf_trainer.py --shape gpt2-small --steps 20 --seeds 1 --eval-every 10
     python benchmarks/vs_hf_trainer.py --shape gpt-tiny --data kjv --precision bf16   # bf16 only where the CPU has it
-    python benchmarks/vs_hf_trainer.py --shape gpt-tiny --set model.config.n_layer=4 model.config.n_embd=256 model.config.n_head=4
+    python benchmarks/vs_hf_trainer.py --shape gpt-tiny \
+        --set model.config.n_layer=4 model.config.n_embd=256 model.config.n_head=4
 
 The three pipelines, each a fresh process (so each pays its own imports and preprocessing):
 - `llmctl`: `llmctl pretrain conf=<shape> ...` with its own store (packing and tokenization cache:
@@ -96,7 +97,7 @@ def prepare_shared(a, work: Path) -> dict:
 def model_config(a, tok):
     import transformers
 
-    from llmctl.core.models import FAMILY_CONFIG
+    from llmctl.core.families import CONFIG_CLASS
 
     cfg = compose(a)
     special = {
@@ -104,7 +105,7 @@ def model_config(a, tok):
         for k in ("pad_token", "bos_token", "eos_token")
         if getattr(tok, f"{k}_id", None) is not None
     }
-    return getattr(transformers, FAMILY_CONFIG[cfg.model.family])(
+    return getattr(transformers, CONFIG_CLASS[cfg.model.family])(
         vocab_size=len(tok), **special, **dict(cfg.model.config)
     )
 
@@ -219,7 +220,7 @@ def run_hf(a, shared: dict, out: Path, t0: float, pipeline: bool) -> dict:
             remove_columns=tokenized.column_names,
         )
     else:  # a plain script: tokenize in memory, group, hand a list to the Trainer
-        texts = [json.loads(line)["text"] for line in open(shared["train"])]
+        texts = [json.loads(line)["text"] for line in Path(shared["train"]).read_text().splitlines()]
         train = [{"input_ids": b} for b in group(tok(texts, add_special_tokens=False)["input_ids"])]
     if causal:
 
@@ -438,7 +439,8 @@ def main() -> None:
             r["tokens_per_s"] = steady_tokens_per_s(r["steps"], r["evals"], a.batch * a.seq)
             results[pipeline].append(r)
             print(
-                f"  {pipeline:<9} seed {seed}: eval loss {r['final']:.4f} · {r['tokens_per_s']:,.0f} tokens/s · {r['wall']:.0f} s",
+                f"  {pipeline:<9} seed {seed}: eval loss {r['final']:.4f} · {r['tokens_per_s']:,.0f} tokens/s · "
+                f"{r['wall']:.0f} s",
                 flush=True,
             )
     (work / "results.json").write_text(json.dumps({"args": vars(a), "peak": peak, "results": results}))
@@ -466,11 +468,13 @@ def report(a, results: dict, config, peak: float) -> None:
         return f"{x:.2f}" if 0 < x < float("inf") else "—"
 
     print(
-        f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds {' '.join(map(str, a.seeds))} · "
+        f"\n{a.shape} · data {a.data} · {a.steps} steps × {a.batch} × {a.seq} tokens · {a.precision} · seeds "
+        f"{' '.join(map(str, a.seeds))} · "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s ({torch_threads()} threads)"
     )
     print(
-        f"times: from process start (imports, tokenization included), means over seeds; target = the trainer's mean periodic eval "
+        "times: from process start (imports, tokenization included), means over seeds; target = the trainer's mean "
+        "periodic eval "
         f"loss at step {a.steps} ({target:.4f}), reached on each pipeline's mean curve"
     )
     print(
@@ -486,7 +490,8 @@ def report(a, results: dict, config, peak: float) -> None:
             else f"not by step {a.steps} ({row['gap']:+.4f})"
         )
         print(
-            f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}{row['tps']:>10,.0f}"
+            f"{p:<10}{f'{statistics.mean(f):.4f} ± {sd:.4f}':<22}{f'{min(f):.4f} / {med(f):.4f}':<18}"
+            f"{row['tps']:>10,.0f}"
             f"{ratio(p, 'tps', 'trainer'):>10}{_seconds(row['to_steps']):>20}{ratio(p, 'to_steps', 'pipeline'):>11}"
             f"{reached:>26}{ratio(p, 'to_target', 'pipeline'):>11}{100 * fpt * row['tps'] / peak:>6.1f}%"
         )

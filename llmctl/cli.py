@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import typer
 
@@ -23,7 +24,8 @@ from llmctl import STAGES
 from llmctl.core.errors import LlmctlError
 
 app = typer.Typer(
-    help="A config-driven pipeline for language models: pretrain → finetune → distill → prune → quantize → eval → generate.\n\n"
+    help="A config-driven pipeline for language models: "
+    "pretrain → finetune → distill → prune → quantize → eval → generate.\n\n"
     "Every stage takes Hydra overrides (key=value), -m/--multirun sweeps, --cfg job, and its own --help.",
     no_args_is_help=True,
     add_completion=False,
@@ -32,15 +34,18 @@ app = typer.Typer(
 ckpt_app = typer.Typer(help="Inspect the versioned checkpoint store.", no_args_is_help=True)
 app.add_typer(ckpt_app, name="ckpt")
 
-_STAGE_HELP = {
-    "pretrain": "Pre-train BERT (MLM, MLM+NSP) or GPT (causal LM) on a corpus.",
-    "finetune": "Fine-tune for classification, NER or chat SFT (full, frozen layers, LoRA).",
-    "distill": "Distil a teacher checkpoint into a smaller student.",
-    "prune": "Prune a checkpoint (unstructured, structured, layers).",
-    "quantize": "Quantize a checkpoint (int8 dynamic, weight-only, QAT).",
-    "eval": "Evaluate and compare checkpoints.",
-    "generate": "Generate text from a causal-LM checkpoint.",
-}
+
+def stage_summary(stage: str) -> str:
+    """The first paragraph of a stage module's docstring (its one source of help), read without importing it
+    (stage modules import torch; `llmctl --help` must not)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec(f"llmctl.stages.{stage}").origin
+    doc = ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or stage
+    first = " ".join(doc.split("\n\n")[0].split())
+    first = first.split(" — ", 1)[1] if " — " in first else first
+    return first[:1].upper() + first[1:]
 
 
 def _fail(e: LlmctlError) -> None:
@@ -97,14 +102,14 @@ def _stage_command(stage: str):
         except LlmctlError as e:
             _fail(e)
 
-    command.__doc__ = _STAGE_HELP[stage] + " Arguments go to Hydra: `llmctl " + stage + " --help` for the config."
+    command.__doc__ = stage_summary(stage) + " Arguments go to Hydra: `llmctl " + stage + " --help` for the config."
     return command
 
 
 for _stage in STAGES:
     app.command(
         _stage,
-        help=_STAGE_HELP[_stage],
+        help=stage_summary(_stage),
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     )(_stage_command(_stage))
 
@@ -219,7 +224,8 @@ def ckpt_show(
         labels = f" · {len(task['labels'])} labels" if task.get("labels") else ""
         table.add_row(
             "task",
-            f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len {task.get('max_seq_len')}",
+            f"{task['name']} · {objective.get('metric')} ({objective.get('mode')}){labels} · max_seq_len "
+            f"{task.get('max_seq_len')}",
         )
     for p in m.get("parents", []):
         table.add_row(f"parent ({p.get('role')})", f"{p.get('ref')}  sha256={str(p.get('weights_sha256'))[:16]}…")

@@ -10,7 +10,10 @@ from llmctl import STAGES
 
 
 def test_help_lists_every_stage_without_importing_torch():
-    probe = "import sys, llmctl.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    probe = (
+        "import sys, llmctl.cli; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
     out = run_cli("--help")
     assert out.returncode == 0

@@ -59,7 +59,8 @@ def test_any_other_mismatch_names_the_tensor_and_both_shapes(classifier, tmp_pat
         load_checkpoint(classifier, str(folder), kind="seq-cls", head=head)
     msg = str(e.value)
     assert re.search(
-        r"intermediate\.dense\.bias has shape \[64\] in the checkpoint but \[128\] in its config\.json \(and \d+ more\)",
+        r"intermediate\.dense\.bias has shape \[64\] in the checkpoint but \[128\] "
+        r"in its config\.json \(and \d+ more\)",
         msg,
     ), msg
     assert "\n" not in msg

@@ -20,8 +20,8 @@ from transformers import (
 
 from llmctl.core import quantization as q
 from llmctl.core.errors import LlmctlError
-from llmctl.core.evaluation import parameter_counts
-from llmctl.core.models import count_parameters
+from llmctl.core.evaluation.cost import parameter_counts
+from llmctl.core.models import count_parameters, weight_bytes
 
 SCHEMES = ["int8-dynamic", "int8-weight", "int4-weight"]
 SETTINGS = {"group_size": None, "skip": [], "keep_head": True, "embeddings": True}
@@ -93,7 +93,7 @@ def test_each_scheme_rebuilds_exactly_from_safetensors(tmp_path, scheme, build):
     with safe_open(str(tmp_path / q.WEIGHTS), "pt") as fh:  # plain tensors only: no pickle anywhere
         assert all(
             fh.get_tensor(k).dtype in (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64)
-            for k in fh
+            for k in fh.keys()
         )
     assert count_parameters(rebuilt)[0] == count_parameters(build())[0]  # logical sizes are unchanged
 
@@ -146,10 +146,10 @@ def test_int4_is_smaller_on_disk_than_int8(tmp_path):
 def test_quantized_embeddings_count_as_embeddings_and_memory_shrinks():
     model = _bert()
     before_total, before_non_emb = parameter_counts(model)
-    before_bytes = q.tensor_bytes(model)
+    before_bytes = weight_bytes(model)
     q.quantize(model, "int8-dynamic", **SETTINGS)
     assert parameter_counts(model) == (before_total, before_non_emb)
-    assert q.tensor_bytes(model) < 0.4 * before_bytes
+    assert weight_bytes(model) < 0.4 * before_bytes
 
 
 def test_qat_trains_through_fake_quantization_and_converts_to_a_ptq_layout(tmp_path):

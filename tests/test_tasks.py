@@ -10,8 +10,9 @@ from conftest import cls_args, run_inprocess, tiny
 from omegaconf import OmegaConf
 
 from llmctl.core.data import load_data
+from llmctl.core.manifest import task_record as read_task_record
 from llmctl.core.store import Store
-from llmctl.core.tasks import collate_packed_clm, prepare, read_task_record, record_data_config
+from llmctl.core.tasks import collate_packed_clm, prepare, record_data_config
 
 RECORD_KEYS = {"name", "kind", "objective", "labels", "columns", "max_seq_len", "data", "split_seed", "fingerprint"}
 
@@ -110,11 +111,13 @@ def test_pretrain_and_finetune_write_one_task_record_that_gives_back_the_data(ba
 
 def test_records_of_older_manifests_are_read_in_todays_shape():
     old_pretrain = {
+        "kind": "causal-lm",
         "task": {"stage": "pretrain", "objective": "clm", "max_seq_len": 128},
         "objective": {"metric": "eval/loss", "mode": "min"},
         "data": {"fingerprint": "abc", "config": {"source": "kjv", "split_seed": 0}},
     }
     old_finetune = {
+        "kind": "token-cls",
         "task": {"stage": "finetune", "task": "ner", "method": "full", "labels": ["O", "B-PER"]},
         "objective": {"metric": "eval/f1", "mode": "max"},
         "data": {"fingerprint": "def", "config": {"source": "conll-fixture", "max_seq_len": 64}},

@@ -31,11 +31,11 @@ import random
 import re
 import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError, first_line
+from llmctl.core.files import atomic_path
 
 BUILTIN = ("bbc-news", "kjv", "conll-fixture", "tiny-instruct")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -124,7 +124,8 @@ def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = No
     for split, ds in dsd.items():
         if len(ds) == 0 or (task in ("text", "classification") and not any(t and t.strip() for t in ds["text"][:1000])):
             raise LlmctlError(
-                f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or data.text_column"
+                f"data: the {split} split of {_describe(data_cfg)} has no text; check the file contents or "
+                "data.text_column"
             )
     dsd = DatasetDict({k: dsd[k] for k in ("train", "validation", "test") if k in dsd})
     return Data(splits=dsd, fingerprint=fingerprint(dsd), config=absolute_config(data_cfg), dropped=dropped)
@@ -286,7 +287,8 @@ def _format_of(files: list[str], key: str) -> str:
     formats = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in formats or len(formats) != 1:
         raise LlmctlError(
-            f"data.{key}: files must all be one of {', '.join(_FORMATS)} (got {', '.join(sorted({Path(f).suffix for f in files}))})"
+            f"data.{key}: files must all be one of {', '.join(_FORMATS)} (got "
+            f"{', '.join(sorted({Path(f).suffix for f in files}))})"
         )
     return formats.pop()
 
@@ -385,7 +387,8 @@ def _normalize(ds, data_cfg, task: str, where: str):
         nonlocal ds
         if column not in ds.column_names:
             raise LlmctlError(
-                f"{where}: no {as_name} column {column!r} (columns: {', '.join(ds.column_names)}); set data.{knob}=<name>"
+                f"{where}: no {as_name} column {column!r} (columns: {', '.join(ds.column_names)}); set "
+                f"data.{knob}=<name>"
             )
         if column != as_name:
             if as_name in ds.column_names:
@@ -400,11 +403,13 @@ def _normalize(ds, data_cfg, task: str, where: str):
             take(data_cfg.text_pair_column, "text_pair", "text_pair_column")
     if task == "ner" and not {"tokens", "ner_tags"} <= set(ds.column_names):
         raise LlmctlError(
-            f"{where}: NER needs 'tokens' and 'ner_tags' columns (has {', '.join(ds.column_names)}); or give CoNLL files"
+            f"{where}: NER needs 'tokens' and 'ner_tags' columns (has {', '.join(ds.column_names)}); or give CoNLL "
+            "files"
         )
     if task == "sft" and "messages" not in ds.column_names and not {"prompt", "response"} <= set(ds.column_names):
         raise LlmctlError(
-            f"{where}: SFT needs 'prompt' and 'response' columns or a chat 'messages' column (has {', '.join(ds.column_names)})"
+            f"{where}: SFT needs 'prompt' and 'response' columns or a chat 'messages' column (has "
+            f"{', '.join(ds.column_names)})"
         )
     return ds
 
@@ -431,7 +436,8 @@ def _load_source(data_cfg, task: str, cache_dir: str | None) -> dict:
         dsd = load_dataset(src, data_cfg.get("config_name"), cache_dir=cache_dir)
     except Exception as e:  # network, unknown id, ...
         raise LlmctlError(
-            f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            f"data.source={src!r}: not a local path, and loading it from the hub failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]})"
         ) from None
     out = {k: _normalize(v, data_cfg, task, f"data.source={src}") for k, v in dsd.items()}
     if "validation" not in out and "train" in out:
@@ -542,16 +548,13 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
         )  # llmctl caches the packed result itself (below)
         if len(rows) == 0 and split in ("train", "validation"):
             raise LlmctlError(
-                f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower data.max_seq_len or add text"
+                f"data: the {split} split is shorter than one sequence of {max_seq_len} tokens; lower "
+                "data.max_seq_len or add text"
             )
         if len(rows):  # a test split shorter than one sequence is left out
             packed[split] = rows
-    tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")
-    packed.save_to_disk(str(tmp))
-    try:
-        tmp.rename(cache)
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(cache, keep_existing=True, what="the packed dataset cache") as tmp:
+        packed.save_to_disk(str(tmp))
     return load_from_disk(str(cache))
 
 

@@ -18,14 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.models import DEPTH_KEY, layers_prefix, transformer_layers
+from llmctl.core.families import WIDTH_KEYS, depth_key, layers_prefix, layout, transformer_layers
 
 TEACHER_LOGITS = "teacher_logits"  # the column holding cached teacher logits in a training split
-WIDTH_KEYS = {
-    "bert": ("hidden_size", "num_attention_heads", "intermediate_size"),
-    "gpt2": ("n_embd", "n_head", "n_inner"),
-    "llama": ("hidden_size", "num_attention_heads", "intermediate_size"),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,15 +33,13 @@ def evenly_spaced(total: int, keep: int) -> list[int]:
 
 def student_config(teacher_config, *, num_layers: int | None, width: dict | None = None):
     """The teacher's config with fewer layers (and optionally another width): same family, vocabulary, head."""
-    family = teacher_config.model_type
-    if family not in DEPTH_KEY:
-        raise LlmctlError(f"distill: no student recipe for the {family} family (it knows {', '.join(DEPTH_KEY)})")
+    family = layout(teacher_config, "distill")
     config = teacher_config.__class__.from_dict(teacher_config.to_dict())
-    depth = int(getattr(teacher_config, DEPTH_KEY[family]))
+    depth = int(getattr(teacher_config, depth_key(teacher_config)))
     n = int(num_layers) if num_layers else max(1, depth // 2)
     if not 1 <= n <= depth:
         raise LlmctlError(f"student.num_layers={num_layers}: the teacher has {depth} layers; choose 1..{depth}")
-    setattr(config, DEPTH_KEY[family], n)
+    setattr(config, depth_key(config), n)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in evenly_spaced(depth, n)]
     for key, value in (width or {}).items():
@@ -61,8 +54,9 @@ def student_from_teacher(
     teacher, *, num_layers: int | None, init: str = "teacher-layers", width: dict | None = None, seed: int = 0
 ):
     """A smaller model of the teacher's family: its layers copied from every k-th teacher layer (embeddings,
-    final norm and head copied too), or `init="random"` (fresh weights, same config). Returns (student, kept layer ids)."""
-    family = teacher.config.model_type
+    final norm and head copied too), or `init="random"` (fresh weights, same config).
+    Returns (student, kept layer ids)."""
+    family = layout(teacher, "distill")
     config = student_config(teacher.config, num_layers=num_layers, width=width)
     changed = [k for k in WIDTH_KEYS.get(family, ()) if getattr(config, k, None) != getattr(teacher.config, k, None)]
     if init == "teacher-layers" and changed:
@@ -73,7 +67,7 @@ def student_from_teacher(
     torch.manual_seed(seed)
     student = type(teacher)(config)
     depth = len(transformer_layers(teacher))
-    kept = evenly_spaced(depth, getattr(config, DEPTH_KEY[family]))
+    kept = evenly_spaced(depth, getattr(config, depth_key(config)))
     if init == "random":
         return student, []
     if init != "teacher-layers":

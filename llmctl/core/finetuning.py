@@ -19,11 +19,11 @@ import json
 from dataclasses import dataclass, field
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.models import count_parameters, transformer_layers
+from llmctl.core.families import LORA_TARGETS, layout, transformer_layers
+from llmctl.core.models import count_parameters
 from llmctl.core.tasks import Prepared, sample_generations
 from llmctl.core.train import LossFn, Trainer, default_loss, evaluate_model
 
-LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 LORA_TASK = {"classification": "SEQ_CLS", "ner": "TOKEN_CLS", "sft": "CAUSAL_LM", "clm": "CAUSAL_LM"}
 
 
@@ -127,9 +127,13 @@ def apply_method(method, model, task: str):
         from peft import LoraConfig, TaskType, get_peft_model
 
         family = getattr(model.config, "model_type", "")
-        targets = list(method.target_modules) if method.get("target_modules") else LORA_TARGETS.get(family)
-        if not targets:
-            raise LlmctlError(f"method.target_modules: no default LoRA targets for {family}; name the modules to adapt")
+        if method.get("target_modules"):
+            targets = list(method.target_modules)
+        else:
+            try:
+                targets = LORA_TARGETS[layout(model)]
+            except LlmctlError as e:
+                raise LlmctlError(f"method.target_modules: {e}; name the modules to adapt") from None
         if task not in LORA_TASK:
             raise LlmctlError(f"method=lora is not available for task={task}; use method=full")
         config = LoraConfig(

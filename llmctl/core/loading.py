@@ -17,8 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmctl.core import quantization
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import check_safetensors
+from llmctl.core.manifest import artifact as artifact_of
+from llmctl.core.manifest import check_intact, task_record
+from llmctl.core.models import KIND_CLASS, folder_kind, load_model, resolve_model
+from llmctl.core.pruning import apply_shapes, shapes_record
 from llmctl.core.store import Resolved, parent_entry, verify_weights
+from llmctl.core.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -27,7 +34,7 @@ class Loaded:
     tokenizer: object
     source: Resolved
     kind: str  # the kind the model was loaded as (its head)
-    task: dict | None  # the checkpoint's task record (core.tasks.read_task_record), None for plain HF folders
+    task: dict | None  # the checkpoint's task record (core.manifest.task_record), None for plain HF folders
     artifact: dict  # how the weights are stored: {"format": "hf", ...}
     sha256: str | None  # the weights' hash as read and verified
     new_tensors: list[str] = field(default_factory=list)  # base-model tensors initialised fresh (not in the checkpoint)
@@ -41,18 +48,14 @@ def artifact_record(model, quantization: dict | None = None) -> dict:
     """What a manifest records about how a model's weights are stored, for `load_checkpoint`: plain HF,
     per-layer shapes config.json cannot say (pruned BERT heads: core.pruning), and `quantization`
     (core.quantization's record; read the shapes off the model before quantizing it)."""
-    from llmctl.core.pruning import shapes_record
-
     record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
     return {**record, "format": "quantized", "quantization": quantization} if quantization else record
 
 
 def check_device(loaded: Loaded, device) -> None:
     """A quantized checkpoint whose kernels do not run on `device` is one line (eval, generate)."""
-    from llmctl.core.quantization import SCHEMES
-
     scheme = ((loaded.artifact or {}).get("quantization") or {}).get("scheme")
-    devices = SCHEMES.get(scheme, {}).get("devices")
+    devices = quantization.SCHEMES.get(scheme, {}).get("devices")
     if devices and getattr(device, "type", str(device)) not in devices:
         raise LlmctlError(
             f"{loaded.source.ref} is quantized {scheme}, whose kernels run on {' / '.join(devices)}; set device=cpu"
@@ -60,8 +63,6 @@ def check_device(loaded: Loaded, device) -> None:
 
 
 def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
-    from llmctl.core.models import load_model
-
     return load_model(resolved.path, kind, head=head)
 
 
@@ -69,9 +70,6 @@ def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dic
     """The model a rebuilt format starts from: config.json, with the recorded per-layer shapes (no weights yet).
     Such a checkpoint keeps its own head and its own kind."""
     import transformers
-
-    from llmctl.core.models import KIND_CLASS
-    from llmctl.core.pruning import apply_shapes
 
     config = transformers.AutoConfig.from_pretrained(str(resolved.path))
     if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
@@ -92,8 +90,6 @@ def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dic
     """Build the model from config.json, give its layers the recorded shapes, then load the weights (strict)."""
     from safetensors.torch import load_file
 
-    from llmctl.core.models import check_safetensors
-
     model = _from_config(resolved, kind, head, artifact, "pruned")
     state = {}
     for file in sorted(resolved.path.glob("*.safetensors")):
@@ -113,10 +109,8 @@ def _load_pruned(resolved: Resolved, kind: str, head: dict | None, artifact: dic
 
 def _load_quantized(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
     """Build the model from config.json (with any pruned shapes), apply the recorded quantization, load its tensors."""
-    from llmctl.core.quantization import rebuild
-
     model = _from_config(resolved, kind, head, artifact, "quantized")
-    rebuild(model, artifact.get("quantization") or {}, resolved.path, where=resolved.ref)
+    quantization.rebuild(model, artifact.get("quantization") or {}, resolved.path, where=resolved.ref)
     return model, []
 
 
@@ -139,15 +133,11 @@ FORMATS = {
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
     """A store reference, an HF folder or `packaged:<name>` → where it is (nothing loaded yet)."""
-    from llmctl.core.models import resolve_model
-
     return spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
 
 
 def source_kind(resolved: Resolved) -> str:
     """A checkpoint's artifact kind: its manifest's, else read from its config.json."""
-    from llmctl.core.models import folder_kind
-
     return resolved.kind or folder_kind(resolved.path)
 
 
@@ -155,12 +145,10 @@ def load_checkpoint(
     store, spec, *, kind: str | None = None, head: dict | None = None, what: str = "init_from"
 ) -> Loaded:
     """Load a checkpoint as `kind` (default: its own), with a fresh task `head` when given."""
-    from llmctl.core.tasks import read_task_record
-    from llmctl.core.tokenizer import load_tokenizer
-
     resolved = resolve_source(store, spec, what=what)
+    check_intact(resolved.manifest, resolved.ref, what)
     sha = verify_weights(resolved, what=what)
-    artifact = (resolved.manifest or {}).get("artifact") or {"format": "hf"}
+    artifact = artifact_of(resolved.manifest)
     loader = FORMATS.get(artifact.get("format"))
     if loader is None:
         raise LlmctlError(
@@ -174,70 +162,10 @@ def load_checkpoint(
         tokenizer=load_tokenizer(resolved.path),
         source=resolved,
         kind=kind,
-        task=read_task_record(resolved.manifest),
+        task=task_record(resolved.manifest),
         artifact=artifact,
         sha256=sha,
         new_tensors=new,
-    )
-
-
-@dataclass
-class OnTask:
-    """A checkpoint a stage works on (distill's teacher, prune's and quantize's init_from) with its own task
-    ready: the data its manifest records (or the config's `data`), tokenized at its sequence length."""
-
-    source: Resolved
-    loaded: Loaded
-    kind: str
-    task: str
-    record: dict  # its task record ({} for a plain HF folder)
-    data_cfg: object
-    data: object  # core.data.Data
-    length: int  # tokens per example / packed sequence
-    prepared: object  # core.tasks.Prepared
-    split: str  # the split it is judged on: test where the data has one, else validation
-
-
-def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str | None = None) -> OnTask:
-    """Load `source` (refused when quantized) onto the run's device with its task prepared: what distill,
-    prune and quantize do before they reshape or retrain it. `what` is the config key that named it."""
-    from pathlib import Path
-
-    from llmctl.core.data import load_data
-    from llmctl.core.evaluation import check_labels, choose_split
-    from llmctl.core.tasks import DATA_TASK, prepare, read_task_record, record_data_config, sequence_length, task_of
-
-    refuse_quantized(source, what=what, stage=stage)
-    kind = source_kind(source)
-    record = read_task_record(source.manifest) or {}
-    task = task_of(kind, record, other_data=bool(cfg.get("data")), task=task)
-    data_cfg = cfg.get("data") or record_data_config(record, f"{what}={cfg[what]}")
-    data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
-    loaded = load_checkpoint(run.store, source, kind=kind, what=what)
-    loaded.model.to(run.rt.device)
-    length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config)
-    prepared = prepare(
-        task,
-        data,
-        loaded.tokenizer,
-        max_seq_len=length,
-        batch_size=int(cfg.train.batch_size),
-        seed=int(cfg.seed),
-        cache_root=Path(cfg.output_root) / ".cache",
-        system_prompt=record.get("system_prompt"),
-    )
-    check_labels(loaded.model, prepared, source.ref)
-    return OnTask(
-        source=source,
-        loaded=loaded,
-        kind=kind,
-        task=task,
-        record=record,
-        data_cfg=data_cfg,
-        data=data,
-        length=length,
-        prepared=prepared,
-        split=choose_split(data, None, data_cfg),
     )
 
 

@@ -112,8 +112,9 @@ def format_ner_table(metrics: dict, prefix: str = "test") -> str:
         if not r:
             lines.append("")
             continue
-        g = lambda m: metrics[f"{prefix}/{r}/{m}"]  # noqa: E731
+        g = lambda m, r=r: metrics[f"{prefix}/{r}/{m}"]  # noqa: E731
         lines.append(
-            f"{r + (' avg' if r in ('micro', 'macro', 'weighted') else ''):>12} {g('precision'):9.4f} {g('recall'):9.4f} {g('f1'):9.4f} {g('support'):8d}"
+            f"{r + (' avg' if r in ('micro', 'macro', 'weighted') else ''):>12} {g('precision'):9.4f} "
+            f"{g('recall'):9.4f} {g('f1'):9.4f} {g('support'):8d}"
         )
     return "\n".join(lines)

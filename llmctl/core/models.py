@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError, first_line
+from llmctl.core.families import CONFIG_CLASS
+from llmctl.core.files import check_safetensors
 
 KIND_CLASS = {
     "mlm": "AutoModelForMaskedLM",
@@ -19,48 +21,15 @@ KIND_CLASS = {
     "token-cls": "AutoModelForTokenClassification",
     "encoder": "AutoModel",  # a bare encoder (no head), e.g. a sentence-embedding model
 }
-FAMILY_CONFIG = {"bert": "BertConfig", "gpt2": "GPT2Config", "llama": "LlamaConfig"}
-
-
-def transformer_layers(model):
-    """The model's stack of transformer blocks (BERT encoder.layer, GPT-2 h, Llama layers)."""
-    import torch
-
-    base = model.base_model
-    for path in ("encoder.layer", "h", "layers", "model.layers"):
-        node = base
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, torch.nn.ModuleList):
-            return node
-    raise LlmctlError(f"cannot find the transformer layers of {type(model).__name__}")
-
-
-DEPTH_KEY = {
-    "bert": "num_hidden_layers",
-    "gpt2": "n_layer",
-    "llama": "num_hidden_layers",
-}  # the config key of a family's depth
-
-
-def layers_prefix(model) -> str:
-    """The state-dict prefix of the model's transformer blocks, e.g. 'bert.encoder.layer.'."""
-    layers = transformer_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers) + "."
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence a model config accepts (BERT/Llama max_position_embeddings, GPT-2 n_positions)."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def build_model(family: str, arch: dict, kind: str, tokenizer, **extra):
     """A freshly initialised model of `family` with `arch` shapes, sized to the tokenizer."""
     import transformers
 
-    if family not in FAMILY_CONFIG:
-        raise LlmctlError(f"model.family={family!r} is not one of {', '.join(FAMILY_CONFIG)}")
-    config_cls = getattr(transformers, FAMILY_CONFIG[family])
+    if family not in CONFIG_CLASS:
+        raise LlmctlError(f"model.family={family!r} is not one of {', '.join(CONFIG_CLASS)}")
+    config_cls = getattr(transformers, CONFIG_CLASS[family])
     special = {
         f"{k}_id": getattr(tokenizer, f"{k}_id")
         for k in ("pad_token", "bos_token", "eos_token")
@@ -101,7 +70,7 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
         )
     except (
         Exception
-    ) as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever the library raised
+    ) as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever it was
         raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {first_line(str(e), 200)}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
@@ -124,38 +93,45 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
     return model, missing
 
 
-def check_safetensors(path: Path) -> None:
-    """One clear line for a .safetensors file that is truncated, padded or not safetensors at all
-    (safetensors checks that the header's tensor extents cover the file exactly)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt"):
-            pass
-    except SafetensorError as e:
-        raise LlmctlError(
-            f"{path} is truncated or damaged ({first_line(str(e))}); re-create or re-download it"
-        ) from None
-
-
 def count_parameters(model) -> tuple[int, int]:
-    """(all, trainable) parameter counts; tied weights counted once; a quantized torch.ao module's
-    weight (not a parameter) counts too."""
-    from llmctl.core.quantization import packed_weight
-
+    """(all, trainable) parameter counts, tied weights counted once. Weights a module keeps outside its
+    parameters (the packed weights of a quantized module, in its state dict) count too."""
     seen, total, trainable = set(), 0, 0
-    for module in model.modules():
-        weight = packed_weight(module)
-        if weight is not None:
-            bias = module.bias() if callable(getattr(module, "bias", None)) else None
-            total += weight.numel() + (bias.numel() if bias is not None else 0)
     for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return total + sum(t.numel() for t in _state_only_tensors(model)), trainable
+
+
+def weight_bytes(model) -> int:
+    """Bytes the model's weights take in memory, each tensor once, at its real width: a quantized tensor's
+    int8 / packed int4 storage (a tensor subclass is measured by the inner tensors it flattens to)."""
+    unique = {id(t): t for t in (*model.parameters(), *model.buffers(), *_state_only_tensors(model))}
+    return sum(_nbytes(t) for t in unique.values())
+
+
+def _nbytes(t) -> int:
+    if hasattr(t, "__tensor_flatten__"):  # a wrapper tensor subclass (torchao's quantized weights)
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.numel() * t.element_size()
+
+
+def _state_only_tensors(model) -> list:
+    """Tensors a model holds only in its state dict, not as parameters or buffers: the packed weights of quantized
+    modules (0-dim entries there are settings, such as a dynamic Linear's unused output scale, not weights)."""
+    import torch
+
+    held = {id(t) for t in (*model.parameters(), *model.buffers())}
+    found = []
+    for value in model.state_dict(keep_vars=True).values():
+        for t in value if isinstance(value, tuple) else (value,):
+            if torch.is_tensor(t) and t.dim() > 0 and id(t) not in held:
+                held.add(id(t))
+                found.append(t)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ import math
 import torch
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.models import transformer_layers
-
-FAMILIES = ("bert", "gpt2", "llama")
+from llmctl.core.families import depth_key, head_shape, layers_prefix, layout, transformer_layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,14 +95,6 @@ def _attention(layer, family: str) -> tuple[list, list, list]:
     )
 
 
-def head_shape(config) -> tuple[int, int, int]:
-    """(query heads, key-value heads, head size) of a config."""
-    heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
-    return heads, kv, int(getattr(config, "head_dim", None) or hidden // heads)
-
-
 def _unit_scores(module, dim: int, unit: int, grads: dict | None) -> torch.Tensor:
     """Importance of each block of `unit` outputs / inputs of a module along weight dim `dim` (with its
     bias when the cut is on its outputs): L1 magnitude, or |w · grad| with `grads`."""
@@ -130,7 +120,8 @@ def _count(share_or_count, total: int, what: str, unit: int = 1) -> int:
     if value >= 1:
         if value != int(value) or int(value) % unit:
             raise LlmctlError(
-                f"prune.{what}={float(share_or_count):g}: a number of {what} to remove must be a whole multiple of {unit} "
+                f"prune.{what}={float(share_or_count):g}: a number of {what} to remove must be a whole multiple of "
+                f"{unit} "
                 f"(the key-value group size) here"
             )
         n = int(value) // unit
@@ -150,9 +141,7 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
 
     `heads` / `ffn`: a share in [0, 1) or a whole number. `grads` ({id(param): grad}) makes the
     importance first-order Taylor (|w · g|) instead of L1 magnitude. Returns (new model, report)."""
-    family = model.config.model_type
-    if family not in FAMILIES:
-        raise LlmctlError(f"method=structured: no recipe for the {family} family (it knows {', '.join(FAMILIES)})")
+    family = layout(model, "method=structured")
     if importance == "taylor" and grads is None:
         raise LlmctlError("prune.importance=taylor needs gradients from calibration batches")
     layers = transformer_layers(model)
@@ -161,7 +150,8 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     current_heads = layer_heads(model)
     if len(set(current_heads)) > 1:
         raise LlmctlError(
-            "method=structured: this checkpoint's layers already have different head counts; prune it with method=layers "
+            "method=structured: this checkpoint's layers already have different head counts; prune it with "
+            "method=layers "
             "or start from its parent"
         )
     n_heads = current_heads[0]
@@ -170,7 +160,8 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     left = n_heads - cut_heads * group
     if family == "llama" and cut_heads and hidden % left:
         raise LlmctlError(
-            f"prune.heads={heads}: {left} heads would be left, and transformers' LlamaConfig needs hidden_size ({hidden}) "
+            f"prune.heads={heads}: {left} heads would be left, and transformers' LlamaConfig needs hidden_size "
+            f"({hidden}) "
             f"to be a multiple of the head count; choose a cut that leaves a divisor of {hidden}"
         )
     ffn_modules = _ffn(layers[0], family)
@@ -237,9 +228,7 @@ def _select(state: dict, names: dict, module, dim: int, keep: torch.Tensor) -> N
 # ---------------------------------------------------------------------------------------------
 def drop_layers(model, *, keep: list[int]):
     """Keep only the layers `keep` (in order); returns the new model."""
-    from llmctl.core.models import DEPTH_KEY, layers_prefix
-
-    family = model.config.model_type
+    family = layout(model, "method=layers")
     depth = len(transformer_layers(model))
     keep = [int(i) for i in keep]
     if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= depth:
@@ -256,7 +245,7 @@ def drop_layers(model, *, keep: list[int]):
         else:
             state[key] = value
     config = model.config.__class__.from_dict(model.config.to_dict())
-    setattr(config, DEPTH_KEY.get(family, "num_hidden_layers"), len(keep))
+    setattr(config, depth_key(config), len(keep))
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in keep]
     heads = layer_heads(model)
@@ -279,7 +268,7 @@ def layer_heads(model) -> list[int]:
 
 def shapes_record(model) -> dict | None:
     """The artifact record of per-layer shapes config.json cannot say (BERT heads), None when it can."""
-    if model.config.model_type != "bert":
+    if layout(model) != "bert":
         return None
     heads = layer_heads(model)
     if all(h == model.config.num_attention_heads for h in heads):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -24,8 +25,23 @@ from importlib import metadata
 from pathlib import Path
 
 from llmctl.core.config import command_line, job_overrides, preset_name, to_container
+from llmctl.core.device import broadcast_str, seed_everything, setup_runtime
 from llmctl.core.errors import LlmctlError
-from llmctl.core.store import TRAINER_STATE, Resolved, RunLock, Store, check_name, read_state, state_dir, weights_sha256
+from llmctl.core.files import disk_space
+from llmctl.core.loading import artifact_record
+from llmctl.core.models import count_parameters, weight_bytes
+from llmctl.core.store import (
+    TRAINER_STATE,
+    Resolved,
+    RunLock,
+    Store,
+    check_name,
+    parse_ref,
+    read_state,
+    state_dir,
+    weights_sha256,
+)
+from llmctl.core.tokenizer import tokenizer_hash
 
 LIBRARIES = ("llmctl", "torch", "transformers", "tokenizers", "datasets", "safetensors", "peft", "hydra-core")
 _FAILED = "\x00failed:"  # what rank 0 broadcasts instead of a run folder when it refuses the run
@@ -105,8 +121,6 @@ def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool =
     `publishes=False` for stages that write no version (generate)."""
     from rich.console import Console
 
-    from llmctl.core.device import seed_everything, setup_runtime
-
     quiet_libraries()
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
@@ -146,7 +160,6 @@ def open_run_dir(run: StageRun, identity: dict) -> None:
 
     `identity` says what this run trains; an interrupted run that trained something else (other
     data, model, tokenizer, task or number of processes) is refused rather than silently mixed."""
-    from llmctl.core.device import broadcast_str
 
     identity = {**identity, "settings": resume_settings(run.cfg)}
     chosen = None
@@ -232,7 +245,8 @@ def _check_identity(run: StageRun, folder: Path, identity: dict) -> None:
 def _refusal(identity: dict, saved: dict, old_fixed: dict, new_fixed: dict, step: int, max_steps: int) -> str | None:
     """Why a run cannot be resumed with this identity and these settings (None: it can)."""
     keep = (
-        f"; resume it with the settings it had (what may change: {', '.join(RESUME_ADJUSTABLE[:5])}, patience, device), "
+        f"; resume it with the settings it had (what may change: {', '.join(RESUME_ADJUSTABLE[:5])}, patience, "
+        "device), "
         f"or start a new run without resume="
     )
     for key, value in identity.items():
@@ -279,6 +293,15 @@ def _short(value) -> str:
     return text[:12] + "…" if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text
 
 
+def name_from(spec) -> str:
+    """The checkpoint name a stage gives its output by default: the name of what it starts from, so the chain
+    keeps one name (`prune init_from=distill/bbc` writes prune/bbc; a folder gives its own name)."""
+    text = str(spec or "model")
+    ref = parse_ref(text)
+    base = ref[1] if ref else text.split(":", 1)[1] if text.startswith("packaged:") else Path(text).name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model"
+
+
 def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
     """(metric, mode) a run optimises: objective_metric / objective_mode from config, else the stage's default."""
     return cfg.get("objective_metric") or default[0], cfg.get("objective_mode") or default[1]
@@ -316,18 +339,16 @@ def publish(
     prune's before / after). `save_weights(folder)` replaces `model.save_pretrained` and `artifact` the
     artifact record read off the model (quantize: its own file layout and record). Only rank 0 writes;
     returns the new version (None on other ranks)."""
-    from llmctl.core.loading import artifact_record
-    from llmctl.core.models import count_parameters
-    from llmctl.core.tokenizer import tokenizer_hash
 
     if not run.rt.is_main:
         return None
     folder = run.run_dir
-    if save_weights is not None:
-        save_weights(folder)
-    else:
-        model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    with disk_space(folder, weight_bytes(model), "saving the checkpoint"):
+        if save_weights is not None:
+            save_weights(folder)
+        else:
+            model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
     metric, mode = resolve_objective(run.cfg, objective)
     total, trainable = count_parameters(model)
     manifest = {

@@ -42,9 +42,10 @@ from pathlib import Path
 
 from llmctl import STAGES
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import TMP_SUFFIX, fsync_tree, remove, write_json, write_text
+from llmctl.core.manifest import MANIFEST, read_manifest
 
 STORE_STAGES = (*STAGES, "packaged")  # "packaged": registry-installed models converted once (e.g. GGUF → HF)
-MANIFEST = "llmctl.json"
 LATEST = "latest"
 RUNS = ".runs"
 HIGHWATER = ".highwater"
@@ -87,13 +88,6 @@ def version_dirname(version: int) -> str:
     return f"v{version:03d}"
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
 def weights_sha256(folder: Path) -> str | None:
     """sha256 over the folder's safetensors files (sorted by name); None when there are none."""
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -115,33 +109,12 @@ def verify_weights(resolved: Resolved, *, what: str = "reference") -> str | None
     recorded = (resolved.manifest or {}).get("weights_sha256")
     if recorded and actual != recorded:
         raise LlmctlError(
-            f"{what} {resolved.ref}: its weights on disk do not match the manifest (sha256 {actual[:12] if actual else 'none'}… "
+            f"{what} {resolved.ref}: its weights on disk do not match the manifest (sha256 "
+            f"{actual[:12] if actual else 'none'}… "
             f"on disk, {recorded[:12]}… recorded): a .safetensors file in {resolved.path} was modified or damaged; "
             f"restore it or use another version"
         )
     return actual
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Store:
@@ -319,11 +292,9 @@ class Store:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **manifest,
             }
-            write_json_atomic(folder / MANIFEST, manifest)
-            _fsync_tree(folder)
-            _write_text_atomic(
-                d / HIGHWATER, f"{version}\n"
-            )  # before the rename: a crash in between only skips a number
+            write_json(folder / MANIFEST, manifest)
+            fsync_tree(folder)
+            write_text(d / HIGHWATER, f"{version}\n")  # before the rename: a crash in between only skips a number
             target = d / version_dirname(version)
             os.rename(folder, target)
             self._write_latest(d, version)
@@ -331,7 +302,7 @@ class Store:
 
     @staticmethod
     def _write_latest(name_dir: Path, version: int) -> None:
-        _write_text_atomic(name_dir / LATEST, version_dirname(version) + "\n")
+        write_text(name_dir / LATEST, version_dirname(version) + "\n")
 
     def removal(self, ref: str) -> tuple[str, str, list[int]]:
         """What `remove(ref)` would delete: (stage, name, versions). Raises when there is no such thing."""
@@ -387,16 +358,15 @@ class Store:
         out = []
         for stage in STORE_STAGES:
             for runs in sorted((self.root / stage).glob(f"*/{RUNS}")) if (self.root / stage).is_dir() else []:
-                names = {
-                    p.name.removesuffix(STATE_SUFFIX).removesuffix(".lock")
-                    for p in runs.iterdir()
-                    if not p.name.startswith(".")
-                }
-                for run_id in sorted(names):
+                entries: dict[
+                    str, list[Path]
+                ] = {}  # run id → its folder, state, lock and any leftover of a cut-off write
+                for p in runs.iterdir():
+                    entries.setdefault(_run_id(p.name), []).append(p)
+                for run_id, parts in sorted(entries.items()):
                     run_dir = runs / run_id
                     state = state_dir(run_dir)
                     lock = RunLock(run_dir)
-                    parts = [p for p in (run_dir, state, lock.path) if p.exists()]
                     age = time.time() - max(p.stat().st_mtime for p in parts)
                     live = lock.path.exists() and not lock.try_acquire()
                     lock.release()
@@ -414,6 +384,7 @@ class Store:
                             "live": live,
                             "age": age,
                             "size": sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in parts),
+                            "leftovers": [p.name for p in parts if p.name.endswith((TMP_SUFFIX, ".old"))],
                         }
                     )
         return out
@@ -424,8 +395,10 @@ class Store:
         lock = lock or RunLock(run_dir)
         if not lock.held and not lock.try_acquire():
             return False
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(state_dir(run_dir), ignore_errors=True)
+        run_id = Path(run_dir).name
+        for part in Path(run_dir).parent.glob(f"*{run_id}*"):
+            if _run_id(part.name) == run_id and part != lock.path:
+                remove(part)
         lock.release(remove=True)
         return True
 
@@ -463,6 +436,12 @@ class Store:
             if nxt.manifest is None:
                 break
         return chain
+
+
+def _run_id(entry: str) -> str:
+    """The run an entry of `.runs/` belongs to: `<id>`, `<id>.state`, `<id>.lock`, and the hidden leftovers of a
+    write that was cut off (`.<id>.state.<random>.tmp`); run ids hold no dots."""
+    return entry.lstrip(".").split(".")[0]
 
 
 def parent_entry(resolved: Resolved, role: str, sha256: str | None = None) -> dict:
@@ -507,7 +486,7 @@ class RunLock:
         self._fh = None
 
     def try_acquire(self) -> bool:
-        fh = open(self.path, "a+")
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open for as long as the lock is held
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -556,15 +535,6 @@ def _read_int(path: Path) -> int:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def folder_size(folder: Path) -> int:

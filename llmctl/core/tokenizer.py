@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import atomic_path
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EOT = "<|endoftext|>"
@@ -35,7 +34,8 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise LlmctlError(
-            f"no usable tokenizer in {folder} ({str(e).splitlines()[0][:120]}); set tokenizer.from=<folder or reference>"
+            f"no usable tokenizer in {folder} ({str(e).splitlines()[0][:120]}); set tokenizer.from=<folder or "
+            "reference>"
         ) from None
 
 
@@ -70,12 +70,9 @@ def train_tokenizer(
         return tok
     fast = _train_wordpiece(texts, vocab_size, lowercase) if kind == "wordpiece" else _train_bpe(texts, vocab_size)
     fast.model_max_length = max_len
-    tmp = cache.with_name(f".{key}.{uuid.uuid4().hex}")
-    fast.save_pretrained(str(tmp))
-    try:
-        tmp.rename(cache)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache, keep_existing=True, what="the tokenizer cache") as tmp:  # another process may be first
+        fast.save_pretrained(str(tmp))
     tok = load_tokenizer(cache)
     if say:
         say(

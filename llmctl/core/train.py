@@ -41,6 +41,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmctl.core.device import Runtime, all_ranks_sum, barrier, broadcast_floats, rank_seed, seed_everything
 from llmctl.core.errors import Interrupted, LlmctlError
+from llmctl.core.files import atomic_path, commit, disk_space, remove
+from llmctl.core.models import weight_bytes
 from llmctl.core.store import TRAINER_STATE
 
 LossFn = Callable[
@@ -140,9 +142,9 @@ class BestKeeper:
             return False
         self.step, self.value, self.metrics, self.bad_evals = step, value, metrics, 0
         if self.rt.is_main:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            save_model(unwrap(model), str(tmp))
-            os.replace(tmp, self.path)  # a new inode: a saved state's hard link keeps the previous best
+            # a new inode each time: a saved state's hard link keeps the previous best
+            with atomic_path(self.path, need=weight_bytes(unwrap(model)), what="the best weights so far") as tmp:
+                save_model(unwrap(model), str(tmp))
         return True
 
     @property
@@ -229,7 +231,8 @@ class Trainer:
             {"params": decay, "weight_decay": float(self.cfg.weight_decay)},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        try:  # one fused kernel for the whole update (CPU and CUDA; HF Trainer's default too): 3.7× faster than foreach here
+        # one fused kernel for the whole update (CPU and CUDA; HF Trainer's default too): 3.7× faster than foreach here
+        try:
             return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.cfg.betas), fused=True)
         except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
             return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.cfg.betas), foreach=True)
@@ -313,7 +316,8 @@ class Trainer:
                         self._run_eval()
                         if self.best is not None and self.best.should_stop:
                             self._print(
-                                f"early stopping at step {self.step}: {self.best.metric} has not improved for {self.best.patience} evaluations"
+                                f"early stopping at step {self.step}: {self.best.metric} has not improved for "
+                                f"{self.best.patience} evaluations"
                             )
                             break
                     if int(self.cfg.save_every) and self.step % int(self.cfg.save_every) == 0 and self.step < max_steps:
@@ -460,45 +464,48 @@ class Trainer:
         """Write weights, optimizer, scheduler, every rank's RNG, the data position and the best-so-far
         to the state folder, atomically (a crash leaves the previous state or the new one)."""
         final = self.state_dir
-        tmp = final.with_name(f".{final.name}.tmp")
-        if self.rt.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp = final.with_name(f".{final.name}.tmp")  # one name every rank knows
+        try:
+            with disk_space(
+                final.parent, 3 * weight_bytes(unwrap(self.model)), "the resumable state (weights + optimizer)"
+            ):
+                if self.rt.is_main:
+                    remove(tmp)
+                    tmp.mkdir(parents=True)
+                barrier(self.rt)
+                _save_rng(tmp / f"rng-rank{self.rt.rank}.safetensors")
+                barrier(self.rt)
+                if self.rt.is_main:
+                    self._write_state(tmp)
+                    commit(tmp, final)
+        except BaseException:
+            if self.rt.is_main:
+                remove(tmp)  # nothing hidden is left behind; the previous state (if any) is intact
+            raise
         barrier(self.rt)
-        _save_rng(tmp / f"rng-rank{self.rt.rank}.safetensors")
-        barrier(self.rt)
-        if self.rt.is_main:
-            save_model(unwrap(self.model), str(tmp / "model.safetensors"))
-            opt = self.optimizer.state_dict()
-            tensors = {
-                f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-                for pid, st in opt["state"].items()
-                for k, v in st.items()
-            }
-            save_file(
-                tensors, str(tmp / "optimizer.safetensors"), metadata={"param_groups": json.dumps(opt["param_groups"])}
-            )
-            if self.best is not None and (self.run_dir / BEST).is_file():
-                os.link(self.run_dir / BEST, tmp / BEST)  # the best weights as of this step, whatever is written later
-            state = {
-                "step": self.step,
-                "micro": self.micro,
-                "tokens": self.tokens,
-                "world_size": self.rt.world_size,
-                "scheduler": self.scheduler.state_dict(),
-                "identity": self.identity,
-                "best": self.best.state_dict() if self.best is not None else None,
-            }
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, default=str))
-            if final.exists():
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
-        barrier(self.rt)
+
+    def _write_state(self, folder: Path) -> None:
+        save_model(unwrap(self.model), str(folder / "model.safetensors"))
+        opt = self.optimizer.state_dict()
+        tensors = {
+            f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+            for pid, st in opt["state"].items()
+            for k, v in st.items()
+        }
+        meta = {"param_groups": json.dumps(opt["param_groups"])}
+        save_file(tensors, str(folder / "optimizer.safetensors"), metadata=meta)
+        if self.best is not None and (self.run_dir / BEST).is_file():
+            os.link(self.run_dir / BEST, folder / BEST)  # the best weights as of this step, whatever is written later
+        state = {
+            "step": self.step,
+            "micro": self.micro,
+            "tokens": self.tokens,
+            "world_size": self.rt.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "identity": self.identity,
+            "best": self.best.state_dict() if self.best is not None else None,
+        }
+        (folder / TRAINER_STATE).write_text(json.dumps(state, default=str))
 
     def load_state(self, folder: Path) -> None:
         folder = Path(folder)
@@ -518,9 +525,8 @@ class Trainer:
         if self.best is not None and state.get("best"):
             self.best.load_state_dict(state["best"])
             if self.rt.is_main and (folder / BEST).is_file():
-                tmp = self.run_dir / f".{BEST}.tmp"
-                shutil.copyfile(folder / BEST, tmp)
-                os.replace(tmp, self.run_dir / BEST)
+                with atomic_path(self.run_dir / BEST) as tmp:
+                    shutil.copyfile(folder / BEST, tmp)
         self.sink.truncate(self.step)
         self._print(f"resumed from {folder} at step {self.step}")
         barrier(self.rt)

@@ -2,7 +2,7 @@
 
     llmctl distill teacher=finetune/bbc student.num_layers=3                  # student from every 2nd teacher layer
     llmctl distill teacher=finetune/bbc student.init=random student.num_layers=3
-    llmctl distill teacher=finetune/bbc student=prune/bbc-structured          # any checkpoint as the student (prune → distill)
+    llmctl distill teacher=finetune/bbc student=prune/bbc-structured          # any checkpoint (prune → distill)
     llmctl distill teacher=finetune/smollm2-chat student.num_layers=15 data=bbc-news distill.temperature=2
 
 The teacher (a sequence classifier, token classifier or causal LM) is frozen in eval mode. The
@@ -21,19 +21,21 @@ measured by eval's code, printed as one table.
 from __future__ import annotations
 
 import dataclasses
-import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation, schema
 from llmctl.core import run as stage_run
+from llmctl.core import schema
+from llmctl.core.distillation import DistillLoss, cache_teacher_logits, student_from_teacher
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.judging import BeforeAfter
+from llmctl.core.families import WIDTH_KEYS, layout, transformer_layers
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, load_on_task, refuse_quantized, resolve_source, source_kind
-from llmctl.core.store import parse_ref
+from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.models import count_parameters
 from llmctl.core.tasks import OBJECTIVE, task_record
+from llmctl.core.tasks.checkpoint import load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 KINDS = ("seq-cls", "token-cls", "causal-lm")
@@ -65,7 +67,7 @@ class Config(schema.CheckpointStageConfig):
 
 
 def run(cfg) -> float | None:
-    with stage_run.start("distill", cfg, default_name=_default_name(cfg)) as run:
+    with stage_run.start("distill", cfg, default_name=stage_run.name_from(cfg.teacher)) as run:
         # ---- the teacher, its task and data ----
         source = resolve_source(run.store, cfg.teacher, what="teacher")
         kind = source_kind(source)
@@ -88,12 +90,8 @@ def run(cfg) -> float | None:
 
         # ---- train ----
         train_task = prepared
-        uses_teacher = (
-            float(cfg.distill.alpha) > 0 or float(cfg.distill.hidden_weight) > 0
-        )  # alpha=0: the no-teacher baseline
+        uses_teacher = float(cfg.distill.alpha) > 0 or float(cfg.distill.hidden_weight) > 0  # 0: no-teacher baseline
         if cfg.distill.cache_teacher and kind == "seq-cls" and uses_teacher:
-            from llmctl.core.distillation import cache_teacher_logits
-
             cached = cache_teacher_logits(
                 teacher.model,
                 prepared.splits["train"],
@@ -104,8 +102,6 @@ def run(cfg) -> float | None:
             )
             train_task = dataclasses.replace(prepared, splits={**prepared.splits, "train": cached})
             run.print(f"[dim]teacher logits cached for {len(cached)} training examples[/]")
-        from llmctl.core.distillation import DistillLoss
-
         d = cfg.distill
         loss_fn = DistillLoss(
             teacher.model,
@@ -136,47 +132,25 @@ def run(cfg) -> float | None:
         # ---- judge both, publish the student (rank 0: the others are done) ----
         if not run.rt.is_main:
             return None
-        split = on.split
-        judged = evaluation.BeforeAfter(
-            teacher.model,
-            prepared,
-            split,
-            ref=source.ref,
-            folder=source.path,
-            rt=run.rt,
-            seed=int(cfg.seed),
-            cost=evaluation.cost_settings(cfg.cost),
-            names=("teacher", "student"),
-        )
+        judged = BeforeAfter.of(on, teacher.model, run, cfg, names=("teacher", "student"))
         metrics = {
             **result.metrics,
-            **{f"teacher/{split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)},
+            **{f"teacher/{on.split}/{k}": v for k, v in judged.before["metrics"].items() if isinstance(v, float)},
         }
         settings = {"teacher": source.ref, "init": init, "kept_layers": kept, **{k: d[k] for k in d}}
-        published = stage_run.publish(
+        published = judged.publish(
             run,
             student,
             tok,
+            title="llmctl distill · teacher → student",
             kind=kind,
             metrics=metrics,
             objective=select,
             data=data,
             task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
             extra={"distill": settings},
-            after_save=judged.after_save(student, f"distill/{run.name}"),
         )
-        if published is None:
-            return None
-        run.print(judged.table(published.ref, f"llmctl distill · {task} on {split} · teacher → student"))
-        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
-        return published.manifest["objective"]["value"]
-
-
-def _default_name(cfg) -> str:
-    """The teacher's name (distill teacher=finetune/bbc writes distill/bbc), as the pipeline chains by it."""
-    ref = parse_ref(str(cfg.teacher))
-    base = ref[1] if ref else Path(str(cfg.teacher)).name
-    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
+        return published.manifest["objective"]["value"] if published else None
 
 
 def _student(run, cfg, teacher, prepared, kind: str):
@@ -188,20 +162,19 @@ def _student(run, cfg, teacher, prepared, kind: str):
         family, theirs = loaded.model.config.model_type, teacher.model.config.model_type
         if family != theirs:
             raise LlmctlError(
-                f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the teacher's family"
+                f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the "
+                "teacher's family"
             )
         if loaded.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
             raise LlmctlError(
                 f"student={cfg.student} has another vocabulary than the teacher ({len(loaded.tokenizer)} vs "
-                f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one tokenizer"
+                f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one "
+                "tokenizer"
             )
         run.parents.append(loaded.parent("init"))
         return loaded.model, None, f"from {src.ref}"
-    from llmctl.core.distillation import WIDTH_KEYS, student_from_teacher
-
     s = cfg.student
-    family = teacher.model.config.model_type
-    names = WIDTH_KEYS.get(family, ("hidden_size", "num_attention_heads", "intermediate_size"))
+    names = WIDTH_KEYS[layout(teacher.model, "distill")]
     width = dict(zip(names, (s.hidden_size, s.num_heads, s.intermediate_size)))
     student, kept = student_from_teacher(
         teacher.model, num_layers=s.num_layers, init=str(s.init), width=width, seed=int(cfg.seed)
@@ -237,6 +210,5 @@ def _width(model) -> int:
 
 
 def _shape(model) -> str:
-    from llmctl.core.models import count_parameters, transformer_layers
-
-    return f"{len(transformer_layers(model))} layers × {_width(model)} · {count_parameters(model)[0] / 1e6:.2f} M parameters"
+    millions = count_parameters(model)[0] / 1e6
+    return f"{len(transformer_layers(model))} layers × {_width(model)} · {millions:.2f} M parameters"

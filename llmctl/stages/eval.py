@@ -22,15 +22,16 @@ the deltas. `harness.tasks=[...]` runs EleutherAI lm-evaluation-harness on the l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import Field
 
-from llmctl.core import evaluation, harness, schema
+from llmctl.core import harness, schema
 from llmctl.core import run as stage_run
 from llmctl.core.errors import LlmctlError
-from llmctl.core.loading import resolve_source
+from llmctl.core.evaluation import judging, records, report
+from llmctl.core.evaluation.cost import cost_settings
+from llmctl.core.loading import resolve_source, source_kind
 
 
 class Harness(schema.Section):
@@ -64,40 +65,39 @@ def run(cfg) -> float | None:
     tasks = [str(t) for t in cfg.harness.tasks or []]
     if tasks:
         harness.check_installed()
-    report = _report_dir(cfg.report)
+    report_dir = _report_dir(cfg.report)
     with stage_run.start("eval", cfg, default_name="eval", publishes=False) as run:
-        sources = [
-            resolve_source(run.store, ref, what="ckpt") for ref in refs
-        ]  # every reference checked before any work
-        plans = [evaluation.plan(s, data_cfg=data_cfg, need_data=not tasks) for s in sources]
+        sources = [resolve_source(run.store, ref, what="ckpt") for ref in refs]  # all checked before any work
+        plans = [judging.plan(s, data_cfg=data_cfg, need_data=not tasks) for s in sources]
         if tasks:
             _check_harness(cfg, sources, plans, tasks)
-        records = []
+        judged_all = []
         for source in sources:
-            record = _evaluate(run, cfg, source, data_cfg, cost=bool(cfg.cost.enabled), need_data=not tasks)
+            judged = _evaluate(run, cfg, source, data_cfg, cost=bool(cfg.cost.enabled), need_data=not tasks)
+            record = judged.record
             if tasks:
-                record["harness"] = _harness(run, cfg, record, tasks)
-            saved = evaluation.save_record(run.store, record)
+                record["harness"] = _harness(run, cfg, judged, tasks)
+            saved = records.save_record(run.store, record)
             if tasks:
-                evaluation.save_record(run.store, record, key=f"harness-{'-'.join(tasks)}"[:120])
-            _print_one(run, record)
+                records.save_record(run.store, record, key=f"harness-{'-'.join(tasks)}"[:120])
+            for item in report.details(record):
+                run.print(item)
             run.print(f"[dim]record: {saved}[/]")
-            records.append(_release(record))
+            judged_all.append(record)  # the model is released here: one checkpoint in memory at a time
+            del judged
         if cfg.parents:
-            for record in records:
-                record["delta"] = evaluation.delta(record, _parent_record(run, cfg, record))
-        tasks_seen = sorted({f"{r['task']} on {r['split']}" if r["split"] else r["task"] for r in records})
-        run.print(
-            evaluation.comparison_table(
-                records,
-                f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, "
-                f"{records[0]['runtime']['threads']} threads",
-            )
+            for record in judged_all:
+                record["delta"] = records.delta(record, _parent_record(run, cfg, record))
+        tasks_seen = sorted({f"{r['task']} on {r['split']}" if r["split"] else r["task"] for r in judged_all})
+        title = (
+            f"llmctl eval · {', '.join(tasks_seen)} · device {run.rt.device}, "
+            f"{judged_all[0]['runtime']['threads']} threads"
         )
-        if report is not None:
-            written = _write_report(report, records, run.rt)
+        run.print(report.comparison_table(judged_all, title))
+        if report_dir is not None:
+            written = report.write_report(report_dir, judged_all)
             run.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
-        return records[0]["primary"]["value"] if len(records) == 1 else None
+        return judged_all[0]["primary"]["value"] if len(judged_all) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluating
 # ---------------------------------------------------------------------------------------------
-def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None) -> dict:
-    return evaluation.evaluate(
+def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None):
+    return judging.evaluate(
         run.store,
         source,
         rt=run.rt,
@@ -157,18 +157,18 @@ def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True,
         console=run.console,
         need_data=need_data,
         task=task,
-        cost=evaluation.cost_settings(cfg.cost) if cost else None,
+        cost=cost_settings(cfg.cost) if cost else None,
     )
 
 
-def _harness(run, cfg, record: dict, tasks: list[str]) -> dict:
+def _harness(run, cfg, judged, tasks: list[str]) -> dict:
     h = cfg.harness
-    split = record["_split"]
-    documents = list(split["text"]) if split is not None and "text" in split.column_names else None
+    rows = judged.rows
+    documents = list(rows["text"]) if rows is not None and "text" in rows.column_names else None
     run.print(f"lm-evaluation-harness: {', '.join(tasks)}")
     return harness.run_tasks(
-        record["_model"],
-        record["_tokenizer"],
+        judged.model,
+        judged.tokenizer,
         tasks,
         rt=run.rt,
         documents=documents,
@@ -178,11 +178,6 @@ def _harness(run, cfg, record: dict, tasks: list[str]) -> dict:
         batch_size=int(h.batch_size),
         seed=int(cfg.seed),
     )
-
-
-def _release(record: dict) -> dict:
-    """Drop the loaded model from a record once it is judged (several checkpoints in one process)."""
-    return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
 def _parent_record(run, cfg, record: dict) -> dict | None:
@@ -196,13 +191,11 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
     if source is None:
         record["delta_note"] = f"parent {parent.get('ref')} is gone"
         return None
-    from llmctl.core.loading import source_kind
-
     kind = source_kind(source)
     if kind != record["kind"]:  # a classifier's MLM parent cannot classify: no delta
         record["delta_note"] = f"parent {source.ref} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint"
         return None
-    saved = evaluation.load_record(run.store, source.ref, str(source.path), evaluation.record_key(record))
+    saved = records.load_record(run.store, source.ref, str(source.path), records.record_key(record))
     if saved is not None and saved.get("task") == record["task"] and (saved.get("cost") or not cfg.cost.enabled):
         return saved
     run.print(f"[dim]parent of {record['ref']}:[/]")
@@ -218,8 +211,8 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
     except LlmctlError as e:
         record["delta_note"] = f"parent {source.ref} cannot be judged on this task ({e})"
         return None
-    evaluation.save_record(run.store, fresh)
-    return _release(fresh)
+    records.save_record(run.store, fresh.record)
+    return fresh.record
 
 
 def _first_resolvable(store, specs: list):
@@ -230,194 +223,3 @@ def _first_resolvable(store, specs: list):
         except LlmctlError:
             continue
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Printing and reports
-# ---------------------------------------------------------------------------------------------
-def _print_one(run, record: dict) -> None:
-    from rich.table import Table
-
-    m, task = record["metrics"], record["task"]
-    keys = {
-        "classification": ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1"),
-        "ner": ("loss", "f1", "precision", "recall", "token_accuracy"),
-    }.get(task, ("loss", "perplexity", "bits_per_byte", "tokens"))
-    if m:
-        run.print("  " + " · ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m))
-    if task == "classification":
-        labels = record["labels"]
-        per_class = Table("label", "precision", "recall", "f1", "support", box=None, pad_edge=False)
-        for name in labels:
-            per_class.add_row(
-                name, *(_fmt(m[f"{name}/{k}"]) for k in ("precision", "recall", "f1")), str(m[f"{name}/support"])
-            )
-        run.print(per_class)
-        matrix = Table("true \\ predicted", *labels, box=None, pad_edge=False)
-        for name, row in zip(labels, m["confusion_matrix"]):
-            matrix.add_row(name, *map(str, row))
-        run.print(matrix)
-    if task == "ner":
-        from llmctl.core.metrics import format_ner_table
-
-        run.print(format_ner_table({f"x/{k}": v for k, v in m.items()}, "x"))
-    for sample in record.get("samples") or []:
-        run.print(f"  [dim]{sample['prompt']!r}[/] → {sample['output']!r}")
-    for task_name, values in (record.get("harness") or {}).items():
-        run.print(f"  harness {task_name}: " + " · ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
-    return str(value)
-
-
-def _write_report(folder: Path, records: list[dict], rt) -> list[Path]:
-    """report.md (the table, the charts, each checkpoint's details), results.json and the PNG charts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    charts = _charts(folder, records)
-    headers, rows = evaluation.table_rows(records)
-    runtime = records[0].get("runtime") or {}
-    lines = [
-        "# llmctl eval report",
-        "",
-        f"{len(records)} checkpoint(s) · device {runtime.get('device')} · precision {runtime.get('precision')} · "
-        f"{runtime.get('threads')} threads · {_cpu_name()}",
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" if h == "checkpoint" else "---:" for h in headers) + "|",
-        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows),
-        "",
-    ]
-    lines += [f"![{p.stem}]({p.name})" for p in charts] + [""]
-    for r in records:
-        judged = (
-            f"{r['task']} on the {r['split']} split ({r['data']['examples']} examples, data {r['data']['fingerprint'][:12]}), "
-            f"{r['max_seq_len']} tokens"
-            if r.get("data")
-            else "no task metrics (harness only)"
-        )
-        lines += [
-            f"## {r['ref']}",
-            "",
-            f"{judged}; parent: {(r.get('parent') or {}).get('ref') or '—'}"
-            + (f" ({r['delta_note']}: no delta)" if r.get("delta_note") else ""),
-            "",
-        ]
-        m = r["metrics"]
-        if r["task"] == "classification":
-            lines += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
-            lines += [
-                f"| {n} | {m[f'{n}/precision']:.4f} | {m[f'{n}/recall']:.4f} | {m[f'{n}/f1']:.4f} | {m[f'{n}/support']} |"
-                for n in r["labels"]
-            ]
-            lines += [
-                "",
-                "Confusion matrix (rows: true, columns: predicted)",
-                "",
-                "| | " + " | ".join(r["labels"]) + " |",
-                "|---|" + "---:|" * len(r["labels"]),
-            ]
-            lines += [
-                f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(r["labels"], m["confusion_matrix"])
-            ]
-        elif r["task"] == "ner":
-            from llmctl.core.metrics import format_ner_table
-
-            lines += ["```", format_ner_table({f"x/{k}": v for k, v in m.items()}, "x"), "```"]
-        else:
-            lines += [
-                " · ".join(f"{k} {_fmt(m[k])}" for k in ("loss", "perplexity", "bits_per_byte", "tokens") if k in m)
-            ]
-        for s in r.get("samples") or []:
-            lines += [
-                "",
-                f"- prompt: {s['prompt']!r}",
-                f"  - answer: {s['output']!r}",
-                f"  - reference: {s['reference']!r}",
-            ]
-        for name, values in (r.get("harness") or {}).items():
-            lines += ["", f"lm-evaluation-harness `{name}`: " + " · ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
-        lines.append("")
-    report = folder / "report.md"
-    report.write_text("\n".join(lines))
-    results = folder / "results.json"
-    results.write_text(json.dumps(records, indent=2))
-    return [report, results, *charts]
-
-
-def _charts(folder: Path, records: list[dict]) -> list[Path]:
-    """The primary metric against size on disk and against batch-1 latency, one labelled point per checkpoint."""
-    import logging
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    metric = records[0]["primary"]["metric"]
-    points = [
-        r for r in records if r["primary"]["metric"] == metric and r["primary"]["value"] is not None and r.get("cost")
-    ]
-    if not points:
-        return []
-    written = []
-    for key, label, scale, name in (
-        ("size_bytes", "size on disk (MiB)", 2**-20, "size"),
-        ("latency_ms_p50", f"batch-1 latency, median (ms, {points[0]['cost']['seq_len']} tokens)", 1, "latency"),
-    ):
-        fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
-        xs = [r["cost"][key] * scale for r in points]
-        ys = [r["primary"]["value"] for r in points]
-        ax.scatter(xs, ys, s=60, zorder=3)
-        ax.set_xscale("log")  # compression moves size and latency by factors
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        middle = math.sqrt(min(xs) * max(xs))
-        span = (max(ys) - min(ys)) or 1.0
-        row: dict[
-            int, int
-        ] = {}  # points at (nearly) the same height: labels alternate above / below, further out each time
-        for x, y, r in sorted(
-            zip(xs, ys, points), key=lambda p: p[0]
-        ):  # labels point inwards, so none runs off the chart
-            right = x > middle
-            k = row[round(y / span * 25)] = row.get(round(y / span * 25), -1) + 1
-            dy = 6 + 11 * (k // 2) if k % 2 == 0 else -14 - 11 * (k // 2)
-            ax.annotate(
-                r["ref"],
-                (x, y),
-                textcoords="offset points",
-                xytext=(-8 if right else 8, dy),
-                fontsize=8,
-                ha="right" if right else "left",
-            )
-        ax.set_xlabel(label + " · log scale")
-        better = "higher is better" if records[0]["primary"]["mode"] == "max" else "lower is better"
-        ax.set_ylabel(f"{metric} ({better})")
-        ax.set_title(f"{metric} against {name} · {points[0]['task']} on {points[0]['split']}")
-        ax.grid(True, alpha=0.3)
-        ax.margins(x=0.25, y=0.15)
-        fig.tight_layout()
-        path = folder / f"{metric}_vs_{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

@@ -2,7 +2,7 @@
 
     llmctl finetune                                                   # MiniLM-L6 on BBC News topics (embedded defaults)
     llmctl finetune init_from=pretrain/bert-tiny task=classification data=bbc-news
-    llmctl finetune task=ner data=conll-fixture                       # or data=files data.train=train.conll data.validation=dev.conll
+    llmctl finetune task=ner data=conll-fixture                       # or data=files data.train=train.conll ...
     llmctl finetune model=smollm2-135m task=sft method=lora data=tiny-instruct
     llmctl finetune method=freeze method.freeze_layers=4
     llmctl finetune data=files data.train=reviews.csv data.text_column=review data.label_column=sentiment
@@ -19,7 +19,6 @@ written to samples.jsonl). Methods: `full`, `freeze` (embeddings + bottom k laye
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +28,9 @@ from llmctl.core import run as stage_run
 from llmctl.core import schema
 from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
+from llmctl.core.families import max_positions
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
-from llmctl.core.models import max_positions
-from llmctl.core.store import parse_ref
 from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -64,7 +62,10 @@ class Config(schema.TrainingStageConfig):
 
 def run(cfg) -> float | None:
     task = str(cfg.task)  # classification | ner | sft: the schema (Config) checked it
-    with stage_run.start("finetune", cfg, default_name=_default_name(cfg, task)) as run:
+    name = (
+        f"{stage_run.name_from(cfg.init_from or cfg.model.get('pretrained'))}-{task}"  # e.g. minilm-l6-classification
+    )
+    with stage_run.start("finetune", cfg, default_name=name) as run:
         source, where = _source(run, cfg, task)
         tokenizer = load_tokenizer(source.path)
         _check_length(cfg, source)
@@ -117,7 +118,8 @@ def run(cfg) -> float | None:
         metrics = result.metrics
         share = metrics["parameters/trainable_share"]
         run.print(
-            f"trained {metrics['parameters/trainable']:,} of {metrics['parameters/total']:,} parameters ({100 * share:.2f} %)"
+            f"trained {metrics['parameters/trainable']:,} of {metrics['parameters/total']:,} parameters "
+            f"({100 * share:.2f} %)"
         )
 
         published = stage_run.publish(
@@ -155,17 +157,6 @@ def run(cfg) -> float | None:
         return published.manifest["objective"]["value"]
 
 
-def _default_name(cfg, task: str) -> str:
-    """`<source>-<task>`: bert-tiny-classification for init_from=pretrain/bert-tiny, minilm-l6-ner for model=minilm-l6."""
-    if cfg.init_from:
-        text = str(cfg.init_from)
-        ref = parse_ref(text)
-        source = ref[1] if ref else Path(text).name
-    else:
-        source = str(cfg.model.get("pretrained") or "model").split(":")[-1]
-    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{source}-{task}")
-
-
 def _source(run, cfg, task: str):
     """init_from (any reference / HF folder) or the model preset; refuse a kind that cannot work."""
     if cfg.init_from:
@@ -177,13 +168,15 @@ def _source(run, cfg, task: str):
         )
     else:
         raise LlmctlError(
-            "finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, model=smollm2-135m)"
+            "finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, "
+            "model=smollm2-135m)"
         )
     refuse_quantized(source, what=where.split("=", 1)[0], stage="finetune")
     kind = source_kind(source)
     if task == "sft" and kind != "causal-lm":
         raise LlmctlError(
-            f"{where} is a {kind} checkpoint; task=sft needs a causal LM (e.g. model=smollm2-135m or a pretrain/... causal-lm)"
+            f"{where} is a {kind} checkpoint; task=sft needs a causal LM (e.g. model=smollm2-135m or a pretrain/... "
+            "causal-lm)"
         )
     if task != "sft" and kind == "causal-lm":
         raise LlmctlError(

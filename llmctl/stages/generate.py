@@ -18,7 +18,6 @@ coming distilled / pruned / quantized artifacts all work; nothing is written to 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,11 @@ from pydantic import Field
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
+from llmctl.core.chat import end_of_turn_ids, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import write_text
 from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
-from llmctl.core.tasks import end_of_turn_ids, prompt_ids
 
 
 class Sample(schema.Section):
@@ -133,13 +133,14 @@ def _prompts(cfg) -> list:
 
 def _check_length(model, encoded: list[list[int]], max_new_tokens: int) -> None:
     """Prompt + new tokens must fit the model's positions (learned position embeddings have no more)."""
-    from llmctl.core.models import max_positions
+    from llmctl.core.families import max_positions
 
     positions = max_positions(model.config)
     longest = max(map(len, encoded), default=0)
     if positions and longest + max_new_tokens > positions:
         raise LlmctlError(
-            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} positions; "
+            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} "
+            "positions; "
             f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt"
         )
 
@@ -317,8 +318,4 @@ def _show_prompt(prompt) -> str:
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     """All lines or none: written beside the target, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -30,8 +30,9 @@ from llmctl.core import schema
 from llmctl.core.data import load_data, unigram_loss
 from llmctl.core.device import barrier
 from llmctl.core.errors import LlmctlError
+from llmctl.core.families import max_positions
 from llmctl.core.loading import load_checkpoint, resolve_source
-from llmctl.core.models import build_model, count_parameters, max_positions
+from llmctl.core.models import build_model, count_parameters
 from llmctl.core.objectives import ChunkedCausalLM, LossModule, SparseMLM, chunked_loss_supported, module_loss
 from llmctl.core.tasks import KIND, OBJECTIVE, evaluated_rows, prepare, task_record
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
@@ -120,7 +121,8 @@ def run(cfg) -> float | None:
             return None
         run.print(
             f"[green]wrote[/] {result.ref} → {result.path}\n"
-            f"  eval loss {metrics.get('eval/loss', float('nan')):.4f} · perplexity {metrics.get('eval/perplexity', float('nan')):.2f}"
+            f"  eval loss {metrics.get('eval/loss', float('nan')):.4f} · perplexity "
+            f"{metrics.get('eval/perplexity', float('nan')):.2f}"
             f" · unigram baseline loss {baseline:.4f} · {metrics['train/tokens_per_s']:,.0f} tokens/s"
         )
         return result.manifest["objective"]["value"]
@@ -142,7 +144,8 @@ def _family(cfg, source, objective: str) -> str:
     if family not in FAMILIES[objective]:
         raise LlmctlError(
             f"objective={objective} needs a {' or '.join(FAMILIES[objective])} model, but the model is {family}; "
-            f"use conf={'gpt-tiny' if objective == 'clm' else 'bert-tiny'} or objective={'clm' if family != 'bert' else 'mlm'}"
+            f"use conf={'gpt-tiny' if objective == 'clm' else 'bert-tiny'} or "
+            f"objective={'clm' if family != 'bert' else 'mlm'}"
         )
     return family
 
@@ -210,7 +213,8 @@ def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
         model = build_model(family, cfg.model.config, KIND[objective], tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise LlmctlError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer"
+            f"the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer"
         )
     positions = max_positions(model.config)
     if positions and int(cfg.data.max_seq_len) > positions:
@@ -219,7 +223,8 @@ def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
         )
     total, _ = count_parameters(model)
     run.print(
-        f"model {type(model).__name__} · {total / 1e6:.2f} M parameters · {'from ' + run.parents[0]['ref'] if run.parents else 'random init'}"
+        f"model {type(model).__name__} · {total / 1e6:.2f} M parameters · "
+        f"{'from ' + run.parents[0]['ref'] if run.parents else 'random init'}"
     )
     return model
 

@@ -24,20 +24,19 @@ are measured by eval's code, recorded in the manifest and printed as one table.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation, pruning, schema
+from llmctl.core import pruning, schema
 from llmctl.core import run as stage_run
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.judging import BeforeAfter, task_metrics
+from llmctl.core.families import transformer_layers
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_on_task, resolve_source
-from llmctl.core.models import transformer_layers
-from llmctl.core.store import parse_ref
+from llmctl.core.loading import resolve_source
 from llmctl.core.tasks import OBJECTIVE, task_record
+from llmctl.core.tasks.checkpoint import load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -70,31 +69,19 @@ def run(cfg) -> float | None:
         raise LlmctlError(
             "prune needs the checkpoint to prune: init_from=<reference or HF folder>, e.g. init_from=finetune/bbc"
         )
-    with stage_run.start("prune", cfg, default_name=_default_name(cfg)) as run:
+    with stage_run.start("prune", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- the checkpoint, its task and data ----
         source = resolve_source(run.store, cfg.init_from, what="init_from")
         on = load_on_task(run, cfg, source, what="init_from", stage="prune")
-        loaded, kind, task, data, prepared, split = on.loaded, on.kind, on.task, on.data, on.prepared, on.split
+        loaded, kind, task, data, prepared = on.loaded, on.kind, on.task, on.data, on.prepared
         model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {_shape(model)}")
 
         # ---- prune (a bad cut fails here, before the slow judging); the original is judged as "before" ----
-        def before():
-            return evaluation.BeforeAfter(
-                model,
-                prepared,
-                split,
-                ref=source.ref,
-                folder=source.path,
-                rt=run.rt,
-                seed=int(cfg.seed),
-                cost=evaluation.cost_settings(cfg.cost),
-            )
-
-        judged = before() if method == "magnitude" else None  # magnitude masks the model in place: judge it first
+        judged = BeforeAfter.of(on, model, run, cfg) if method == "magnitude" else None  # masks in place: judge first
         report = _prune(run, cfg, method, model, prepared)
-        judged = judged or before()  # structured and layer cuts build a new model and leave this one as it was
+        judged = judged or BeforeAfter.of(on, model, run, cfg)  # structured and layer cuts leave this model as it was
         model = report.pop("model")
         run.print(f"pruned ({method}): {_shape(model)}" + (f" · {report['summary']}" if report.get("summary") else ""))
 
@@ -114,7 +101,7 @@ def run(cfg) -> float | None:
         if cfg.recover:
             metrics = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
         else:
-            metrics = evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed))
+            metrics = task_metrics(model, prepared, run.rt, int(cfg.seed))
         if not run.rt.is_main:  # rank 0 judges and publishes
             return None
         if method == "magnitude":
@@ -130,23 +117,19 @@ def run(cfg) -> float | None:
             **{k: cfg.prune[k] for k in cfg.prune},
             "cut": report,
         }  # what was removed: heads / FFN before and after, kept layers, sparsity per matrix
-        published = stage_run.publish(
+        published = judged.publish(
             run,
             model,
             tok,
+            title=f"llmctl prune · {method}",
             kind=kind,
             metrics=metrics,
             objective=select,
             data=data,
             task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="prune", method=method),
             extra={"prune": settings},
-            after_save=judged.after_save(model, f"prune/{run.name}"),
         )
-        if published is None:
-            return None
-        run.print(judged.table(published.ref, f"llmctl prune · {method} · {task} on {split}"))
-        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
-        return published.manifest["objective"]["value"]
+        return published.manifest["objective"]["value"] if published else None
 
 
 def _prune(run, cfg, method: str, model, prepared) -> dict:
@@ -181,13 +164,6 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
         "kept_layers": keep,
         "summary": f"kept layers {keep} of {depth}",
     }
-
-
-def _default_name(cfg) -> str:
-    """The checkpoint's own name (prune init_from=distill/bbc writes prune/bbc)."""
-    ref = parse_ref(str(cfg.init_from or ""))
-    base = ref[1] if ref else Path(str(cfg.init_from or "model")).name
-    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
 
 
 def _shape(model) -> str:

@@ -27,19 +27,18 @@ pruning or quantizing a quantized checkpoint is refused (quantize its parent ins
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from llmctl.core import evaluation, quantization, schema
+from llmctl.core import quantization, schema
 from llmctl.core import run as stage_run
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.judging import BeforeAfter, task_metrics
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import artifact_record, load_on_task, resolve_source
-from llmctl.core.store import parse_ref
+from llmctl.core.loading import artifact_record, resolve_source
 from llmctl.core.tasks import OBJECTIVE, task_record
+from llmctl.core.tasks.checkpoint import load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -77,7 +76,7 @@ def run(cfg) -> float | None:
         "keep_head": bool(q.keep_head),
         "embeddings": bool(q.embeddings),
     }
-    with stage_run.start("quantize", cfg, default_name=_default_name(cfg)) as run:
+    with stage_run.start("quantize", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
         scheme = quantization.check(
             method, device=run.rt.device, group_size=settings["group_size"], base=cfg.method.get("base")
@@ -86,28 +85,18 @@ def run(cfg) -> float | None:
             raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
         source = resolve_source(run.store, cfg.init_from, what="init_from")
         on = load_on_task(run, cfg, source, what="init_from", stage="quantize")
-        loaded, kind, task, data, prepared, split = on.loaded, on.kind, on.task, on.data, on.prepared, on.split
+        loaded, kind, task, data, prepared = on.loaded, on.kind, on.task, on.data, on.prepared
         model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
-        run.print(
-            f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({quantization.SCHEMES[scheme]['what']})"
-        )
+        what = quantization.SCHEMES[scheme]["what"]
+        run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({what})")
+        # a bad skip pattern or nothing to quantize fails here, before the slow judging and the run folder
         chosen = quantization.targets(
             model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"]
-        )  # a bad
-        # skip pattern or nothing to quantize fails here, before the slow judging and before the run folder exists
+        )
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
-        judged = evaluation.BeforeAfter(
-            model,
-            prepared,
-            split,
-            ref=source.ref,
-            folder=source.path,
-            rt=run.rt,
-            seed=int(cfg.seed),
-            cost=evaluation.cost_settings(cfg.cost),
-        )
+        judged = BeforeAfter.of(on, model, run, cfg)
         select = stage_run.resolve_objective(cfg, OBJECTIVE[task])
         stage_run.open_run_dir(
             run,
@@ -135,10 +124,7 @@ def run(cfg) -> float | None:
                     ratio=float(q.outlier_ratio),
                 )
             trained, qrecord = {}, quantization.quantize(model, scheme, method=method, outliers=outliers, **settings)
-        metrics = {
-            **trained,
-            **evaluation.task_metrics(model, prepared, run.rt, int(cfg.seed)),
-        }  # the published weights' own figures
+        metrics = {**trained, **task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own
         run.print(
             f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
             + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
@@ -150,10 +136,11 @@ def run(cfg) -> float | None:
                 else ""
             )
         )
-        published = stage_run.publish(
+        published = judged.publish(
             run,
             model,
             tok,
+            title=f"llmctl quantize · {method}",
             kind=kind,
             metrics=metrics,
             objective=select,
@@ -170,15 +157,5 @@ def run(cfg) -> float | None:
             },
             artifact=artifact_record(model, qrecord),
             save_weights=lambda folder: quantization.save(model, qrecord, folder),
-            after_save=judged.after_save(model, f"quantize/{run.name}"),
         )
-        run.print(judged.table(published.ref, f"llmctl quantize · {method} · {task} on {split}"))
-        run.print(f"[green]wrote[/] {published.ref} → {published.path}")
-        return published.manifest["objective"]["value"]
-
-
-def _default_name(cfg) -> str:
-    """The checkpoint's own name (quantize init_from=prune/bbc writes quantize/bbc)."""
-    ref = parse_ref(str(cfg.init_from or ""))
-    base = ref[1] if ref else Path(str(cfg.init_from or "model")).name
-    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
+        return published.manifest["objective"]["value"] if published else None

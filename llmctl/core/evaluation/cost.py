@@ -1,0 +1,186 @@
+"""What a model costs, measured the same way for every artifact on the run's device, precision and threads.
+
+- parameters, and non-embedding parameters (token / position embeddings and an untied output
+  embedding excluded, as in scaling-law papers);
+- size on disk: the weight files (`*.safetensors`, `*.bin`, `*.gguf`) of the folder;
+- batch-1 latency: one forward pass over `seq_len` tokens, median and p90 over warm runs;
+- throughput: sequences (and tokens) per second at a larger batch;
+- peak memory: the weights' bytes plus the peak growth during the batched forward (on CUDA the
+  allocator's peak; on CPU the process's resident set, whose high-water mark Linux resets through
+  /proc/self/clear_refs, so the peak is exact, not sampled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from pathlib import Path
+
+from llmctl.core.families import max_positions
+from llmctl.core.models import count_parameters, weight_bytes
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".onnx", ".onnx_data")
+SETTINGS = ("seq_len", "batch_size", "warmup", "runs", "throughput_runs")  # the `cost` config group's keys
+
+
+def measure_cost(
+    model,
+    folder: Path,
+    rt,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    warmup: int = 10,
+    runs: int = 20,
+    throughput_runs: int = 5,
+) -> dict:
+    """Parameters, size on disk, batch-1 latency (median / p90), throughput and peak memory."""
+    import torch
+
+    positions = max_positions(model.config)
+    length = min(int(seq_len), positions) if positions else int(seq_len)
+    total, non_embedding = parameter_counts(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.config.vocab_size)
+
+    def batch(n: int) -> dict:
+        ids = torch.randint(5, vocab, (n, length), generator=gen).to(rt.device)  # ids above the usual special tokens
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def forward(inputs) -> None:
+        model(**inputs)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    one = batch(1)
+    times = []
+    was_training = model.training
+    model.eval()  # dropout off: what inference costs
+    with torch.inference_mode(), rt.autocast():
+        for i in range(int(warmup) + int(runs)):
+            start = time.perf_counter()
+            forward(one)
+            if i >= int(warmup):
+                times.append(time.perf_counter() - start)
+        big = batch(int(batch_size))
+        forward(big)  # warm the larger shapes
+        with _PeakMemory(rt.device) as peak:
+            start = time.perf_counter()
+            for _ in range(int(throughput_runs)):
+                forward(big)
+            elapsed = time.perf_counter() - start
+    model.train(was_training)
+    seqs_per_s = int(batch_size) * int(throughput_runs) / elapsed
+    weights_bytes = weight_bytes(model)  # quantized weights at their real width
+    return {
+        "parameters": total,
+        "non_embedding_parameters": non_embedding,
+        "size_bytes": weights_size(folder),
+        "seq_len": length,
+        "latency_ms_p50": 1000 * statistics.median(times),
+        "latency_ms_p90": 1000 * _quantile(times, 0.9),
+        "latency_runs": len(times),
+        "throughput_batch": int(batch_size),
+        "throughput_seq_per_s": seqs_per_s,
+        "throughput_tokens_per_s": seqs_per_s * length,
+        "peak_memory_bytes": weights_bytes + peak.bytes,  # this model alone, whatever else is resident
+        "peak_memory_how": peak.how,
+    }
+
+
+def cost_settings(section) -> dict | None:
+    """`measure_cost` keyword arguments from a config's `cost:` section (None when cost.enabled is false)."""
+    if section is None or not section.get("enabled", True):
+        return None
+    return {k: int(section[k]) for k in SETTINGS}
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters); tied weights counted once. Embedding tables (float or
+    quantized: any module with an `embedding_dim`) and an untied output embedding are the embeddings."""
+    total, _ = count_parameters(model)
+    embedding = {}
+    for m in model.modules():
+        if hasattr(m, "embedding_dim"):
+            params = list(m.parameters(recurse=False))
+            embedding.update({id(p): p.numel() for p in params} if params else {id(m): count_parameters(m)[0]})
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        embedding.setdefault(id(out.weight), out.weight.numel())  # an untied LM head is an embedding too
+    return total, total - sum(embedding.values())
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files in a checkpoint folder (tokenizer, config and eval records excluded)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class _PeakMemory:
+    """How far memory rose above where it stood when the block began: CUDA's allocator peak above what was
+    allocated then, or the CPU process's resident-set growth. Models already resident (a teacher, the
+    checkpoint judged before) are in the starting point, so the figure is the block's own."""
+
+    def __init__(self, device):
+        self.device, self.bytes, self.how, self.before = device, 0, "", 0
+
+    def __enter__(self):
+        import torch
+
+        _trim()  # hand freed memory back, so the peak sees this pass's allocations
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.how = "weights + torch.cuda.max_memory_allocated growth"
+        else:
+            self.before = _rss("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux ≥ 4.0)
+                self.how = "weights + VmHWM growth (clear_refs reset)"
+            except OSError:
+                self.how = "weights + ru_maxrss growth (not reset: an upper bound)"
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _rss("VmHWM")
+        self.bytes = max(0, int(peak) - self.before) if self.before or self.device.type == "cuda" else 0
+
+
+def _trim() -> None:
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the growth is then a lower bound
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _rss(field: str) -> int:
+    """A memory figure of this process in bytes (VmRSS, VmHWM) from /proc/self/status; 0 where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

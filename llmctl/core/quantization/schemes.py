@@ -1,0 +1,295 @@
+"""Quantization schemes: which modules a scheme quantizes, and the transforms that quantize them in memory.
+
+- `int8-dynamic`: `torch.ao.quantization.quantize_dynamic` — int8 weights (per output channel) × int8
+  activations quantized on the fly (fbgemm / x86 kernels, CPU only).
+- `int8-weight` / `int4-weight`: torchao `IntxWeightOnlyConfig` (int8 per channel, int4 per group of
+  `group_size` input weights), dequantized inside the matmul.
+- `qat`: torchao `QATConfig(base, step="prepare")`, trained by the caller, then `finish_qat` converts.
+- Embedding tables: torch.ao weight-only int8 per row (reads one row per token).
+- The task head and `skip` patterns stay in floating point.
+
+A scheme's record (`quantize` returns it, the manifest keeps it) names every quantized module, so
+`apply` performs exactly the same transforms on a model rebuilt from config.json (core.quantization.serialization).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+
+from llmctl.core.errors import LlmctlError
+
+SCHEMES = {
+    "int8-dynamic": {
+        "backend": "torch.ao",
+        "bits": 8,
+        "what": "int8 weights per channel × dynamic int8 activations",
+        "devices": ("cpu",),
+    },
+    "int8-weight": {
+        "backend": "torchao",
+        "bits": 8,
+        "what": "int8 weights per channel, dequantized in the matmul",
+        "devices": ("cpu", "cuda"),
+    },
+    "int4-weight": {
+        "backend": "torchao",
+        "bits": 4,
+        "what": "int4 weights per group, dequantized in the matmul",
+        "devices": ("cpu", "cuda"),
+    },
+}
+METHODS = (*SCHEMES, "qat")
+QAT_BASES = ("int4-weight", "int8-weight")  # torchao QATConfig supports IntxWeightOnlyConfig bases (not int8 dynamic)
+DEFAULT_GROUP = {"int4-weight": 32, "int8-weight": None}  # None = one scale per output channel
+
+
+def check(method: str, *, device, group_size: int | None, base: str | None = None) -> str:
+    """The scheme a method stores, or one line for an unsupported combination (before anything loads)."""
+    if method not in METHODS:
+        raise LlmctlError(f"method={method}: not a quantization method; choose one of {', '.join(METHODS)}")
+    scheme = method
+    if method == "qat":
+        if base not in QAT_BASES:
+            raise LlmctlError(
+                f"method.base={base}: QAT trains toward {' or '.join(QAT_BASES)} (torchao's QAT has no int8-dynamic "
+                "base); "
+                f"set method.base=int4-weight"
+            )
+        scheme = base
+    kind = getattr(device, "type", str(device))
+    if kind not in SCHEMES[scheme]["devices"]:
+        raise LlmctlError(
+            f"method={method} runs on {' / '.join(SCHEMES[scheme]['devices'])} kernels, not {kind}: "
+            f"set device=cpu" + (", or choose method=int8-weight for a GPU" if scheme == "int8-dynamic" else "")
+        )
+    if group_size is not None:
+        if scheme == "int8-dynamic":
+            raise LlmctlError(
+                "quantize.group_size: int8-dynamic scales each output channel (fbgemm has no groups); "
+                "leave quantize.group_size=null or choose method=int4-weight"
+            )
+        if group_size < 2 or group_size & (group_size - 1):
+            raise LlmctlError(f"quantize.group_size={group_size}: use a power of two such as 32, 64 or 128")
+    return scheme
+
+
+def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_size: int | None = None) -> dict:
+    """Which modules a scheme quantizes: {"linear": [...], "embeddings": [...], "kept": [...]}.
+    Linears and embeddings outside the head and `skip`; Linears whose input width `group_size`
+    does not divide stay in floating point too (named in "kept")."""
+    import torch
+
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in skip:
+        if not any(_matches(name, [pattern]) for name in names):
+            close = fnmatch.filter(names, f"*{pattern}*")[:3]
+            raise LlmctlError(
+                f"quantize.skip: {pattern!r} matches no module of {type(model).__name__}"
+                + (
+                    f" (did you mean {', '.join(close)}?)"
+                    if close
+                    else "; patterns are module names such as 'classifier' or '*.output.dense'"
+                )
+            )
+    kept = list(skip) + (head_modules(model) if keep_head else [])
+    linear, tables, too_narrow = [], [], []
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not name or _matches(name, kept):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D becomes a Linear
+            width = module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
+            (too_narrow if group_size and width % group_size else linear).append(name)
+        elif isinstance(module, torch.nn.Embedding) and embeddings:
+            tied = out is not None and getattr(out, "weight", None) is module.weight
+            if not (tied and keep_head):
+                tables.append(name)
+    if not linear:
+        raise LlmctlError(
+            f"nothing to quantize: {type(model).__name__} has no Linear layer outside the kept modules "
+            f"({', '.join(kept) or 'none'})"
+        )
+    return {"linear": linear, "embeddings": tables, "kept": kept + too_narrow}
+
+
+def head_modules(model) -> list[str]:
+    """The task head: top-level modules other than the base model (classifier, score, lm_head, cls, ...)."""
+    import torch
+
+    base = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != base
+        and any(
+            isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"
+            for m in child.modules()
+        )
+    ]
+
+
+def quantize(
+    model,
+    scheme: str,
+    *,
+    group_size: int | None,
+    skip: list[str],
+    keep_head: bool,
+    embeddings: bool,
+    method: str | None = None,
+    outliers: dict[str, float] | None = None,
+) -> dict:
+    """Quantize `model` in place (floating point → `scheme`); returns the record the manifest keeps.
+    `outliers` (from `activation_outliers`): Linears whose inputs are too peaked for int8 activations,
+    kept in floating point."""
+    record = _plan(
+        model,
+        scheme,
+        method or scheme,
+        group_size=group_size,
+        skip=skip,
+        keep_head=keep_head,
+        embeddings=embeddings,
+        outliers=outliers,
+    )
+    apply(model, record)
+    record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
+    return record
+
+
+def _plan(model, scheme: str, method: str, *, group_size, skip, keep_head, embeddings, outliers=None) -> dict:
+    """Prepare the model (fp32, Linears) and write down what `scheme` will do to it."""
+    prepare_model(model)
+    group = group_size if group_size is not None else DEFAULT_GROUP.get(scheme)
+    chosen = targets(model, skip=skip, keep_head=keep_head, embeddings=embeddings, group_size=group)
+    if outliers:
+        chosen["linear"] = [name for name in chosen["linear"] if name not in outliers]
+        chosen["kept"] = chosen["kept"] + sorted(outliers)
+    return {
+        "method": method,
+        "scheme": scheme,
+        **{k: v for k, v in SCHEMES[scheme].items() if k != "devices"},
+        "group_size": group,
+        "skip": list(skip),
+        "keep_head": keep_head,
+        **chosen,
+        **({"outliers": {k: round(v, 1) for k, v in sorted(outliers.items())}} if outliers else {}),
+    }
+
+
+def prepare_model(model) -> None:
+    """fp32 everywhere (the int8 kernels take fp32 activations) and GPT-2's Conv1D as Linear."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    model.float()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):  # (in, out) weights → an nn.Linear with (out, in)
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf, device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+
+
+def apply(model, record: dict, *, qat: str | None = None) -> None:
+    """The record's transforms on a prepared model (quantize, and the loader on a fresh one).
+    `qat="prepare"` fake-quantizes the Linears instead (training toward the scheme); no embeddings yet."""
+    linear = set(record["linear"])
+    if record["scheme"] == "int8-dynamic":
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, dict.fromkeys(linear, per_channel_dynamic_qconfig), inplace=True)
+    else:
+        _torchao_quantize(model, record, linear, step=qat)
+    if record["embeddings"] and qat != "prepare":
+        from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, dict.fromkeys(record["embeddings"], float_qparams_weight_only_qconfig), inplace=True)
+    for module in model.modules():
+        if packed_weight(module) is not None:
+            module.register_forward_pre_hook(_kernel_inputs)
+
+
+def _kernel_inputs(module, args):
+    """torch.ao kernels take fp32 activations (a bf16 / fp16 autocast elsewhere must not reach them) and contiguous
+    indices (BERT passes its token-type ids as an expanded view)."""
+    import torch
+
+    return tuple((a.float() if a.is_floating_point() else a).contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def prepare_qat(
+    model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool
+) -> dict:
+    """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes."""
+    record = _plan(model, scheme, "qat", group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings)
+    apply(model, record, qat="prepare")
+    return record
+
+
+def finish_qat(model, record: dict) -> dict:
+    """Convert a trained fake-quantized model to its scheme (the same tensors PTQ writes)."""
+    model.float()
+    apply(model, record, qat="convert")
+    return {**record, "torchao": _torchao_version()}
+
+
+def _torchao_quantize(model, record: dict, names: set[str], step: str | None) -> None:
+    import torch
+
+    with quiet_torchao():
+        from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup, quantize_
+        from torchao.quantization.qat import QATConfig
+    group = record.get("group_size")
+    config = IntxWeightOnlyConfig(
+        weight_dtype=torch.int4 if record["bits"] == 4 else torch.int8,
+        granularity=PerGroup(int(group)) if group else PerAxis(0),
+    )
+    if step is not None:
+        config = QATConfig(config, step=step)
+    quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a quantized model holds (parameter counts and memory: core.models, core.evaluation)
+# ---------------------------------------------------------------------------------------------
+def packed_weight(module):
+    """The quantized weight of a torch.ao module (dynamic Linear, weight-only Embedding), None for any other module."""
+    if not hasattr(module, "_packed_params"):
+        return None
+    weight = getattr(module, "weight", None)
+    return weight() if callable(weight) else None
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _torchao_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("torchao")
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """torchao's import prints its optional CUDA / MX extensions that fail to load on a CPU machine."""
+    import logging
+    import warnings
+
+    level = logging.getLogger("torchao").level
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("torchao").setLevel(level)

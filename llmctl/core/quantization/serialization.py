@@ -1,0 +1,179 @@
+"""Quantized checkpoints on disk: safetensors only (no pickle), rebuilt from the manifest's record.
+
+torch.ao modules are written as plain tensors (`<module>.weight` int8 / uint8 values,
+`<module>.weight_scale`, `<module>.weight_zero_point`, `<module>.bias`); torchao tensors through
+torchao's own flattening (`flatten_tensor_state_dict`, the layout transformers writes), with int4
+values packed two per byte; everything else as it is. `rebuild` applies the record's transforms to a
+model built from config.json (`schemes.apply`) and loads the tensors into it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmctl.core.errors import LlmctlError
+from llmctl.core.files import check_safetensors
+from llmctl.core.quantization.schemes import SCHEMES, apply, packed_weight, prepare_model, quiet_torchao
+
+WEIGHTS = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------
+def save(model, record: dict, folder: Path) -> None:
+    """config.json (+ generation_config.json) and model.safetensors for a quantized model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model.config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(str(folder))
+    tensors, metadata = state_dict(model, record)
+    save_file(tensors, str(folder / WEIGHTS), metadata=metadata)
+
+
+def state_dict(model, record: dict) -> tuple[dict, dict]:
+    """Plain tensors (and safetensors metadata) for everything the model holds."""
+    tensors, owned = {}, []
+    for name, module in model.named_modules():
+        weight = packed_weight(module)
+        if weight is None:
+            continue
+        owned.append(name + ".")
+        tensors[f"{name}.weight"] = weight.int_repr()
+        tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales()
+        tensors[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points()
+        bias = module.bias() if callable(getattr(module, "bias", None)) else None
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach()
+    rest, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if key.startswith(tuple(owned)):
+            continue
+        if type(value).__name__ == "Tensor":  # a weight tied to another is written once (the model re-ties it on load)
+            if value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
+        rest[key] = value.detach()
+    metadata = {"format": "pt", "llmctl_quantization": record["scheme"]}
+    if SCHEMES[record["scheme"]]["backend"] == "torchao":
+        with quiet_torchao():
+            from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+        rest, flat_meta = flatten_tensor_state_dict(rest)
+        metadata.update(flat_meta)
+        if record["bits"] == 4:
+            packed = [k for k, v in rest.items() if k.endswith("_weight_qdata") and v.shape[-1] % 2 == 0]
+            for key in packed:
+                rest[key] = pack_int4(rest[key])
+            metadata["llmctl_int4_packed"] = json.dumps(packed)
+    tensors.update(rest)
+    return {k: v.contiguous() for k, v in tensors.items()}, metadata
+
+
+def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
+    """Load a saved quantized model into `model` (built from config.json): the record's transforms, then its tensors."""
+    import torch
+    from safetensors import safe_open
+
+    file = Path(folder) / WEIGHTS
+    if not file.is_file():
+        raise LlmctlError(f"{where}: {WEIGHTS} is missing from {folder}")
+    check_safetensors(file)
+    with safe_open(str(file), "pt") as fh:
+        metadata = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if metadata.get("llmctl_quantization") != record.get("scheme"):
+        raise LlmctlError(
+            f"{where}: {WEIGHTS} holds {metadata.get('llmctl_quantization') or 'no quantized'} weights but the "
+            "manifest says "
+            f"{record.get('scheme')}; the folder was changed after it was written"
+        )
+    prepare_model(model)
+    apply(model, record)
+    owned = []
+    for name, module in model.named_modules():  # torch.ao modules: int values + scales → a quantized tensor
+        if packed_weight(module) is None:
+            continue
+        owned.append(name + ".")
+        try:
+            values, scale, zero = (tensors.pop(f"{name}.{k}") for k in ("weight", "weight_scale", "weight_zero_point"))
+        except KeyError:
+            raise LlmctlError(f"{where}: {WEIGHTS} lacks the quantized weight of {name}") from None
+        weight = torch._make_per_channel_quantized_tensor(values, scale, zero, 0)
+        if hasattr(module, "set_weight_bias"):
+            module.set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
+        else:
+            module.set_weight(weight)
+    if SCHEMES[record["scheme"]]["backend"] == "torchao":
+        with quiet_torchao():
+            from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+        for key in json.loads(metadata.get("llmctl_int4_packed", "[]")):
+            tensors[key] = unpack_int4(tensors[key])
+        tensors, _ = unflatten_tensor_state_dict(tensors, metadata)
+    _load_tensors(model, tensors, skip=tuple(owned), where=where)
+    model.eval()
+
+
+def _load_tensors(model, tensors: dict, *, skip: tuple[str, ...], where: str) -> None:
+    """Every parameter and persistent buffer outside the torch.ao modules (`skip` prefixes) from `tensors`:
+    plain tensors copied in place (a tied weight is one tensor, loaded once), torchao tensors put in place."""
+    import torch
+
+    done, used, missing = set(), set(), []
+    for name, module in model.named_modules():
+        if name and (name + ".").startswith(skip):
+            continue
+        entries = [
+            *module._parameters.items(),
+            *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set),
+        ]
+        for key, tensor in entries:
+            if tensor is None or id(tensor) in done:
+                continue
+            full = f"{name}.{key}" if name else key
+            if full not in tensors:
+                missing.append(full)
+                continue
+            value = tensors[full]
+            used.add(full)
+            done.add(id(tensor))
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise LlmctlError(
+                    f"{where}: {full} is {tuple(value.shape)} in {WEIGHTS} but the model has {tuple(tensor.shape)}"
+                )
+            if hasattr(value, "tensor_data_names") != hasattr(tensor, "tensor_data_names"):
+                raise LlmctlError(
+                    f"{where}: {full} is {'quantized' if hasattr(value, 'tensor_data_names') else 'floating point'} in "
+                    f"{WEIGHTS} but not in the recorded quantization"
+                )
+            if hasattr(value, "tensor_data_names"):  # a torchao quantized tensor takes the parameter's place
+                module._parameters[key] = torch.nn.Parameter(value, requires_grad=False)
+                continue
+            with torch.no_grad():
+                tensor.copy_(value)
+    unexpected = sorted(set(tensors) - used)
+    if missing or unexpected:
+        what = (
+            f"{len(missing)} tensors missing (e.g. {missing[0]})"
+            if missing
+            else f"unexpected tensors (e.g. {unexpected[0]})"
+        )
+        raise LlmctlError(f"{where}: {WEIGHTS} does not fit the recorded quantization: {what}")
+
+
+def pack_int4(values):
+    """int4 values held one per int8 byte (−8..7) → two per uint8 byte (low nibble first), half the last dim."""
+    import torch
+
+    v = (values.to(torch.int16) & 0xF).to(torch.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def unpack_int4(packed):
+    import torch
+
+    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
+    out = torch.stack([low, high], dim=-1).flatten(-2)
+    return torch.where(out >= 8, out - 16, out).to(torch.int8)

@@ -1,0 +1,75 @@
+"""A checkpoint made ready on its own task: what distill, prune and quantize do before they reshape or retrain it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.core.data import load_data
+from llmctl.core.loading import Loaded, load_checkpoint, refuse_quantized, source_kind
+from llmctl.core.manifest import task_record
+from llmctl.core.store import Resolved
+from llmctl.core.tasks import (
+    DATA_TASK,
+    Prepared,
+    check_labels,
+    choose_split,
+    prepare,
+    record_data_config,
+    sequence_length,
+    task_of,
+)
+
+
+@dataclass
+class OnTask:
+    """A checkpoint a stage works on (distill's teacher, prune's and quantize's init_from) with its own task
+    ready: the data its manifest records (or the config's `data`), tokenized at its sequence length."""
+
+    source: Resolved
+    loaded: Loaded
+    kind: str
+    task: str
+    record: dict  # its task record ({} for a plain HF folder)
+    data_cfg: object
+    data: object  # core.data.Data
+    length: int  # tokens per example / packed sequence
+    prepared: Prepared
+    split: str  # the split it is judged on: test where the data has one, else validation
+
+
+def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str | None = None) -> OnTask:
+    """Load `source` (refused when quantized) onto the run's device with its task prepared: what distill,
+    prune and quantize do before they reshape or retrain it. `what` is the config key that named it."""
+    refuse_quantized(source, what=what, stage=stage)
+    kind = source_kind(source)
+    record = task_record(source.manifest) or {}
+    task = task_of(kind, record, other_data=bool(cfg.get("data")), task=task)
+    data_cfg = cfg.get("data") or record_data_config(record, f"{what}={cfg[what]}")
+    data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
+    loaded = load_checkpoint(run.store, source, kind=kind, what=what)
+    loaded.model.to(run.rt.device)
+    length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config)
+    prepared = prepare(
+        task,
+        data,
+        loaded.tokenizer,
+        max_seq_len=length,
+        batch_size=int(cfg.train.batch_size),
+        seed=int(cfg.seed),
+        cache_root=Path(cfg.output_root) / ".cache",
+        system_prompt=record.get("system_prompt"),
+    )
+    check_labels(loaded.model, prepared, source.ref)
+    return OnTask(
+        source=source,
+        loaded=loaded,
+        kind=kind,
+        task=task,
+        record=record,
+        data_cfg=data_cfg,
+        data=data,
+        length=length,
+        prepared=prepared,
+        split=choose_split(data, None, data_cfg),
+    )
