@@ -6,7 +6,8 @@ import multiprocessing as mp
 import os
 import signal
 
-from conftest import metrics_log, run_inprocess, tiny
+from conftest import cls_args, metrics_log, run_inprocess, tiny
+from transformers import AutoTokenizer
 
 from llmctl.core.store import RunLock, Store
 from llmctl.core.train import Trainer
@@ -131,3 +132,52 @@ def test_a_run_that_fails_before_saving_a_state_leaves_nothing(bases, reviews, t
     )
     assert code == 2 and "freeze_layers" in err
     assert [p for p in tmp_path.rglob("*") if ".cache" not in p.parts] == []
+
+
+def _float_dtypes(folder) -> set:
+    """The floating dtypes of a folder's weights (a quantized tensor's scales are part of its encoding: left out)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys() if "scale" not in k and "zero_point" not in k}
+    return set(dtypes.values()) & {"F32", "BF16", "F16"}
+
+
+def test_a_bf16_parent_loads_in_fp32_and_every_child_is_saved_as_it_was(bases, reviews, tmp_path):
+    """The dtype rule: fp32 in memory (fp32 master weights while training, the same measurement for every
+    checkpoint), saved as the input was stored (save_dtype=auto), stated in the manifest. A bf16 classifier
+    goes through finetune, distill, prune and quantize: each child is bf16 on disk, no larger than its parent."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from llmctl.core.loading import load_checkpoint
+
+    out = tmp_path / "store"
+    assert run_inprocess("finetune", *cls_args(bases, reviews, out, "name=c", "train.max_steps=4"))[0] == 0
+    parent = tmp_path / "bf16"
+    model = AutoModelForSequenceClassification.from_pretrained(Store(out).resolve("finetune/c").path)
+    model.to(torch.bfloat16).save_pretrained(parent)
+    AutoTokenizer.from_pretrained(bases["enc"]).save_pretrained(parent)
+    assert _float_dtypes(parent) == {"BF16"}
+
+    loaded = load_checkpoint(Store(out), str(parent))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32} and loaded.dtype == "bfloat16"
+    data = ["data=files", f"data.train={reviews / 'train.csv'}", f"data.validation={reviews / 'dev.csv'}"]
+    data += ["data.text_column=review", "data.label_column=sentiment", "data.max_seq_len=48"]
+    short = ["train.max_steps=2", "precision=fp32", f"output_root={out}", "cost=off"]
+    runs = {
+        "finetune/ft": ("finetune", "task=classification", f"init_from={parent}", "name=ft", *data, *short[:3]),
+        "distill/ds": ("distill", f"teacher={parent}", "student.num_layers=1", "name=ds", *data, *short),
+        "prune/pr": ("prune", f"init_from={parent}", "method=structured", "amount=0.5", "name=pr", *data, *short),
+        "quantize/qz": ("quantize", f"init_from={parent}", "method=int8-weight", "name=qz", *data, *short),
+    }
+    size = (parent / "model.safetensors").stat().st_size
+    for ref, args in runs.items():
+        code, err = run_inprocess(*args)
+        assert code == 0, f"{ref}: {err}"
+        child = Store(out).resolve(ref)
+        assert child.manifest["artifact"]["dtype"] == "bfloat16", ref
+        assert "BF16" in _float_dtypes(child.path) and "F32" not in _float_dtypes(child.path), ref
+        assert (child.path / "model.safetensors").stat().st_size <= 1.05 * size, ref
+        again = load_checkpoint(Store(out), ref)
+        assert all(p.dtype == torch.float32 for p in again.model.parameters() if p.is_floating_point()), ref

@@ -22,7 +22,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_safetensors
 from llmctl.core.manifest import artifact as artifact_of
 from llmctl.core.manifest import check_intact, task_record
-from llmctl.core.models import KIND_CLASS, folder_kind, load_model, resolve_model
+from llmctl.core.models import KIND_CLASS, folder_kind, load_model, resolve_model, stored_dtype
 from llmctl.core.pruning import apply_shapes, shapes_record
 from llmctl.core.store import Resolved, parent_entry, verify_weights
 from llmctl.core.tokenizer import load_tokenizer
@@ -37,18 +37,19 @@ class Loaded:
     task: dict | None  # the checkpoint's task record (core.manifest.task_record), None for plain HF folders
     artifact: dict  # how the weights are stored: {"format": "hf", ...}
     sha256: str | None  # the weights' hash as read and verified
+    dtype: str = "float32"  # the floating-point dtype its weights are stored in (in memory they are fp32)
     new_tensors: list[str] = field(default_factory=list)  # base-model tensors initialised fresh (not in the checkpoint)
 
     def parent(self, role: str) -> dict:
         """This checkpoint as a manifest's parent entry (reference, path, verified weights hash)."""
-        return parent_entry(self.source, role, self.sha256)
+        return {**parent_entry(self.source, role, self.sha256), "dtype": self.dtype}
 
 
-def artifact_record(model, quantization: dict | None = None) -> dict:
+def artifact_record(model, quantization: dict | None = None, dtype: str = "float32") -> dict:
     """What a manifest records about how a model's weights are stored, for `load_checkpoint`: plain HF,
     per-layer shapes config.json cannot say (pruned BERT heads: core.pruning), and `quantization`
     (core.quantization's record; read the shapes off the model before quantizing it)."""
-    record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
+    record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__, "dtype": dtype}
     return {**record, "format": "quantized", "quantization": quantization} if quantization else record
 
 
@@ -69,6 +70,7 @@ def _load_hf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
 def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dict, what: str):
     """The model a rebuilt format starts from: config.json, with the recorded per-layer shapes (no weights yet).
     Such a checkpoint keeps its own head and its own kind."""
+    import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(resolved.path))
@@ -81,7 +83,7 @@ def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dic
         raise LlmctlError(
             f"{resolved.ref} is a {what} {resolved.kind} checkpoint; it loads only as {resolved.kind}, not {kind}"
         )
-    model = getattr(transformers, KIND_CLASS[kind]).from_config(config)
+    model = getattr(transformers, KIND_CLASS[kind]).from_config(config, dtype=torch.float32)  # the dtype rule
     apply_shapes(model, artifact.get("attention_heads"), artifact.get("head_dim"))
     return model
 
@@ -165,6 +167,7 @@ def load_checkpoint(
         task=task_record(resolved.manifest),
         artifact=artifact,
         sha256=sha,
+        dtype=artifact.get("dtype") or stored_dtype(resolved.path),
         new_tensors=new,
     )
 

@@ -13,6 +13,12 @@ from llmctl.core.errors import LlmctlError, first_line
 from llmctl.core.families import CONFIG_CLASS
 from llmctl.core.files import check_safetensors
 
+# The dtype rule, for every loader path: weights are held in fp32 in memory (training keeps fp32 master weights,
+# autocast supplies bf16 / fp16 compute, and every checkpoint is measured the same way), and saved in `save_dtype`
+# (auto: the dtype the input checkpoint was stored in, fp32 for a new model), stated in the manifest (artifact.dtype).
+DTYPE_RULE = "fp32 in memory; saved in save_dtype (auto = as the input was stored)"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 KIND_CLASS = {
     "mlm": "AutoModelForMaskedLM",
     "pretraining": "AutoModelForPreTraining",
@@ -50,6 +56,7 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
     Any other tensor whose shape differs from what config.json describes is an error naming the
     tensor and both shapes: nothing is silently re-initialised (a pruned checkpoint with a stale
     config, a wrong preset)."""
+    import torch
     import transformers
 
     if not any(Path(folder).glob("*.safetensors")):
@@ -66,11 +73,10 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
             trust_remote_code=False,
             ignore_mismatched_sizes=True,
             output_loading_info=True,
+            dtype=torch.float32,  # fp32 in memory whatever the files hold (see DTYPE_RULE)
             **(head or {}),
         )
-    except (
-        Exception
-    ) as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line, whatever it was
+    except Exception as e:  # a damaged config.json, an unknown architecture, unreadable weights: one line
         raise LlmctlError(f"cannot load {folder} as {kind}: {type(e).__name__}: {first_line(str(e), 200)}") from None
     prefix = model.base_model_prefix + "."
     in_head = lambda key: not key.startswith(prefix)  # noqa: E731 - the task head: whatever is outside the base model
@@ -91,6 +97,26 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
             f"is it a different architecture?"
         )
     return model, missing
+
+
+def stored_dtype(folder: Path) -> str:
+    """The floating-point dtype a folder's safetensors hold most of ("float32", "bfloat16", "float16"), read from
+    the files' headers (nothing loaded); "float32" when there are none."""
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    counts: dict[str, int] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                piece = fh.get_slice(key)
+                dtype = names.get(piece.get_dtype())
+                if dtype:
+                    n = 1
+                    for d in piece.get_shape():
+                        n *= d
+                    counts[dtype] = counts.get(dtype, 0) + n
+    return max(counts, key=counts.get) if counts else "float32"
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -307,6 +307,18 @@ def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
     return cfg.get("objective_metric") or default[0], cfg.get("objective_mode") or default[1]
 
 
+def save_dtype(run: StageRun) -> str:
+    """The dtype a stage saves floating-point weights in: `save_dtype`, where auto is the dtype its input
+    checkpoint was stored in (the init parent's, else the teacher's), float32 for a model built from scratch."""
+    from llmctl.core.models import DTYPES
+
+    chosen = str(run.cfg.get("save_dtype") or "auto")
+    if chosen != "auto":
+        return DTYPES[chosen]
+    parents = sorted(run.parents, key=lambda p: p.get("role") != "init")
+    return (parents[0].get("dtype") if parents else None) or "float32"
+
+
 def library_versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for lib in LIBRARIES:
@@ -336,24 +348,30 @@ def publish(
     `objective` is the stage's default (metric, mode), overridable by config (see `resolve_objective`);
     `data` is the core.data.Data the run used, `task` its core.tasks.task_record; `after_save(folder)`
     returns more manifest entries measured on the saved files (size on disk, latency: distill and
-    prune's before / after). `save_weights(folder)` replaces `model.save_pretrained` and `artifact` the
-    artifact record read off the model (quantize: its own file layout and record). Only rank 0 writes;
-    returns the new version (None on other ranks)."""
+    prune's before / after). `save_weights(folder, dtype)` replaces `model.save_pretrained` and `artifact`
+    the artifact record read off the model (quantize: its own file layout and record). Floating-point
+    weights are saved in `save_dtype` (see `save_dtype`); the model in memory then holds exactly the saved
+    values, so what `after_save` measures is what was published. Only rank 0 writes; returns the new
+    version (None on other ranks)."""
+    import torch
 
     if not run.rt.is_main:
         return None
     folder = run.run_dir
+    dtype = save_dtype(run)
     with disk_space(folder, weight_bytes(model), "saving the checkpoint"):
         if save_weights is not None:
-            save_weights(folder)
+            save_weights(folder, dtype)
         else:
+            model.to(getattr(torch, dtype))
             model.save_pretrained(str(folder))
+            model.float()  # fp32 in memory again, holding the values just saved
         tokenizer.save_pretrained(str(folder))
     metric, mode = resolve_objective(run.cfg, objective)
     total, trainable = count_parameters(model)
     manifest = {
         "kind": kind,
-        "artifact": artifact or artifact_record(model),
+        "artifact": {**(artifact or artifact_record(model)), "dtype": dtype},
         "parents": run.parents,
         "task": task,
         "metrics": metrics,

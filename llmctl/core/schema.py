@@ -137,6 +137,7 @@ class Common(Section):
     resume: str | None = None
     device: str | int | list[int] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: NonNegInt
     objective_metric: str | None = None
     objective_mode: Literal["min", "max"] | None = None

@@ -156,6 +156,6 @@ def run(cfg) -> float | None:
                 }
             },
             artifact=artifact_record(model, qrecord),
-            save_weights=lambda folder: quantization.save(model, qrecord, folder),
+            save_weights=lambda folder, dtype: quantization.save(model, qrecord, folder, dtype=dtype),
         )
         return published.manifest["objective"]["value"] if published else None

@@ -22,20 +22,23 @@ WEIGHTS = "model.safetensors"
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
-def save(model, record: dict, folder: Path) -> None:
-    """config.json (+ generation_config.json) and model.safetensors for a quantized model."""
+def save(model, record: dict, folder: Path, dtype: str = "float32") -> None:
+    """config.json (+ generation_config.json) and model.safetensors for a quantized model; the weights left in
+    floating point (the head, norms, biases) in `dtype`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     model.config.save_pretrained(str(folder))
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(str(folder))
-    tensors, metadata = state_dict(model, record)
+    tensors, metadata = state_dict(model, record, dtype=dtype)
     save_file(tensors, str(folder / WEIGHTS), metadata=metadata)
 
 
-def state_dict(model, record: dict) -> tuple[dict, dict]:
-    """Plain tensors (and safetensors metadata) for everything the model holds."""
+def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]:
+    """Plain tensors (and safetensors metadata) for everything the model holds; plain floating-point tensors in `dtype`."""
+    import torch
+
     tensors, owned = {}, []
     for name, module in model.named_modules():
         weight = packed_weight(module)
@@ -56,6 +59,8 @@ def state_dict(model, record: dict) -> tuple[dict, dict]:
             if value.data_ptr() in seen:
                 continue
             seen.add(value.data_ptr())
+            if value.is_floating_point():
+                value = value.to(getattr(torch, dtype))
         rest[key] = value.detach()
     metadata = {"format": "pt", "llmctl_quantization": record["scheme"]}
     if SCHEMES[record["scheme"]]["backend"] == "torchao":
