@@ -36,7 +36,7 @@ def save(model, record: dict, folder: Path, dtype: str = "float32") -> None:
 
 
 def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]:
-    """Plain tensors (and safetensors metadata) for everything the model holds; plain floating-point tensors in `dtype`."""
+    """Plain tensors (and safetensors metadata) for everything the model holds; plain floating-point ones in `dtype`."""
     import torch
 
     tensors, owned = {}, []
