@@ -183,3 +183,37 @@ def test_a_base_language_model_is_judged_on_its_sft_childs_task_for_the_delta(tr
     )  # the base GPT's record, outside the store
     assert parent["task"] == "sft" and parent["path"] == str(bases["gpt"])
     assert result["delta"]["metric"] == pytest.approx(result["metrics"]["perplexity"] - parent["metrics"]["perplexity"])
+
+
+def test_a_parent_is_judged_as_its_child_was_never_by_a_record_measured_otherwise(trained, bases, reviews):
+    """A delta subtracts only numbers measured alike: the parent is judged at its child's sequence length with the
+    child's cost settings; a saved parent record measured otherwise is not reused."""
+    assert Store(trained).resolve("finetune/cls").manifest["task"]["max_seq_len"] == 48
+    args = cls_args(bases, reviews, trained, "name=short", "init_from=finetune/cls", "train.max_steps=2")
+    code, err = run_inprocess("finetune", *[a.replace("data.max_seq_len=48", "data.max_seq_len=24") for a in args])
+    assert code == 0, err
+    _eval(
+        trained, "ckpt=finetune/cls", "parents=false", "cost.seq_len=64"
+    )  # a record of the parent, measured otherwise
+    assert _record(trained, "finetune/cls")["cost_settings"]["seq_len"] == 64
+    _eval(trained, "ckpt=finetune/short")
+    parent, child = _record(trained, "finetune/cls"), _record(trained, "finetune/short")
+    assert child["max_seq_len"] == parent["max_seq_len"] == 24  # the parent judged at its child's length
+    assert parent["cost_settings"] == child["cost_settings"] and parent["cost_settings"]["seq_len"] == 32
+    from llmctl.core.evaluation.records import delta, unlike
+
+    assert unlike(child, parent) == []
+    assert delta(child, parent)["metric"] == pytest.approx(child["metrics"]["accuracy"] - parent["metrics"]["accuracy"])
+
+
+def test_perplexities_of_different_tokenizers_are_compared_in_bits_per_byte(trained, corpus, tmp_path):
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, trained, "name=gpt400", "tokenizer.vocab_size=400"))
+    assert code == 0, err
+    report = tmp_path / "ppl"
+    _eval(trained, "ckpt=[pretrain/gpt,pretrain/gpt400]", "data=files", f"data.train={corpus}", f"report={report}")
+    rows = json.loads((report / "results.json").read_text())
+    assert rows[0]["tokenizer_sha256"] != rows[1]["tokenizer_sha256"]
+    text = (report / "report.md").read_text()
+    assert "| checkpoint | bits_per_byte | perplexity (not comparable) |" in text
+    assert "perplexity per token is not comparable: tokenizers differ" in text
+    assert (report / "bits_per_byte_vs_size.png").is_file() and not (report / "perplexity_vs_size.png").exists()

@@ -141,16 +141,18 @@ def _check_harness(cfg, sources, plans, tasks: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluating
 # ---------------------------------------------------------------------------------------------
-def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data: bool = True, task: str | None = None):
+def _evaluate(run, cfg, source, data_cfg, *, cost: bool, need_data=True, task=None, like: dict | None = None):
+    """Judge `source`; `like`: another record whose split, length, system prompt and cap to use (a parent judged
+    as its child was)."""
+    own = {"split": cfg.split, "max_batches": cfg.max_batches, "max_seq_len": cfg.max_seq_len}
+    settings = {k: like.get(k) for k in (*own, "system_prompt")} if like else {**own, "system_prompt": judging.OWN}
     return judging.evaluate(
         run.store,
         source,
         rt=run.rt,
         data_cfg=data_cfg,
-        split=cfg.split,
         batch_size=int(cfg.batch_size),
-        max_batches=cfg.max_batches,
-        max_seq_len=cfg.max_seq_len,
+        **settings,
         samples=int(cfg.samples),
         max_new_tokens=int(cfg.max_new_tokens),
         seed=int(cfg.seed),
@@ -181,7 +183,9 @@ def _harness(run, cfg, judged, tasks: list[str]) -> dict:
 
 
 def _parent_record(run, cfg, record: dict) -> dict | None:
-    """The parent judged on the same data and split: its saved record, else measured now (and saved)."""
+    """The parent judged as its child was: the same task, data, split, sequence length, system prompt, cap, device,
+    precision, threads and cost settings. A saved record is reused only when it was measured exactly so;
+    otherwise the parent is judged now, with the child's settings (and that record saved)."""
     from omegaconf import OmegaConf
 
     parent = record.get("parent")
@@ -196,7 +200,7 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
         record["delta_note"] = f"parent {source.ref} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint"
         return None
     saved = records.load_record(run.store, source.ref, str(source.path), records.record_key(record))
-    if saved is not None and saved.get("task") == record["task"] and (saved.get("cost") or not cfg.cost.enabled):
+    if saved is not None and not records.unlike(saved, record):
         return saved
     run.print(f"[dim]parent of {record['ref']}:[/]")
     try:  # the parent judged on the child's task and data (a base LM on its SFT child's conversations)
@@ -207,6 +211,7 @@ def _parent_record(run, cfg, record: dict) -> dict | None:
             OmegaConf.create(record["data"]["config"]),
             cost=bool(cfg.cost.enabled),
             task=record["task"],
+            like=record,
         )
     except LlmctlError as e:
         record["delta_note"] = f"parent {source.ref} cannot be judged on this task ({e})"

@@ -24,6 +24,7 @@ from llmctl.core.evaluation.records import delta
 from llmctl.core.evaluation.report import comparison_table
 from llmctl.core.manifest import first_parent
 from llmctl.core.store import Resolved
+from llmctl.core.tokenizer import tokenizer_hash
 
 # The metric a task is judged by first (the comparison table's and the charts' metric).
 PRIMARY = {
@@ -34,6 +35,9 @@ PRIMARY = {
     "mlm+nsp": ("perplexity", "min"),
     "sft": ("perplexity", "min"),
 }
+
+
+OWN = "\x00own"  # system_prompt=OWN: the checkpoint's own (its task record's), not a given one
 
 
 @dataclass
@@ -88,8 +92,10 @@ def evaluate(
     console=None,
     need_data: bool = True,
     task: str | None = None,
+    system_prompt: str | None = OWN,
 ) -> Judged:
-    """Judge one checkpoint on its task (see the module docstring)."""
+    """Judge one checkpoint on its task (see the module docstring). `max_seq_len` and `system_prompt` default to
+    the checkpoint's own; a parent is judged with its child's (`like` settings), so the two compare."""
     from llmctl.core.data import load_data
     from llmctl.core.loading import check_device, load_checkpoint, resolve_source
     from llmctl.core.tasks import DATA_TASK, check_labels, choose_split, prepare, sample_generations, sequence_length
@@ -97,6 +103,7 @@ def evaluate(
     source = resolve_source(store, spec, what="ckpt")
     p = plan(source, data_cfg=data_cfg, need_data=need_data, task=task)
     task, record = p["task"], p["record"] or {}
+    system_prompt = record.get("system_prompt") if system_prompt == OWN else system_prompt
     data = None
     if p["data_cfg"] is not None:  # (None: harness only, cost figures and no task metrics)
         cache_root = Path(cache_root or Path(store.root) / ".cache")
@@ -116,7 +123,9 @@ def evaluate(
         "primary": primary(task, {}),
         "parent": first_parent(source.manifest),
         "weights_sha256": loaded.sha256,
+        "tokenizer_sha256": tokenizer_hash(tok),
         "runtime": {**rt.record(), "threads": threads()},
+        "cost_settings": cost,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if data is not None:
@@ -130,7 +139,7 @@ def evaluate(
             seed=seed,
             cache_root=cache_root,
             eval_batches=max_batches,
-            system_prompt=record.get("system_prompt"),
+            system_prompt=system_prompt,
         )
         check_labels(model, prepared, source.ref)
         if console is not None:
@@ -144,6 +153,7 @@ def evaluate(
             labels=prepared.info.get("labels"),
             max_seq_len=length,
             max_batches=max_batches,
+            system_prompt=system_prompt,
             data={"fingerprint": data.fingerprint, "examples": len(data[split]), "config": data.config},
             eval_seconds=round(time.perf_counter() - started, 3),
         )
@@ -152,7 +162,7 @@ def evaluate(
                 model,
                 tok,
                 data[split],
-                system_prompt=record.get("system_prompt"),
+                system_prompt=system_prompt,
                 num=samples,
                 max_new_tokens=max_new_tokens,
             )

@@ -53,16 +53,63 @@ def load_record(store, ref: str, path: str, key: str) -> dict | None:
         return None  # a damaged record is measured again, not trusted
 
 
+def settings(record: dict) -> dict:
+    """How a record was measured: what must be equal for two records' numbers to be compared."""
+    runtime = record.get("runtime") or {}
+    return {
+        "task": record.get("task"),
+        "split": record.get("split"),
+        "data": (record.get("data") or {}).get("fingerprint"),
+        "max_seq_len": record.get("max_seq_len"),
+        "max_batches": record.get("max_batches"),
+        "system_prompt": record.get("system_prompt"),
+        "device": runtime.get("device"),
+        "precision": runtime.get("precision"),
+        "threads": runtime.get("threads"),
+        "cost": record.get("cost_settings") if record.get("cost") else None,
+    }
+
+
+def unlike(a: dict, b: dict, *, cost: bool = True) -> list[str]:
+    """The settings two records were measured with differently (empty: their numbers compare). `cost=False`
+    leaves the cost settings out (a task-metric delta needs only the task settings alike)."""
+    sa, sb = settings(a), settings(b)
+    return [k for k in sa if sa[k] != sb[k] and (cost or k != "cost")]
+
+
+def headline(records: list[dict]) -> tuple[str, str | None]:
+    """The metric records are compared by: their primary metric, except that perplexity per token is not
+    comparable across tokenizers or packings, so bits per byte stands in for it there (with the reason why)."""
+    metric = records[0]["primary"]["metric"]
+    if metric != "perplexity" or len(records) < 2:
+        return metric, None
+    tokenizers = {r.get("tokenizer_sha256") for r in records}
+    packings = {r.get("max_seq_len") for r in records}
+    if len(tokenizers) == 1 and len(packings) == 1:
+        return metric, None
+    why = "tokenizers differ" if len(tokenizers) > 1 else "sequence lengths differ"
+    if all("bits_per_byte" in (r.get("metrics") or {}) for r in records):
+        return "bits_per_byte", f"perplexity per token is not comparable: {why}"
+    return metric, f"not comparable: {why}, and there are no bits per byte for this task"
+
+
+def metric_value(record: dict, metric: str):
+    return record["primary"]["value"] if metric == record["primary"]["metric"] else record["metrics"].get(metric)
+
+
 def delta(child: dict, parent: dict | None) -> dict | None:
-    """The child's primary metric minus its parent's, and its size / latency as ratios of the parent's."""
-    if (
-        not parent
-        or parent.get("task") != child.get("task")
-        or parent["primary"]["value"] is None
-        or child["primary"]["value"] is None
-    ):
+    """The child's headline metric minus its parent's, and its size / latency as ratios of the parent's; a
+    `note` instead of numbers when the two were measured differently (then nothing is subtracted)."""
+    if not parent:
         return None
-    out = {"ref": parent["ref"], "metric": child["primary"]["value"] - parent["primary"]["value"]}
+    diff = unlike(child, parent, cost=bool(child.get("cost") and parent.get("cost")))
+    if diff:
+        return {"ref": parent["ref"], "metric": None, "note": f"parent measured differently ({', '.join(diff)})"}
+    metric, why = headline([child, parent])
+    a, b = metric_value(child, metric), metric_value(parent, metric)
+    if a is None or b is None or (why and metric == child["primary"]["metric"]):
+        return {"ref": parent["ref"], "metric": None, "note": why or f"no {metric} to compare"}
+    out = {"ref": parent["ref"], "metric_name": metric, "metric": a - b}
     c, p = child.get("cost") or {}, parent.get("cost") or {}
     for key in ("size_bytes", "latency_ms_p50", "parameters"):
         if c.get(key) and p.get(key):

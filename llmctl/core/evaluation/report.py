@@ -8,15 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmctl.core.evaluation.records import headline, metric_value
+
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and one row per eval record: its primary metric, the delta against its parent, its cost."""
+    """Headers and one row per eval record: its headline metric (core.evaluation.records.headline: bits per byte
+    where perplexities are not comparable, and then the perplexities marked so), the delta against its parent,
+    its cost."""
     metrics = {r["primary"]["metric"] for r in records}
     one = len(metrics) == 1
+    metric, why = headline(records) if one else (None, None)
+    switched = one and metric != records[0]["primary"]["metric"]
     seq = {(r.get("cost") or {}).get("seq_len") for r in records} - {None}
     headers = [
         "checkpoint",
-        (next(iter(metrics)) if one else "metric"),
+        (metric + (" (not comparable)" if why and not switched else "") if one else "metric"),
+        *(["perplexity (not comparable)"] if switched else []),
         "Δ parent",
         "params (non-emb)",
         "size",
@@ -27,17 +34,21 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     ]
     rows = []
     for r in records:
-        p, c, d = r["primary"], r.get("cost") or {}, r.get("delta")
-        value = "—" if p["value"] is None else f"{p['value']:.4f}" if one else f"{p['metric']} {p['value']:.4f}"
+        p, c, d = r["primary"], r.get("cost") or {}, r.get("delta") or {}
+        value = metric_value(r, metric) if one else p["value"]
+        shown = "—" if value is None else f"{value:.4f}" if one else f"{p['metric']} {value:.4f}"
         latency = f"{_num(c.get('latency_ms_p50'))} / {_num(c.get('latency_ms_p90'))}" if c else "—"
         rows.append(
             [
                 r["ref"],
-                value,
-                f"{d['metric']:+.4f}" if d else "—",
+                shown,
+                *([_fmt(p["value"])] if switched else []),
+                f"{d['metric']:+.4f}" + ("" if d.get("metric_name") in (None, metric) else f" {d['metric_name']}")
+                if d.get("metric") is not None
+                else "—",
                 f"{_count(c.get('parameters'))} ({_count(c.get('non_embedding_parameters'))})" if c else "—",
                 _bytes(c.get("size_bytes")),
-                f"{d['size_bytes_ratio']:.2f}×" if d and "size_bytes_ratio" in d else "—",
+                f"{d['size_bytes_ratio']:.2f}×" if "size_bytes_ratio" in d else "—",
                 latency,
                 _num(c.get("throughput_seq_per_s")),
                 _bytes(c.get("peak_memory_bytes")),
@@ -46,12 +57,25 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def notes(records: list[dict]) -> list[str]:
+    """Why numbers in the table are not compared: the headline's reason, each delta left out and why."""
+    out = []
+    metric, why = headline(records) if len({r["primary"]["metric"] for r in records}) == 1 else (None, None)
+    if why:
+        out.append(f"{metric} is the headline: {why}" if metric == "bits_per_byte" else f"{metric}: {why}")
+    for r in records:
+        note = (r.get("delta") or {}).get("note") or r.get("delta_note")
+        if note:
+            out.append(f"{r['ref']}: no delta ({note})")
+    return out
+
+
 def comparison_table(records: list[dict], title: str):
     """table_rows as a rich Table for the terminal."""
     from rich.table import Table
 
     headers, rows = table_rows(records)
-    table = Table(title=title)
+    table = Table(title=title, caption="\n".join(notes(records)) or None, caption_justify="left")
     for h in headers:
         table.add_column(h, justify="left" if h == "checkpoint" else "right")
     for row in rows:
@@ -133,6 +157,8 @@ def write_report(folder: Path, records: list[dict]) -> list[Path]:
         "|" + "|".join("---" if h == "checkpoint" else "---:" for h in headers) + "|",
         *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows),
         "",
+        *(f"- {note}" for note in notes(records)),
+        "",
     ]
     lines += [f"![{p.stem}]({p.name})" for p in charts] + [""]
     for r in records:
@@ -146,8 +172,7 @@ def write_report(folder: Path, records: list[dict]) -> list[Path]:
         lines += [
             f"## {r['ref']}",
             "",
-            f"{judged}; parent: {(r.get('parent') or {}).get('ref') or '—'}"
-            + (f" ({r['delta_note']}: no delta)" if r.get("delta_note") else ""),
+            f"{judged}; parent: {(r.get('parent') or {}).get('ref') or '—'}",
             "",
         ]
         m = r["metrics"]
@@ -194,7 +219,7 @@ def write_report(folder: Path, records: list[dict]) -> list[Path]:
 
 
 def _charts(folder: Path, records: list[dict]) -> list[Path]:
-    """The primary metric against size on disk and against batch-1 latency, one labelled point per checkpoint."""
+    """The headline metric against size on disk and against batch-1 latency, one labelled point per checkpoint."""
     import logging
     import math
 
@@ -205,10 +230,11 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    metric = records[0]["primary"]["metric"]
-    points = [
-        r for r in records if r["primary"]["metric"] == metric and r["primary"]["value"] is not None and r.get("cost")
-    ]
+    records = [r for r in records if r["primary"]["metric"] == records[0]["primary"]["metric"]]  # one axis
+    metric, why = headline(records)
+    if why and metric == records[0]["primary"]["metric"]:
+        return []  # not comparable and nothing stands in for it
+    points = [r for r in records if metric_value(r, metric) is not None and r.get("cost")]
     if not points:
         return []
     written = []
@@ -218,7 +244,7 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
     ):
         fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
         xs = [r["cost"][key] * scale for r in points]
-        ys = [r["primary"]["value"] for r in points]
+        ys = [metric_value(r, metric) for r in points]
         ax.scatter(xs, ys, s=60, zorder=3)
         ax.set_xscale("log")  # compression moves size and latency by factors
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -226,12 +252,10 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         middle = math.sqrt(min(xs) * max(xs))
         span = (max(ys) - min(ys)) or 1.0
-        row: dict[
-            int, int
-        ] = {}  # points at (nearly) the same height: labels alternate above / below, further out each time
-        for x, y, r in sorted(
-            zip(xs, ys, points), key=lambda p: p[0]
-        ):  # labels point inwards, so none runs off the chart
+        # points at (nearly) the same height: labels alternate above / below, further out each time; labels
+        # point inwards, so none runs off the chart
+        row: dict[int, int] = {}
+        for x, y, r in sorted(zip(xs, ys, points), key=lambda p: p[0]):
             right = x > middle
             k = row[round(y / span * 25)] = row.get(round(y / span * 25), -1) + 1
             dy = 6 + 11 * (k // 2) if k % 2 == 0 else -14 - 11 * (k // 2)
@@ -244,7 +268,8 @@ def _charts(folder: Path, records: list[dict]) -> list[Path]:
                 ha="right" if right else "left",
             )
         ax.set_xlabel(label + " · log scale")
-        better = "higher is better" if records[0]["primary"]["mode"] == "max" else "lower is better"
+        mode = records[0]["primary"]["mode"] if metric == records[0]["primary"]["metric"] else "min"
+        better = "higher is better" if mode == "max" else "lower is better"
         ax.set_ylabel(f"{metric} ({better})")
         ax.set_title(f"{metric} against {name} · {points[0]['task']} on {points[0]['split']}")
         ax.grid(True, alpha=0.3)
