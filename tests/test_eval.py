@@ -217,3 +217,31 @@ def test_perplexities_of_different_tokenizers_are_compared_in_bits_per_byte(trai
     assert "| checkpoint | bits_per_byte | perplexity (not comparable) |" in text
     assert "perplexity per token is not comparable: tokenizers differ" in text
     assert (report / "bits_per_byte_vs_size.png").is_file() and not (report / "perplexity_vs_size.png").exists()
+
+
+@pytest.mark.parametrize("ref", ["finetune/cls", "finetune/ner", "finetune/sft"])
+def test_a_capped_evaluation_scores_only_its_batches_for_every_task(trained, ref):
+    """max_batches caps classification, NER and SFT too (not only the packed LM tasks), and the record says so."""
+    _eval(trained, f"ckpt={ref}", "batch_size=4", "parents=false", "cost=off")
+    whole = _record(trained, ref)
+    _eval(trained, f"ckpt={ref}", "batch_size=4", "parents=false", "cost=off", "max_batches=1")
+    capped = _record(trained, ref)
+    assert capped["max_batches"] == 1 and capped["scored"] == 4 < whole["scored"] == whole["data"]["examples"]
+    m, w = capped["metrics"], whole["metrics"]
+    if ref == "finetune/cls":
+        assert sum(map(sum, m["confusion_matrix"])) == 4 < sum(map(sum, w["confusion_matrix"]))
+    elif ref == "finetune/ner":
+        assert m["micro/support"] < w["micro/support"]
+    else:
+        assert 0 < m["tokens"] < w["tokens"]
+
+
+def test_train_eval_batches_caps_a_fine_tunes_validation_and_never_its_test_split(bases, reviews, tmp_path):
+    code, err = run_inprocess(
+        "finetune", *cls_args(bases, reviews, tmp_path, "train.max_steps=4", "train.eval_batches=1")
+    )
+    assert code == 0, err
+    metrics = Store(tmp_path).resolve("finetune/enc-classification").manifest["metrics"]
+    labels = ["business", "entertainment", "politics", "sport", "tech"]
+    assert sum(metrics[f"eval/{n}/support"] for n in labels) == 8  # one batch of 8, of the 25 validation reviews
+    assert sum(metrics[f"test/{n}/support"] for n in labels) == 25  # the test split whole

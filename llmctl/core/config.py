@@ -118,8 +118,8 @@ def stage_help(stage: str, args: list[str], doc: str) -> str:
 
 
 def _option_stages(path: Path, stage: str) -> set[str]:
-    """The stages a config option is for: its `# for: a, b` line (a group shared by stages, like `method`), else "
-    "every stage."""
+    """The stages a config option is for: its `# for: a, b` line (a group shared by stages, like `method`), else
+    every stage."""
     for line in path.read_text().splitlines()[:3]:
         if line.startswith("# for:"):
             return {s.strip() for s in line[len("# for:") :].split(",")}

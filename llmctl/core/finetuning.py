@@ -80,7 +80,7 @@ def finetune(
         {"parameters/trainable": trainable, "parameters/total": total, "parameters/trainable_share": trainable / total}
     )
     if "test" in task.splits and rt.is_main:
-        metrics.update(evaluate_model(model, lambda m: task.evaluate(m, "test", "test"), rt, seed))
+        metrics.update(evaluate_model(model, lambda m: task.evaluate(m, "test", "test", capped=False), rt, seed))
     after = _samples(model, tokenizer, task, sft_samples, max_new_tokens, system_prompt)
     pairs = [
         {"prompt": b["prompt"], "reference": b["reference"], "before": b["output"], "after": a["output"]}

@@ -29,6 +29,7 @@ from llmctl.core.device import broadcast_str, seed_everything, setup_runtime
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import disk_space
 from llmctl.core.loading import artifact_record
+from llmctl.core.manifest import read_manifest
 from llmctl.core.models import count_parameters, weight_bytes
 from llmctl.core.store import (
     TRAINER_STATE,
@@ -295,10 +296,16 @@ def _short(value) -> str:
 
 def name_from(spec) -> str:
     """The checkpoint name a stage gives its output by default: the name of what it starts from, so the chain
-    keeps one name (`prune init_from=distill/bbc` writes prune/bbc; a folder gives its own name)."""
+    keeps one name (`prune init_from=distill/bbc` writes prune/bbc; a checkpoint's folder gives the name in its
+    manifest, any other folder its own name)."""
     text = str(spec or "model")
     ref = parse_ref(text)
-    base = ref[1] if ref else text.split(":", 1)[1] if text.startswith("packaged:") else Path(text).name
+    if ref:
+        base = ref[1]
+    elif text.startswith("packaged:"):
+        base = text.split(":", 1)[1]
+    else:
+        base = (read_manifest(Path(text)) or {}).get("name") or Path(text).name
     return re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model"
 
 

@@ -76,6 +76,7 @@ def run(cfg) -> float | None:
             tokenizer,
             max_seq_len=int(cfg.data.max_seq_len),
             batch_size=int(cfg.train.batch_size),
+            eval_batches=cfg.train.get("eval_batches"),  # validation during training; the test split is whole
             seed=int(cfg.seed),
             system_prompt=cfg.sft.get("system_prompt"),
         )

@@ -174,16 +174,30 @@ def evaluate(
 
 
 def judge(
-    model, prepared, split: str, *, rt, seed: int = 0, folder: Path | None = None, cost: dict | None = None
+    model,
+    prepared,
+    split: str,
+    *,
+    rt,
+    seed: int = 0,
+    folder: Path | None = None,
+    cost: dict | None = None,
+    capped: bool = True,
 ) -> dict:
     """A model's metrics on `split` of a prepared task (core.tasks), and with `cost` (and the folder its
     weights are saved in) its cost figures: what `evaluate` records, for a model already in memory
-    (distill and prune judge before / after with it)."""
+    (distill and prune judge before / after with it). `capped=False`: the whole split, whatever the task's cap."""
     from llmctl.core.train import evaluate_model
 
-    raw = evaluate_model(model, lambda m: prepared.evaluate(m, split, "x"), rt, seed)
+    raw = evaluate_model(model, lambda m: prepared.evaluate(m, split, "x", capped=capped), rt, seed)
     metrics = {k.split("/", 1)[1]: v for k, v in raw.items()}
-    out = {"task": prepared.task, "split": split, "metrics": metrics, "primary": primary(prepared.task, metrics)}
+    out = {
+        "task": prepared.task,
+        "split": split,
+        "scored": len(prepared.scored(split, capped=capped)),  # examples (packed sequences) scored
+        "metrics": metrics,
+        "primary": primary(prepared.task, metrics),
+    }
     if cost is not None:
         out["cost"] = measure_cost(model, folder, rt, **cost)
     return out
@@ -195,7 +209,8 @@ def task_metrics(model, prepared, rt, seed: int) -> dict:
 
     metrics = evaluate_model(model, lambda m: prepared.evaluate(m, "validation", "eval"), rt, seed)
     if "test" in prepared.splits:
-        metrics.update(evaluate_model(model, lambda m: prepared.evaluate(m, "test", "test"), rt, seed))
+        test = evaluate_model(model, lambda m: prepared.evaluate(m, "test", "test", capped=False), rt, seed)
+        metrics.update(test)
     return metrics
 
 
@@ -228,7 +243,7 @@ class BeforeAfter:
         names: tuple[str, str] = ("before", "after"),
     ):
         self.prepared, self.split, self.rt, self.seed, self.cost, self.names = prepared, split, rt, seed, cost, names
-        self.before = {"ref": ref, **judge(model, prepared, split, rt=rt, seed=seed, folder=folder, cost=cost)}
+        self.before = {"ref": ref, **self._judge(model, folder)}
         self.after: dict | None = None
 
     @classmethod
@@ -247,12 +262,15 @@ class BeforeAfter:
             names=names,
         )
 
+    def _judge(self, model, folder: Path) -> dict:
+        """The whole split (a recovery run's train.eval_batches caps its validation, not this comparison)."""
+        return judge(
+            model, self.prepared, self.split, rt=self.rt, seed=self.seed, folder=folder, cost=self.cost, capped=False
+        )
+
     def _measure(self, model, ref: str):
         def measure(folder: Path) -> dict:
-            self.after = {
-                "ref": ref,
-                **judge(model, self.prepared, self.split, rt=self.rt, seed=self.seed, folder=folder, cost=self.cost),
-            }
+            self.after = {"ref": ref, **self._judge(model, folder)}
             self.after["delta"] = delta(self.after, self.before)
             return {"compare": {self.names[0]: self.before, self.names[1]: self.after}}
 

@@ -78,7 +78,8 @@ def prepare(
     mlm_probability: float = 0.15,
     system_prompt: str | None = None,
 ) -> Prepared:
-    """Tokenize `data` (a core.data.Data) for `task` with `tokenizer`."""
+    """Tokenize `data` (a core.data.Data) for `task` with `tokenizer`. `eval_batches` caps every evaluation
+    of the task (spread over the split) unless the caller asks for the whole split (`capped=False`)."""
     check_task(task)
     if task in PACKED:
         prepared = prepare_packed(
@@ -89,11 +90,10 @@ def prepare(
             batch_size=batch_size,
             seed=seed,
             cache_root=cache_root,
-            eval_batches=eval_batches,
             mlm_probability=mlm_probability,
         )
     else:
         builder = {"classification": prepare_classification, "ner": prepare_ner, "sft": prepare_sft}[task]
         prepared = builder(data, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, system_prompt=system_prompt)
-    prepared.data = data
+    prepared.data, prepared.eval_batches, prepared.batch_size = data, eval_batches, int(batch_size)
     return prepared

@@ -1,5 +1,5 @@
-"""What every task shares: the task table, `Prepared`, the manifest's task record, and which split and labels "
-"judge it."""
+"""What every task shares: the task table, `Prepared`, the manifest's task record, and which split and labels
+judge it."""
 
 from __future__ import annotations
 
@@ -51,23 +51,31 @@ class Prepared:
     task: str
     splits: dict  # split name → tokenized dataset (torch format)
     collate: Callable
-    evaluate_fn: Callable  # (model, split, prefix) → metrics
+    evaluate_fn: Callable  # (model, rows of a split, prefix) → metrics
     head: dict = field(default_factory=dict)  # from_pretrained kwargs giving a model a fresh head with this label map
     info: dict = field(default_factory=dict)  # what the task record keeps (labels, chat template, ...)
     data: object = None  # the core.data.Data it was prepared from (raw examples: SFT prompts, reports)
+    eval_batches: int | None = None  # evaluations score this many batches, spread over the split (None: all of it)
+    batch_size: int = 16
 
     @property
     def kind(self) -> str:
         return KIND[self.task]
 
-    def evaluate(self, model, split: str = "validation", prefix: str = "eval") -> dict:
+    def evaluate(self, model, split: str = "validation", prefix: str = "eval", *, capped: bool = True) -> dict:
+        """Metrics of `model` on `split`; `capped`: only the `eval_batches` the evaluation is limited to."""
+        return self.evaluate_fn(model, self.scored(split, capped=capped), prefix)
+
+    def scored(self, split: str, *, capped: bool = True):
+        """The examples (packed sequences) of `split` an evaluation scores: all, or `eval_batches` batches of them
+        spread evenly over the split."""
         if split not in self.splits:
             raise LlmctlError(f"the data has no {split} split (it has {', '.join(self.splits)})")
-        return self.evaluate_fn(model, split, prefix)
+        return evaluated_rows(self.splits[split], self.eval_batches if capped else None, self.batch_size)
 
     def batches(self, split: str, batch_size: int, limit: int):
-        """The first `limit` batches of a split, in its order (calibration: prune's Taylor scores, quantize's "
-        "outlier scan)."""
+        """The first `limit` batches of a split, in its order (calibration: prune's Taylor scores, quantize's
+        outlier scan)."""
         from itertools import islice
 
         from torch.utils.data import DataLoader
@@ -170,8 +178,8 @@ def choose_split(data, split: str | None, data_cfg) -> str:
 
 
 def check_labels(model, prepared: Prepared, ref: str) -> None:
-    """A classifier / tagger must be judged on its own label map: the data's labels must be the model's, in its "
-    "order."""
+    """A classifier / tagger must be judged on its own label map: the data's labels must be the model's, in its
+    order."""
     labels = prepared.info.get("labels")
     if not labels or prepared.task not in ("classification", "ner"):
         return

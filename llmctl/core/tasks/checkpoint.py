@@ -56,6 +56,7 @@ def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str
         loaded.tokenizer,
         max_seq_len=length,
         batch_size=int(cfg.train.batch_size),
+        eval_batches=cfg.train.get("eval_batches"),  # a recovery / QAT run's validation
         seed=int(cfg.seed),
         cache_root=Path(cfg.output_root) / ".cache",
         system_prompt=record.get("system_prompt"),

@@ -72,8 +72,8 @@ def prepare_classification(data, tokenizer, *, max_seq_len, batch_size, system_p
     }
     collate = DataCollatorWithPadding(tokenizer)
 
-    def evaluate(model, split, prefix):
-        loss, logits, labels = _predict(model, splits[split], collate, batch_size)
+    def evaluate(model, rows, prefix):
+        loss, logits, labels = _predict(model, rows, collate, batch_size)
         return {f"{prefix}/loss": loss, **classification_metrics(torch.cat(logits), torch.cat(labels), names, prefix)}
 
     return Prepared("classification", splits, collate, evaluate, head_kwargs(names), {"labels": names})
@@ -107,8 +107,8 @@ def prepare_ner(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
     }
     collate = DataCollatorForTokenClassification(tokenizer)
 
-    def evaluate(model, split, prefix):
-        loss, logits, labels = _predict(model, splits[split], collate, batch_size)
+    def evaluate(model, rows, prefix):
+        loss, logits, labels = _predict(model, rows, collate, batch_size)
         true, pred = [], []
         for batch_logits, batch_labels in zip(logits, labels):  # batches are padded to different lengths
             for p_row, l_row in zip(batch_logits.argmax(-1).tolist(), batch_labels.tolist()):

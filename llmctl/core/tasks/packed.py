@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.tasks.base import Prepared, _device, _loader, evaluated_rows
+from llmctl.core.tasks.base import Prepared, _device, _loader
 
 
 def collate_packed_clm(rows: list[dict]) -> dict:
@@ -23,9 +23,7 @@ def collate_packed_clm(rows: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def prepare_packed(
-    task, data, tokenizer, *, max_seq_len, batch_size, seed, cache_root, eval_batches, mlm_probability
-) -> Prepared:
+def prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cache_root, mlm_probability) -> Prepared:
     from transformers import DataCollatorForLanguageModeling
 
     from llmctl.core.data import pack_for_lm
@@ -51,8 +49,7 @@ def prepare_packed(
     )
     splits = {k: packed[k] for k in packed}
 
-    def evaluate(model, split, prefix):
-        rows = evaluated_rows(splits[split], eval_batches, batch_size)
+    def evaluate(model, rows, prefix):
         metrics = lm_metrics(
             model, _loader(rows, collate, batch_size), _device(model), causal=task == "clm", tokenizer=tokenizer
         )

@@ -26,9 +26,9 @@ def prepare_sft(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
     splits = {k: v.map(encode, remove_columns=v.column_names).with_format("torch") for k, v in data.splits.items()}
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    def evaluate(model, split, prefix):
+    def evaluate(model, rows, prefix):
         metrics = lm_metrics(
-            model, _loader(splits[split], collate, batch_size), _device(model), causal=True, tokenizer=tokenizer
+            model, _loader(rows, collate, batch_size), _device(model), causal=True, tokenizer=tokenizer
         )
         return {k.replace("eval/", f"{prefix}/", 1): v for k, v in metrics.items()}
 
