@@ -288,7 +288,19 @@ CASES = {  # id → (the command line, fragments the error line must hold)
             "method=structured",
             "prune.heads=3",
         ),
-        ["prune.heads=3", "whole multiple of 2", "key-value group"],
+        ["prune.heads=3", "multiple of 2 heads", "key-value groups"],
+    ),
+    "prune a share of heads that rounds to no whole group": (
+        lambda w: _pr(
+            w,
+            f"init_from={w.files / 'llama'}",
+            "data=files",
+            f"data.train={w.corpus}",
+            "method=structured",
+            "prune.heads=0.15",
+            "prune.ffn=0.5",
+        ),
+        ["prune.heads=0.15 rounds to removing nothing", "6 heads in 3 key-value groups of 2", "prune.heads=2"],
     ),
     "prune a quantized checkpoint": (
         lambda w: _pr(_at(w, w.published), "init_from=quantize/q"),

@@ -118,7 +118,7 @@ def test_a_bert_ffn_cut_reloads_with_plain_from_pretrained_and_a_head_cut_is_rec
 
 
 def test_grouped_query_cuts_that_split_a_group_are_refused():
-    with pytest.raises(LlmctlError, match="whole multiple of 2"):
+    with pytest.raises(LlmctlError, match="remove a multiple of 2 heads"):
         pruning.structured(_llama(), heads=3, ffn=0)
     with pytest.raises(LlmctlError, match="removes all"):
         pruning.structured(_llama(), heads=0.99, ffn=0)
@@ -153,3 +153,97 @@ def test_dropping_layers_keeps_exactly_the_named_layers():
     assert pruning.keep_evenly(6, 3) == [0, 2, 5] and pruning.keep_evenly(4, 1) == [0]
     with pytest.raises(LlmctlError, match="keep_layers"):
         pruning.drop_layers(model, keep=[1, 0])
+
+
+def test_a_share_that_rounds_to_no_whole_group_is_refused_saying_what_can_be_cut():
+    """prune.heads=0.25 of 4 heads in 2 key-value groups removed 0 heads and published; now one line."""
+    torch.manual_seed(0)
+    gqa = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=32,
+        )
+    )
+    with pytest.raises(LlmctlError) as e:
+        pruning.structured(gqa, heads=0.25, ffn=0)
+    assert "prune.heads=0.25 rounds to removing nothing" in str(e.value)
+    assert "4 heads in 2 key-value groups of 2" in str(e.value) and "prune.heads=0.5 or prune.heads=2" in str(e.value)
+    with pytest.raises(
+        LlmctlError, match=r"prune.ffn=0.001 rounds to removing nothing.*prune.ffn=0.0312 or prune.ffn=1"
+    ):
+        pruning.structured(gqa, heads=0, ffn=0.001)
+    with pytest.raises(LlmctlError, match="nothing would be cut"):
+        pruning.structured(gqa, heads=0, ffn=0)
+    new, report = pruning.structured(gqa, heads=0.5, ffn=0)
+    assert report["heads"] == {"before": 4, "after": 2, "removed_share": 0.5} and new.config.num_key_value_heads == 1
+
+
+def _planted_bert():
+    """A 1-layer BERT whose head 3 has large query / key / value weights but no say in the output (its output
+    columns are 0): L1 magnitude ranks it first, Taylor importance last."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=32,
+            num_labels=3,
+            hidden_dropout_prob=0.5,
+            attention_probs_dropout_prob=0.5,
+        )
+    )
+    att = model.bert.encoder.layer[0].attention
+    with torch.no_grad():
+        for m in (att.self.query, att.self.key, att.self.value):
+            m.weight[24:32] *= 20
+        att.output.dense.weight[:, 24:32] = 0
+    return model
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [
+        {"input_ids": torch.randint(0, 40, (4, 10), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+        for _ in range(n)
+    ]
+
+
+def test_taylor_importance_ranks_a_planted_useless_head_below_the_ones_that_matter():
+    model = _planted_bert()
+    by_magnitude, _ = pruning.structured(model, heads=1, ffn=0)
+    kept = pruning.transformer_layers(by_magnitude)[0].attention.self.query.weight
+    assert torch.equal(kept[16:24], model.bert.encoder.layer[0].attention.self.query.weight[24:32])  # L1 keeps it
+    scores = pruning.taylor_scores(model, _batches(), "cpu")
+    by_taylor, _ = pruning.structured(model, heads=1, ffn=0, importance="taylor", scores=scores)
+    kept = pruning.transformer_layers(by_taylor)[0].attention.self.query.weight
+    assert torch.equal(kept, model.bert.encoder.layer[0].attention.self.query.weight[:24])  # heads 0-2 kept
+
+
+def test_taylor_scores_are_taken_per_batch_in_eval_mode():
+    """Batches that pull a weight opposite ways do not cancel (|w·g| per batch, summed), and dropout is off (the
+    same scores twice, the model's own mode given back)."""
+    linear = torch.nn.Linear(3, 1, bias=False)
+
+    class Signed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x, sign):
+            return type("Out", (), {"loss": (sign * self.linear(x)).sum()})()
+
+    x = torch.ones(1, 3)
+    scores = pruning.taylor_scores(
+        Signed(), [{"x": x, "sign": torch.tensor(1.0)}, {"x": x, "sign": torch.tensor(-1.0)}], "cpu"
+    )
+    assert torch.allclose(scores[id(linear.weight)], 2 * linear.weight.detach().abs())  # summed grads would give 0
+    model = _planted_bert().train()
+    first, second = pruning.taylor_scores(model, _batches(), "cpu"), pruning.taylor_scores(model, _batches(), "cpu")
+    assert all(torch.equal(first[k], second[k]) for k in first) and model.training

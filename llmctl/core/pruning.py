@@ -95,13 +95,12 @@ def _attention(layer, family: str) -> tuple[list, list, list]:
     )
 
 
-def _unit_scores(module, dim: int, unit: int, grads: dict | None) -> torch.Tensor:
+def _unit_scores(module, dim: int, unit: int, scores: dict | None) -> torch.Tensor:
     """Importance of each block of `unit` outputs / inputs of a module along weight dim `dim` (with its
-    bias when the cut is on its outputs): L1 magnitude, or |w · grad| with `grads`."""
+    bias when the cut is on its outputs): L1 magnitude, or the Taylor scores of `taylor_scores`."""
 
     def score(p):
-        value = p.detach()
-        return (value * grads.get(id(p), torch.zeros_like(value))).abs() if grads is not None else value.abs()
+        return scores.get(id(p), torch.zeros_like(p)) if scores is not None else p.detach().abs()
 
     per = score(module.weight).sum(1 - dim)
     if _bias_on_cut(module, dim) and getattr(module, "bias", None) is not None:
@@ -115,35 +114,49 @@ def _bias_on_cut(module, dim: int) -> bool:
 
 
 def _count(share_or_count, total: int, what: str, unit: int = 1) -> int:
-    """How many of `total` units to remove: a share in [0, 1) or a whole number (a multiple of `unit`)."""
+    """How many of a layer's `total` units (of `unit` heads each: a key-value group; or single FFN neurons) to
+    remove, from a share in [0, 1) or a whole number of heads / neurons (a multiple of `unit`). A cut that rounds
+    to nothing, removes everything or splits a group is one line saying what can be cut."""
     value = float(share_or_count)
+    things = f"{total * unit} {what}" + (f" in {total} key-value groups of {unit}" if unit > 1 else "")
+    smallest = (
+        f"the smallest cut is prune.{what}={1 / total:.3g} or prune.{what}={unit} "
+        f"({'one group of ' if unit > 1 else ''}{unit} {what if unit > 1 else what.rstrip('s') + ' neuron'})"
+    )
+    if value < 0:
+        raise LlmctlError(f"prune.{what}={value:g}: must be a share in [0, 1) or a whole number")
     if value >= 1:
         if value != int(value) or int(value) % unit:
             raise LlmctlError(
-                f"prune.{what}={float(share_or_count):g}: a number of {what} to remove must be a whole multiple of "
-                f"{unit} "
-                f"(the key-value group size) here"
+                f"prune.{what}={value:g}: the {things} go in whole key-value groups, so remove a multiple of "
+                f"{unit} {what}; {smallest}"
             )
         n = int(value) // unit
     else:
-        if value < 0:
-            raise LlmctlError(f"prune.{what}={float(share_or_count):g}: must be a share in [0, 1) or a whole number")
         n = int(round(value * total))
+        if n == 0:
+            raise LlmctlError(
+                f"prune.{what}={value:g} rounds to removing nothing: a layer has {things}; {smallest}, "
+                f"or prune.{what}=0 to keep them all"
+            )
     if n >= total:
-        raise LlmctlError(
-            f"prune.{what}={float(share_or_count):g} removes all {total * unit} {what} of a layer; remove fewer"
-        )
+        raise LlmctlError(f"prune.{what}={value:g} removes all {total * unit} {what} of a layer; remove fewer")
     return n
 
 
-def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict | None = None):
+def structured(model, *, heads, ffn, importance: str = "magnitude", scores: dict | None = None):
     """Remove the least important heads and FFN neurons, the same number in every layer.
 
-    `heads` / `ffn`: a share in [0, 1) or a whole number. `grads` ({id(param): grad}) makes the
-    importance first-order Taylor (|w · g|) instead of L1 magnitude. Returns (new model, report)."""
+    `heads` / `ffn`: a share in [0, 1) or a whole number. `scores` (`taylor_scores`) makes the importance
+    first-order Taylor instead of L1 magnitude. Returns (new model, report)."""
     family = layout(model, "method=structured")
-    if importance == "taylor" and grads is None:
-        raise LlmctlError("prune.importance=taylor needs gradients from calibration batches")
+    if importance == "taylor" and scores is None:
+        raise LlmctlError("prune.importance=taylor needs Taylor scores from calibration batches")
+    if not float(heads or 0) and not float(ffn or 0):
+        raise LlmctlError(
+            "method=structured: prune.heads and prune.ffn are both 0, so nothing would be cut; "
+            "set amount=, prune.heads= or prune.ffn= above 0"
+        )
     layers = transformer_layers(model)
     n_heads, n_kv, d = head_shape(model.config)
     group = n_heads // n_kv
@@ -151,8 +164,7 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     if len(set(current_heads)) > 1:
         raise LlmctlError(
             "method=structured: this checkpoint's layers already have different head counts; prune it with "
-            "method=layers "
-            "or start from its parent"
+            "method=layers or start from its parent"
         )
     n_heads = current_heads[0]
     cut_heads = _count(heads or 0, n_heads // group, "heads", group) if float(heads or 0) > 0 else 0
@@ -161,8 +173,7 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     if family == "llama" and cut_heads and hidden % left:
         raise LlmctlError(
             f"prune.heads={heads}: {left} heads would be left, and transformers' LlamaConfig needs hidden_size "
-            f"({hidden}) "
-            f"to be a multiple of the head count; choose a cut that leaves a divisor of {hidden}"
+            f"({hidden}) to be a multiple of the head count; choose a cut that leaves a divisor of {hidden}"
         )
     ffn_modules = _ffn(layers[0], family)
     width = ffn_modules[0][0].weight.shape[ffn_modules[0][1]]
@@ -172,14 +183,14 @@ def structured(model, *, heads, ffn, importance: str = "magnitude", grads: dict 
     kept_heads = []
     for layer in layers:
         if cut_ffn:
-            score = sum(_unit_scores(m, dim, 1, grads) for m, dim in _ffn(layer, family))
+            score = sum(_unit_scores(m, dim, 1, scores) for m, dim in _ffn(layer, family))
             keep = score.topk(width - cut_ffn).indices.sort().values
             for m, dim in _ffn(layer, family):
                 _select(state, names, m, dim, keep)
         if cut_heads:
             q, kv, out = _attention(layer, family)
-            per_q = sum(_unit_scores(m, dim, d, grads) for m, dim in q + out)  # one score per query head
-            per_kv = sum(_unit_scores(m, dim, d, grads) for m, dim in kv)  # one per key-value head
+            per_q = sum(_unit_scores(m, dim, d, scores) for m, dim in q + out)  # one score per query head
+            per_kv = sum(_unit_scores(m, dim, d, scores) for m, dim in kv)  # one per key-value head
             groups = (
                 per_q.reshape(-1, group).sum(1) + per_kv
             )  # a key-value head and the query heads that read it go together
@@ -304,17 +315,24 @@ def rebuild(model, config, state: dict, heads: list[int] | None = None):
     return new.to(next(model.parameters()).device)
 
 
-def taylor_grads(model, batches, device) -> dict:
-    """Gradients of the task loss summed over calibration batches ({id(param): grad}) for Taylor importance."""
-    model.zero_grad(set_to_none=True)
-    model.train()
-    for batch in batches:
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        out.loss.backward()
+def taylor_scores(model, batches, device) -> dict:
+    """First-order Taylor importance of every weight, {id(param): Σ_batches |w ⊙ ∂loss_b/∂w|}: the loss change
+    removing it would cause, scored per calibration batch and accumulated (gradients summed first would cancel
+    where batches pull a weight opposite ways), in eval mode (dropout off: the model as it will be used)."""
+    was_training = model.training
     model.eval()
-    grads = {id(p): p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
+    params = [p for p in model.parameters() if p.requires_grad]
+    scores = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    scores[id(p)] += (p.detach().float() * p.grad.float()).abs()
     model.zero_grad(set_to_none=True)
-    return grads
+    model.train(was_training)
+    return scores
 
 
 def keep_evenly(depth: int, keep: int) -> list[int]:

@@ -141,11 +141,11 @@ def _prune(run, cfg, method: str, model, prepared) -> dict:
     if method == "structured":
         heads = float(cfg.amount) if p.heads is None else float(p.heads)
         ffn = float(cfg.amount) if p.ffn is None else float(p.ffn)
-        grads = None
+        scores = None
         if p.importance == "taylor":
             batches = prepared.batches("train", int(cfg.train.batch_size), int(p.calibration_batches))
-            grads = pruning.taylor_grads(model, batches, run.rt.device)
-        new, report = pruning.structured(model, heads=heads, ffn=ffn, importance=str(p.importance), grads=grads)
+            scores = pruning.taylor_scores(model, batches, run.rt.device)
+        new, report = pruning.structured(model, heads=heads, ffn=ffn, importance=str(p.importance), scores=scores)
         h, f = report["heads"], report["ffn"]
         return {
             "model": new,
