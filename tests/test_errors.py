@@ -214,6 +214,18 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         lambda w: _gen(w, "prompt=hi", f"out={w.out / 'no' / 'x.jsonl'}"),
         ["out=", "does not exist"],
     ),
+    "generate into a folder it cannot write": (
+        lambda w: _gen(w, "prompt=hi", f"out={w.files / 'readonly' / 'x.jsonl'}"),
+        ["out=", "cannot write in", "choose a folder you can write to"],
+    ),
+    "generate into an existing folder": (
+        lambda w: _gen(w, "prompt=hi", f"out={w.files}"),
+        ["out=", "is a folder", "give a file path"],
+    ),
+    "generate chat=true from a model without a chat template": (
+        lambda w: _gen(w, "prompt=hi", "chat=true"),
+        ["has no chat template", "drop chat=true", "task=sft"],
+    ),
     "generate past the model's positions": (
         lambda w: _gen(w, "prompt=hi", "max_new_tokens=5000"),
         ["max_new_tokens=5000", "positions"],
@@ -373,6 +385,12 @@ def files(tmp_path_factory, bases) -> Path:
     (d / "header.csv").write_text("text,label\n")
     (d / "empty.txt").write_text("\n  \n")
     (d / "broken.jsonl").write_text('{"text": "a fine line"}\n{"text": "cut off\n')
+    readonly = d / "readonly"  # a folder nobody may write in (root may write anywhere but /sys)
+    if os.geteuid() == 0:
+        readonly.symlink_to("/sys")
+    else:
+        readonly.mkdir()
+        readonly.chmod(0o555)
     trunc = d / "truncated"
     shutil.copytree(bases["enc"], trunc)
     weights = trunc / "model.safetensors"

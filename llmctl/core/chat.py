@@ -1,8 +1,32 @@
-"""Chat formatting shared by SFT training, `generate` and `serve`: conversations, prompt ids, end-of-turn tokens."""
+"""Chat formatting shared by SFT training, `generate` and `serve`: conversations, prompt ids, end-of-turn tokens.
+
+A tokenizer's chat template formats a conversation where it has one. Without one, llmctl's SFT trains on a plain
+`### role:` format (`prompt_ids`), so a model fine-tuned that way is prompted the same way; any other model
+without a template has no chat format at all, and asking it to chat is refused (`check_chat`) rather than
+answered with whatever an unknown format produces.
+"""
 
 from __future__ import annotations
 
 from llmctl.core.errors import LlmctlError
+from llmctl.core.manifest import task_record
+
+PLAIN_FORMAT = "### <role>:\n<content>\n\n (llmctl's SFT format for tokenizers without a chat template)"
+
+
+def check_chat(tokenizer, source, key: str = "ckpt") -> None:
+    """A model can chat when its tokenizer has a chat template, or when llmctl fine-tuned it on conversations
+    (task=sft) in the plain format; otherwise one line saying how to prompt it instead."""
+    if tokenizer.chat_template:
+        return
+    record = task_record(source.manifest) or {}
+    if record.get("name") == "sft":
+        return  # trained on the plain format, so prompted with it
+    raise LlmctlError(
+        f"{key}={source.ref} has no chat template (its tokenizer defines none) and was not fine-tuned on "
+        f"conversations; drop chat=true to continue plain text, or fine-tune it first (llmctl finetune "
+        f"task=sft init_from={source.ref}), which trains it on llmctl's plain chat format"
+    )
 
 
 def conversation(example, system_prompt: str | None) -> list[dict]:

@@ -94,10 +94,17 @@ class StageRun:
     identity: dict = field(default_factory=dict)  # what this run trains (saved with its state, checked on resume)
     lock: RunLock | None = None
     resumed: dict | None = None  # set when continuing an interrupted run: which run, and the settings it changed
+    header: str = ""  # the stage's first line (device, precision), until printed
 
     def print(self, *args, **kwargs) -> None:
         if self.console is not None:
             self.console.print(*args, **kwargs)
+
+    def announce(self) -> None:
+        """Print the stage's header line (once)."""
+        if self.header:
+            self.print(self.header)
+            self.header = ""
 
     def __enter__(self) -> StageRun:
         return self
@@ -115,22 +122,27 @@ class StageRun:
             self.lock.release()
 
 
-def start(stage: str, cfg, default_name: str | None = None, *, publishes: bool = True) -> StageRun:
+def start(
+    stage: str, cfg, default_name: str | None = None, *, publishes: bool = True, stderr: bool = False
+) -> StageRun:
     """Validate the shared keys, choose device and precision (printed once), seed everything.
 
     The checkpoint name is `name`, else `default_name`, else the chosen preset (conf=...);
-    `publishes=False` for stages that write no version (generate)."""
+    `publishes=False` for stages that write no version (generate); `stderr=True` sends everything the
+    stage reports to stderr, keeping stdout for its output (generate's text), and leaves the header line
+    to `run.announce()` once the input is checked (bad input on stderr is then one line alone)."""
     from rich.console import Console
 
     quiet_libraries()
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
-    piped = (
-        not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    )  # logs and CI: lines and tables are not squeezed into 80 columns
-    console = Console(highlight=False, width=160 if piped else None) if rt.is_main else None
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ  # logs and CI: tables are not squeezed into 80 columns
+    console = Console(highlight=False, width=160 if piped else None, stderr=stderr) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)
-    run.print(f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}")
+    run.header = f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}"
+    if not stderr:
+        run.announce()
     seed_everything(int(cfg.seed))
     return run
 

@@ -27,11 +27,12 @@ from pydantic import Field
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.chat import end_of_turn_ids, prompt_ids
+from llmctl.core.chat import check_chat, end_of_turn_ids, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
-from llmctl.core.files import write_text
+from llmctl.core.files import check_writable_file, write_text
 from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
+from llmctl.core.tokenizer import load_tokenizer
 
 
 class Sample(schema.Section):
@@ -61,24 +62,26 @@ class Config(schema.StageConfig):
 
 def run(cfg) -> None:
     prompts = _prompts(cfg)
-    out = _out_path(cfg)
-    with stage_run.start("generate", cfg, default_name="generate", publishes=False) as run:
+    out = check_writable_file(cfg.out, "out") if cfg.out else None  # before any work: nothing generated for nothing
+    with stage_run.start("generate", cfg, default_name="generate", publishes=False, stderr=True) as run:
         source = resolve_source(run.store, cfg.ckpt, what="ckpt")
         if source_kind(source) != "causal-lm":
             raise LlmctlError(
                 f"ckpt={cfg.ckpt} is a {source_kind(source)} checkpoint; generate needs a causal LM "
                 f"(a pretrain/... clm, an SFT fine-tune, model folders like SmolLM2)"
             )
+        if cfg.chat or cfg.interactive or any(isinstance(p, list) for p in prompts):
+            check_chat(load_tokenizer(source.path), source, "ckpt")
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
-        run.print(f"model {type(model).__name__} from {source.ref} · {_describe(cfg.sample)}")
         settings = _settings(cfg, tok)
-        encode = lambda prompt: _encode(tok, prompt, chat=bool(cfg.chat), system_prompt=cfg.system_prompt)  # noqa: E731
+        encoded = [_encode(tok, p, chat=bool(cfg.chat), system_prompt=cfg.system_prompt) for p in prompts]
+        _check_length(model, encoded, int(cfg.max_new_tokens))
+        run.announce()
+        run.print(f"model {type(model).__name__} from {source.ref} · {_describe(cfg.sample)}")
         if cfg.interactive:
             return _interactive(run, model, tok, settings, cfg.system_prompt)
-        encoded = [encode(p) for p in prompts]
-        _check_length(model, encoded, int(cfg.max_new_tokens))
         results = []
         if len(prompts) == 1 and cfg.stream and settings.get("num_beams", 1) == 1:
             results.append(_one(run, model, tok, encoded[0], prompts[0], settings, stream=True))
@@ -143,15 +146,6 @@ def _check_length(model, encoded: list[list[int]], max_new_tokens: int) -> None:
             "positions; "
             f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt"
         )
-
-
-def _out_path(cfg) -> Path | None:
-    if not cfg.out:
-        return None
-    path = Path(str(cfg.out)).expanduser()
-    if not path.parent.is_dir():
-        raise LlmctlError(f"out={cfg.out}: the folder {path.parent} does not exist; create it or choose another path")
-    return path
 
 
 def _strategy(sample) -> str:
@@ -241,7 +235,8 @@ def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream:
         (streamer.first - start) if streamer is not None and streamer.first else None,
     )
     if not stream:
-        print(record["completion"])  # plain text: generated brackets are not rich markup
+        print(record["completion"], flush=True)  # plain text: generated brackets are not rich markup
+    _note_if_empty(run, record)
     _report(run, record)
     return record
 
@@ -263,7 +258,9 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
     for prompt, row in zip(prompts, out[:, width:].tolist()):
         n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))  # up to and including the first stop token
         records.append(_record(prompt, tok.decode(row[:n], skip_special_tokens=True), n, elapsed, None))
-        print(f"> {_show_prompt(prompt)}\n{records[-1]['completion']}")
+        run.print(f"[dim]> {_show_prompt(prompt)}[/]")  # the prompt to stderr, the text alone to stdout
+        print(records[-1]["completion"], flush=True)
+        _note_if_empty(run, records[-1])
     total = sum(r["new_tokens"] for r in records)
     run.print(f"[dim]batch of {len(prompts)}: {total} tokens in {elapsed:.2f} s · {total / elapsed:,.1f} tokens/s[/]")
     return records
@@ -284,11 +281,16 @@ def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> 
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
         ids = prompt_ids(tok, messages)
-        _check_length(
-            model, [ids], settings["max_new_tokens"]
-        )  # a long conversation ends with one line, not an IndexError
+        _check_length(model, [ids], settings["max_new_tokens"])  # a long conversation: one line, not an IndexError
         record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True)
         messages.append({"role": "assistant", "content": record["completion"].strip()})
+
+
+def _note_if_empty(run, record: dict) -> None:
+    """Say why nothing was printed, rather than leave a blank line unexplained."""
+    if not record["completion"].strip():
+        why = "it ended its answer at once" if record["new_tokens"] <= 1 else "it produced only special tokens"
+        run.print(f"[yellow]the model generated no text ({why}, {record['new_tokens']} token(s))[/]")
 
 
 def _record(prompt, completion: str, new_tokens: int, elapsed: float, first: float | None) -> dict:
