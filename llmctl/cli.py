@@ -61,17 +61,26 @@ def run_stage(stage: str, args: list[str]) -> None:
     module = importlib.import_module(f"llmctl.stages.{stage}")
     assert isinstance(module, Stage), f"llmctl.stages.{stage} does not follow the stage contract"
 
-    def job(cfg):
-        from llmctl.core.device import gpu_ids
+    def checked(cfg):
         from llmctl.core.schema import StageConfig, validate
 
         validate(cfg, getattr(module, "Config", StageConfig))  # every value typed and in range, before anything runs
+        return cfg
+
+    def job(cfg):
+        from llmctl.core.device import gpu_ids
+
+        checked(cfg)
         ids = gpu_ids(cfg.device)
         if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
             return _run_under_torchrun(stage, ids)
         return module.run(cfg)
 
-    run_with_hydra(stage, args, job, doc=module.__doc__ or "")
+    def objective(cfg):
+        """What an Optuna sweep of this stage optimises: (metric, "min" | "max"), None when it returns nothing."""
+        return module.objective(checked(cfg)) if hasattr(module, "objective") else None
+
+    run_with_hydra(stage, args, job, doc=module.__doc__ or "", objective=objective)
 
 
 def _run_under_torchrun(stage: str, ids: list[int]) -> float | None:

@@ -30,9 +30,14 @@ def config_dir() -> Path:
     )
 
 
-def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") -> None:
+def run_with_hydra(
+    stage: str, args: list[str], job: Callable, doc: str = "", objective: Callable | None = None
+) -> None:
     """Run `job(cfg)` through Hydra with the `stage` config root and the command line `args`
-    (`llmctl <stage> <args>`). Raises LlmctlError on bad input."""
+    (`llmctl <stage> <args>`). `objective(cfg)` → (metric, "min" | "max") or None: what an Optuna sweep of
+    the stage optimises (core.sweeps). Raises LlmctlError on bad input."""
+    from llmctl.core.sweeps import with_direction
+
     if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
         args = [a if a != "--hydra-help" else "--help" for a in args]
     elif "--help" in args or "-h" in args:
@@ -41,7 +46,7 @@ def run_with_hydra(stage: str, args: list[str], job: Callable, doc: str = "") ->
     if "--cfg" in args and args[args.index("--cfg") + 1 :][:1] == ["job"] and not {"--package", "-p"} & set(args):
         print(_commented(stage, args))
         return
-    _hydra(stage, args, job)
+    _hydra(stage, with_direction(stage, args, objective or (lambda cfg: None), str(config_dir())), job)
 
 
 def _hydra(stage: str, args: list[str], job: Callable) -> None:

@@ -321,9 +321,28 @@ def name_from(spec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model"
 
 
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "latency", "size", "memory", "error")
+HIGHER_IS_BETTER = ("accuracy", "f1", "precision", "recall", "throughput")
+
+
 def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
-    """(metric, mode) a run optimises: objective_metric / objective_mode from config, else the stage's default."""
-    return cfg.get("objective_metric") or default[0], cfg.get("objective_mode") or default[1]
+    """(metric, mode) a run optimises: objective_metric / objective_mode from config, else the stage's default.
+    An objective_metric given without a mode takes the mode its name says (a loss is minimised, an accuracy
+    maximised); one that says nothing needs objective_mode."""
+    metric, mode = cfg.get("objective_metric") or default[0], cfg.get("objective_mode")
+    if mode:
+        return metric, str(mode)
+    if metric == default[0]:
+        return metric, default[1]
+    name = metric.rsplit("/", 1)[-1]
+    if any(word in name for word in LOWER_IS_BETTER):
+        return metric, "min"
+    if any(word in name for word in HIGHER_IS_BETTER):
+        return metric, "max"
+    raise LlmctlError(
+        f"objective_metric={metric}: set objective_mode=min or objective_mode=max (llmctl cannot tell "
+        f"from its name which way is better)"
+    )
 
 
 def save_dtype(run: StageRun) -> str:

@@ -20,6 +20,9 @@ class Stage(Protocol):
       ranks; None when it has no objective or on a non-zero DDP rank.
     - Optionally `Config`: a `core.schema.StageConfig` subclass typing the stage's own keys; the CLI
       validates the composed config against it before `run` (default: the shared keys only).
+    - Optionally `objective(cfg) -> (metric, "min" | "max") | None`: what `run` returns for this config,
+      read before anything runs, so an Optuna sweep optimises in the right direction (core.sweeps); a
+      stage without it returns nothing to optimise and refuses an Optuna sweep.
     """
 
     def run(self, cfg) -> float | None: ...

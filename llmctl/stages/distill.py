@@ -35,7 +35,7 @@ from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.models import count_parameters
 from llmctl.core.tasks import OBJECTIVE, task_record
-from llmctl.core.tasks.checkpoint import load_on_task
+from llmctl.core.tasks.checkpoint import checkpoint_objective, load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 KINDS = ("seq-cls", "token-cls", "causal-lm")
@@ -151,6 +151,11 @@ def run(cfg) -> float | None:
             extra={"distill": settings},
         )
         return published.manifest["objective"]["value"] if published else None
+
+
+def objective(cfg) -> tuple[str, str]:
+    """What a sweep of this stage optimises: the teacher's task's objective (the student's), or objective_metric."""
+    return checkpoint_objective(cfg, "teacher", task=cfg.get("task"))
 
 
 def _student(run, cfg, teacher, prepared, kind: str):

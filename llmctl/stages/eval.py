@@ -32,6 +32,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.evaluation import judging, records, report
 from llmctl.core.evaluation.cost import cost_settings
 from llmctl.core.loading import resolve_source, source_kind
+from llmctl.core.store import Store
 
 
 class Harness(schema.Section):
@@ -98,6 +99,15 @@ def run(cfg) -> float | None:
             written = report.write_report(report_dir, judged_all)
             run.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
         return judged_all[0]["primary"]["value"] if len(judged_all) == 1 else None
+
+
+def objective(cfg) -> tuple[str, str] | None:
+    """What a sweep of this stage optimises: one checkpoint's primary metric (several return nothing)."""
+    refs = _refs(cfg.ckpt)
+    if len(refs) > 1:
+        return None
+    plan = judging.plan(resolve_source(Store(cfg.output_root), refs[0], what="ckpt"), data_cfg=cfg.get("data") or None)
+    return judging.PRIMARY[plan["task"]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,6 +158,11 @@ def run(cfg) -> float | None:
         return published.manifest["objective"]["value"]
 
 
+def objective(cfg) -> tuple[str, str]:
+    """What a sweep of this stage optimises: the task's selection metric, or objective_metric / _mode."""
+    return stage_run.resolve_objective(cfg, OBJECTIVE[str(cfg.task)])
+
+
 def _source(run, cfg, task: str):
     """init_from (any reference / HF folder) or the model preset; refuse a kind that cannot work."""
     if cfg.init_from:

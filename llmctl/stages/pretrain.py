@@ -128,6 +128,11 @@ def run(cfg) -> float | None:
         return result.manifest["objective"]["value"]
 
 
+def objective(cfg) -> tuple[str, str]:
+    """What a sweep of this stage optimises: the objective's validation loss, or objective_metric / _mode."""
+    return stage_run.resolve_objective(cfg, OBJECTIVE[str(cfg.objective)])
+
+
 def _source(run, cfg):
     """The checkpoint whose weights this run starts from (init_from, else model.pretrained), or None."""
     if cfg.init_from:

@@ -36,7 +36,7 @@ from llmctl.core.families import transformer_layers
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import resolve_source
 from llmctl.core.tasks import OBJECTIVE, task_record
-from llmctl.core.tasks.checkpoint import load_on_task
+from llmctl.core.tasks.checkpoint import checkpoint_objective, load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -130,6 +130,11 @@ def run(cfg) -> float | None:
             extra={"prune": settings},
         )
         return published.manifest["objective"]["value"] if published else None
+
+
+def objective(cfg) -> tuple[str, str]:
+    """What a sweep of this stage optimises: the checkpoint's task's objective, or objective_metric / _mode."""
+    return checkpoint_objective(cfg, "init_from")
 
 
 def _prune(run, cfg, method: str, model, prepared) -> dict:

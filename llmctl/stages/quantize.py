@@ -38,7 +38,7 @@ from llmctl.core.evaluation.judging import BeforeAfter, task_metrics
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import artifact_record, resolve_source
 from llmctl.core.tasks import OBJECTIVE, task_record
-from llmctl.core.tasks.checkpoint import load_on_task
+from llmctl.core.tasks.checkpoint import checkpoint_objective, load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 
@@ -159,3 +159,8 @@ def run(cfg) -> float | None:
             save_weights=lambda folder, dtype: quantization.save(model, qrecord, folder, dtype=dtype),
         )
         return published.manifest["objective"]["value"] if published else None
+
+
+def objective(cfg) -> tuple[str, str]:
+    """What a sweep of this stage optimises: the checkpoint's task's objective, or objective_metric / _mode."""
+    return checkpoint_objective(cfg, "init_from")

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.core.data import load_data
-from llmctl.core.loading import Loaded, load_checkpoint, refuse_quantized, source_kind
+from llmctl.core.errors import LlmctlError
+from llmctl.core.loading import Loaded, load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.manifest import task_record
-from llmctl.core.store import Resolved
+from llmctl.core.run import resolve_objective
+from llmctl.core.store import Resolved, Store
 from llmctl.core.tasks import (
     DATA_TASK,
+    OBJECTIVE,
     Prepared,
     check_labels,
     choose_split,
@@ -74,3 +77,13 @@ def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str
         prepared=prepared,
         split=choose_split(data, None, data_cfg),
     )
+
+
+def checkpoint_objective(cfg, key: str, *, task: str | None = None) -> tuple[str, str]:
+    """(metric, mode) a stage working on the checkpoint `cfg[key]` optimises: its task's objective (other data
+    given: the task that data makes), or objective_metric / objective_mode. Read before anything is loaded."""
+    if not cfg.get(key):
+        raise LlmctlError(f"{key} is required here; set {key}=<reference or HF folder>")
+    source = resolve_source(Store(cfg.output_root), cfg[key], what=key)
+    chosen = task_of(source_kind(source), task_record(source.manifest), other_data=bool(cfg.get("data")), task=task)
+    return resolve_objective(cfg, OBJECTIVE[chosen])
