@@ -180,7 +180,7 @@ def ckpt_list(
         obj = m.get("objective") or {}
         value = obj.get("value")
         cells["ref"].append(f"{st}/{name}@v{v:03d}" + (" (latest)" if latest[st, name] == v else ""))
-        cells["kind"].append(m.get("kind", "?"))
+        cells["kind"].append("damaged" if m.get("damaged") else m.get("kind", "?"))
         cells["objective"].append(f"{obj.get('metric')}={value:.4g}" if isinstance(value, (int, float)) else "")
         cells["size"].append(f"{folder_size(store.name_dir(st, name) / f'v{v:03d}') / 2**20:.1f} MiB")
         cells["params"].append(f"{m.get('model', {}).get('parameters', 0) / 1e6:.2f}M")
@@ -223,6 +223,10 @@ def ckpt_show(
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     table.add_row("path", str(res.path))
+    if m.get("damaged"):
+        table.add_row("damaged", f"[red]{m['damaged']}[/]: it cannot be used; `llmctl ckpt rm {res.ref}` removes it")
+        console.print(table)
+        return
     for key in ("kind", "created", "command"):
         table.add_row(key, str(m.get(key, "")))
     if "overrides" in m:
@@ -257,9 +261,21 @@ def ckpt_show(
             table.add_row(section, " ".join(f"{k}={v}" for k, v in config[section].items()))
     for key, value in (m.get("runtime") or {}).items():
         table.add_row(f"runtime {key}", str(value))
-    table.add_row("weights sha256", str(m.get("weights_sha256")))
+    table.add_row("weights sha256", _weights_state(res))
     table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items()))
     console.print(table)
+
+
+def _weights_state(res) -> str:
+    """The recorded weights hash, and whether the files on disk still match it (they are read now)."""
+    from llmctl.core.store import verify_weights
+
+    recorded = (res.manifest or {}).get("weights_sha256")
+    try:
+        verify_weights(res)
+    except LlmctlError:
+        return f"{recorded} [red](the files on disk no longer match it: a weights file was modified or damaged)[/]"
+    return f"{recorded} (the files match)" if recorded else "not recorded"
 
 
 @ckpt_app.command("lineage")
@@ -274,6 +290,8 @@ def ckpt_lineage(ref: str, output_root: str = ROOT_OPT) -> None:
 
     def label(item) -> str:
         m = item.manifest or {}
+        if m.get("damaged"):
+            return f"[bold]{item.ref}[/] ([red]damaged[/]: {m['damaged']})"
         state = f"{m.get('kind') or '?'}, {m['missing']}" if m.get("missing") else (item.kind or "external")
         return f"[bold]{item.ref}[/] ({state})"
 

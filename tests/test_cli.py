@@ -169,3 +169,36 @@ def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
     assert "method: int4-weight, int8-dynamic (default), int8-weight, qat" in run_cli("quantize", "--help").stdout
     out = run_cli("finetune", "--cfg", "job", "method=lora")
     assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout
+
+
+def test_a_damaged_manifest_is_listed_shown_and_removable_and_locks_up_nothing(tmp_path):
+    """One manifest that is not valid JSON broke list, show, lineage, eval and even rm (a traceback each)."""
+    from llmctl.core.store import Store, parent_entry
+
+    store = Store(tmp_path)
+    a = store.publish(_run(store, "pretrain", "a"), "pretrain", "a", {"kind": "mlm"})
+    store.publish(
+        _run(store, "finetune", "b"), "finetune", "b", {"kind": "seq-cls", "parents": [parent_entry(a, "init")]}
+    )
+    (a.path / "llmctl.json").write_text('{"kind": "mlm", "parents": [')  # cut off mid-write
+    listed = run_cli("ckpt", "list", "-o", str(tmp_path))
+    assert listed.returncode == 0 and "damaged" in listed.stdout and "finetune/b@v001" in listed.stdout
+    shown = run_cli("ckpt", "show", "pretrain/a", "-o", str(tmp_path))
+    assert shown.returncode == 0 and "not valid JSON" in shown.stdout and "ckpt rm pretrain/a@v001" in shown.stdout
+    lineage = run_cli("ckpt", "lineage", "finetune/b", "-o", str(tmp_path))
+    assert lineage.returncode == 0 and "pretrain/a@v001 (damaged" in lineage.stdout
+    judged = run_cli("eval", "ckpt=pretrain/a", f"output_root={tmp_path}")
+    assert judged.returncode == 2 and judged.stderr.count("\n") == 1 and "not valid JSON" in judged.stderr
+    removed = run_cli("ckpt", "rm", "pretrain/a@v001", "--yes", "-o", str(tmp_path))
+    assert removed.returncode == 0 and store.versions("pretrain", "a") == []
+
+
+def test_ckpt_show_says_when_the_weights_no_longer_match(tmp_path):
+    from llmctl.core.store import Store, weights_sha256
+
+    store = Store(tmp_path)
+    run = _run(store, "pretrain", "a")
+    a = store.publish(run, "pretrain", "a", {"kind": "mlm", "weights_sha256": weights_sha256(run)})
+    assert "(the files match)" in run_cli("ckpt", "show", "pretrain/a", "-o", str(tmp_path)).stdout
+    (a.path / "model.safetensors").write_bytes(b"x")
+    assert "no longer match" in run_cli("ckpt", "show", "pretrain/a", "-o", str(tmp_path)).stdout

@@ -134,8 +134,11 @@ FORMATS = {
 
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
-    """A store reference, an HF folder or `packaged:<name>` → where it is (nothing loaded yet)."""
-    return spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
+    """A store reference, an HF folder or `packaged:<name>` → where it is (nothing loaded yet); a checkpoint whose
+    manifest is damaged is refused here, in one line, before any stage builds on it."""
+    resolved = spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
+    check_intact(resolved.manifest, resolved.ref, what)
+    return resolved
 
 
 def source_kind(resolved: Resolved) -> str:

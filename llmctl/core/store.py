@@ -198,11 +198,19 @@ class Store:
         path = Path(text).expanduser()
         if path.is_dir() and (path / "config.json").is_file():
             path, manifest = path.resolve(), read_manifest(path)
-            inside = manifest and manifest.get("ref") and path.is_relative_to(self.root.resolve())
-            return Resolved(path=path, ref=manifest["ref"] if inside else str(path), manifest=manifest)
+            return Resolved(path=path, ref=self._ref_of(path) or str(path), manifest=manifest)
         if path.exists():
             raise LlmctlError(f"{what} {text!r} is not an HF model folder (no config.json in it); {REF_HELP}")
         raise LlmctlError(f"{what} {text!r} is neither a checkpoint in {self.root}/ nor an existing folder; {REF_HELP}")
+
+    def _ref_of(self, folder: Path) -> str | None:
+        """The reference of a version folder inside this store (`<stage>/<name>/vNNN`), from where it is."""
+        try:
+            stage, name, version = folder.relative_to(self.root.resolve()).parts
+        except ValueError:
+            return None
+        ok = stage in STORE_STAGES and _VERSION_DIR.match(version) and (folder / MANIFEST).is_file()
+        return f"{stage}/{name}@{version}" if ok else None
 
     def _resolve_store(self, stage: str, name: str, sel: str, text: str, what: str) -> Resolved:
         versions = self.versions(stage, name)
