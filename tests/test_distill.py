@@ -106,3 +106,37 @@ def test_a_causal_lm_distils_next_token_logits_on_a_text_corpus(tmp_path, bases,
     model = AutoModelForCausalLM.from_pretrained(res.path)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_a_head_pruned_bert_teacher_gives_its_students_its_per_layer_heads(teacher):
+    """The student copied from a head-pruned teacher's layers has those layers' head counts (it crashed: the
+    student was built with the config's full heads and the teacher's smaller matrices did not fit)."""
+    code, err = run_inprocess(
+        "prune",
+        "init_from=finetune/t",
+        "method=structured",
+        "prune.heads=1",
+        "prune.ffn=0",
+        "name=tp",
+        "precision=fp32",
+        f"output_root={teacher}",
+        "cost=off",
+    )
+    assert code == 0, err
+    code, err = run_inprocess(
+        "distill",
+        "teacher=prune/tp",
+        "student.num_layers=1",
+        "name=from-pruned",
+        "train.max_steps=4",
+        "precision=fp32",
+        f"output_root={teacher}",
+        "cost=off",
+    )
+    assert code == 0, err
+    student = Store(teacher).resolve("distill/from-pruned")
+    assert student.manifest["artifact"]["format"] == "pruned" and student.manifest["artifact"]["attention_heads"] == [1]
+    from llmctl.core.loading import load_checkpoint
+
+    loaded = load_checkpoint(Store(teacher), "distill/from-pruned")
+    assert loaded.model.bert.encoder.layer[0].attention.self.query.out_features == 16  # 1 head of 16

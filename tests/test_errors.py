@@ -161,6 +161,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "finetune conf=bert-tiny": (lambda w: _ft(w, "conf=bert-tiny"), ["takes no config group 'conf'", "method"]),
     "unknown key": (lambda w: _pre(w, "train.lrr=1"), ["train.lrr", "did you mean train.lr"]),
     "unknown preset": (lambda w: _pre(w, "model=bert-huge"), ["model=bert-huge", "bert-tiny"]),
+    "--config-dir naming a missing folder": (
+        lambda w: ["pretrain", "--config-dir", str(w.out / "my-configs"), *tiny("clm", w.corpus, w.out)],
+        ["--config-dir", "my-configs: no such folder"],
+    ),
     # the store and references
     "output_root is a file": (lambda w: _pre(_at(w, w.files / "latin1.txt")), ["output_root=", "is a file"]),
     "bad name": (lambda w: _pre(w, "name=a b"), ["name='a b'", "letters, digits"]),
@@ -283,6 +287,26 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         ["student.num_layers=9", "1..2"],
     ),
     "distill distill.alpha=2": (lambda w: _ds(w, "teacher=x", "distill.alpha=2"), ["distill.alpha=2", "at most 1"]),
+    "distill student.num_layers=0": (
+        lambda w: _ds(w, "teacher=x", "student.num_layers=0"),
+        ["bad config value student.num_layers=0: must be at least 1"],
+    ),
+    "distill a student whose width does not split into its heads": (
+        lambda w: _ds(_at(w, w.published), "teacher=finetune/c", "student.init=random", "student.num_heads=3"),
+        ["student.hidden_size=32 does not split into student.num_heads=3 heads", "choose a head count"],
+    ),
+    "distill a Llama student whose heads split no key-value group": (
+        lambda w: _ds(
+            w,
+            f"teacher={w.files / 'llama'}",
+            "data=files",
+            f"data.train={w.corpus}",
+            "student.init=random",
+            "student.num_heads=4",
+            "student.hidden_size=32",
+        ),
+        ["student.num_heads=4 query heads do not split into 3 key-value groups", "multiple of 3"],
+    ),
     # prune
     "prune amount=1.5": (lambda w: _pr(w, "init_from=x", "amount=1.5"), ["amount=1.5", "below 1"]),
     "prune amount=0": (lambda w: _pr(w, "init_from=x", "amount=0"), ["amount=0", "above 0"]),

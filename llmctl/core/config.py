@@ -38,6 +38,8 @@ def run_with_hydra(
     the stage optimises (core.sweeps). Raises LlmctlError on bad input."""
     from llmctl.core.sweeps import with_direction
 
+    _check_config_dirs(args)
+
     if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
         args = [a if a != "--hydra-help" else "--help" for a in args]
     elif "--help" in args or "-h" in args:
@@ -47,6 +49,22 @@ def run_with_hydra(
         print(_commented(stage, args))
         return
     _hydra(stage, with_direction(stage, args, objective or (lambda cfg: None), str(config_dir())), job)
+
+
+def _check_config_dirs(args: list[str]) -> None:
+    """--config-dir DIR (or --config-dir=DIR) must name a folder: one line, before Hydra fails on it."""
+    for i, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd"):
+            folder = args[i + 1] if i + 1 < len(args) else None
+        elif arg.startswith("--config-dir="):
+            folder = arg.split("=", 1)[1]
+        else:
+            continue
+        if not folder or not Path(folder).expanduser().is_dir():
+            raise LlmctlError(
+                f"--config-dir {folder or ''}: no such folder (relative to {Path.cwd()}); give a folder holding "
+                f"<group>/<name>.yaml presets, e.g. --config-dir my-configs with my-configs/conf/my-preset.yaml"
+            )
 
 
 def _hydra(stage: str, args: list[str], job: Callable) -> None:

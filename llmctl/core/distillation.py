@@ -18,7 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.families import WIDTH_KEYS, depth_key, layers_prefix, layout, transformer_layers
+from llmctl.core.families import (
+    WIDTH_KEYS,
+    check_heads,
+    depth_key,
+    head_shape,
+    layers_prefix,
+    layout,
+    transformer_layers,
+)
+from llmctl.core.pruning import apply_shapes, layer_heads
+
+USER_KEYS = ("student.hidden_size", "student.num_heads", "student.intermediate_size")  # as WIDTH_KEYS, in config
 
 TEACHER_LOGITS = "teacher_logits"  # the column holding cached teacher logits in a training split
 
@@ -42,10 +53,15 @@ def student_config(teacher_config, *, num_layers: int | None, width: dict | None
     setattr(config, depth_key(config), n)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in evenly_spaced(depth, n)]
-    for key, value in (width or {}).items():
-        if value is not None:
-            setattr(config, key, int(value))
-    if family == "llama" and width and width.get("hidden_size") and not (width or {}).get("head_dim"):
+    given = {k: int(v) for k, v in (width or {}).items() if v is not None}
+    for key, value in given.items():
+        setattr(config, key, value)
+    rederive = family == "llama" and {"hidden_size", "num_attention_heads"} & set(given)
+    if rederive:
+        config.head_dim = None  # a new width or head count: the head size follows from them
+    names = {k: USER_KEYS[i] for i, k in enumerate(WIDTH_KEYS[family])}
+    check_heads(config, {**names, "num_key_value_heads": "the teacher's num_key_value_heads"})  # before any work
+    if rederive:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
 
@@ -54,8 +70,8 @@ def student_from_teacher(
     teacher, *, num_layers: int | None, init: str = "teacher-layers", width: dict | None = None, seed: int = 0
 ):
     """A smaller model of the teacher's family: its layers copied from every k-th teacher layer (embeddings,
-    final norm and head copied too), or `init="random"` (fresh weights, same config).
-    Returns (student, kept layer ids)."""
+    final norm and head copied too), or `init="random"` (fresh weights, same config). A copied layer keeps the
+    teacher layer's shapes (a head-pruned BERT teacher's per-layer head counts). Returns (student, kept layer ids)."""
     family = layout(teacher, "distill")
     config = student_config(teacher.config, num_layers=num_layers, width=width)
     changed = [k for k in WIDTH_KEYS.get(family, ()) if getattr(config, k, None) != getattr(teacher.config, k, None)]
@@ -72,6 +88,9 @@ def student_from_teacher(
         return student, []
     if init != "teacher-layers":
         raise LlmctlError(f"student.init={init!r} is not one of teacher-layers, random")
+    if family == "bert":
+        heads = layer_heads(teacher)
+        apply_shapes(student, [heads[i] for i in kept], head_shape(teacher.config)[2])
     prefix, weights = layers_prefix(teacher), teacher.state_dict()
     state = {}
     for key in student.state_dict():

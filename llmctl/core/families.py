@@ -87,24 +87,25 @@ def head_shape(config) -> tuple[int, int, int]:
     return heads, kv, int(getattr(config, "head_dim", None) or hidden // heads)
 
 
-def check_heads(config, where: str) -> None:
-    """Head counts a model of this config can have: the width (without an explicit head size) must split into
-    the heads, and the query heads into whole key-value groups. One line naming the keys, before anything runs."""
+def check_heads(config, names: dict | None = None) -> None:
+    """Head counts a model of this config can have: the width must split into the heads (unless the config
+    states its head size), and the query heads into whole key-value groups. One line naming the keys the user
+    set (`names`: config key → the user's key, e.g. {"hidden_size": "student.hidden_size"}), before anything runs."""
     keys = WIDTH_KEYS[layout(config)]
     hidden, heads = getattr(config, keys[0], None), getattr(config, keys[1], None)
     kv = getattr(config, "num_key_value_heads", None) or heads
+    say = {k: (names or {}).get(k, f"model.config.{k}") for k in (*keys, "num_key_value_heads")}
     if not heads or not hidden:
         return
-    if heads < 1 or kv < 1:
-        raise LlmctlError(f"{where}: {keys[1]}={heads} must be at least 1")
-    if not getattr(config, "head_dim", None) and hidden % heads:
-        divisors = [d for d in range(1, hidden + 1) if hidden % d == 0 and d <= 64]
+    explicit = getattr(config, "head_dim", None) and layout(config) == "llama"
+    if not explicit and hidden % heads:
+        divisors = [d for d in range(1, 65) if hidden % d == 0]
         raise LlmctlError(
-            f"{where}: {keys[0]}={hidden} does not split into {heads} heads; choose a head count that divides "
-            f"{hidden} ({', '.join(map(str, divisors[-6:]))}) or another width"
+            f"{say[keys[0]]}={hidden} does not split into {say[keys[1]]}={heads} heads; choose a head count that "
+            f"divides {hidden} (e.g. {', '.join(map(str, divisors[-4:]))}) or a width that {heads} divides"
         )
     if heads % kv:
         raise LlmctlError(
-            f"{where}: {heads} query heads do not split into {kv} key-value groups (num_key_value_heads); "
-            f"use a head count that is a multiple of {kv}"
+            f"{say[keys[1]]}={heads} query heads do not split into {kv} key-value groups "
+            f"({say['num_key_value_heads']}={kv}); use a multiple of {kv} heads"
         )

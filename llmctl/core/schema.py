@@ -205,8 +205,11 @@ def _drop_missing(node: Any) -> Any:
 def _line(e: ValidationError, data: dict) -> str:
     err = e.errors(include_url=False)[0]
     parts, value = [], data  # the config key the error is about (pydantic adds list indices and union members)
-    for part in err["loc"]:
+    loc = list(err["loc"])
+    for i, part in enumerate(loc):
         if not isinstance(value, dict) or part not in value:
+            if isinstance(value, dict) and i + 1 < len(loc) and loc[i + 1] in value:
+                continue  # a union member's name (student: Student | str): the key is the next part
             break
         parts.append(str(part))
         value = value[part]
@@ -237,7 +240,7 @@ def _line(e: ValidationError, data: dict) -> str:
         )
     elif kind == "finite_number":
         msg, example = "must be a finite number", "a number such as 3e-4"
-    elif kind == "missing" and len(parts) < len(err["loc"]):  # an item missing from a list of fixed length
+    elif kind == "missing" and len(parts) < len(loc) and not isinstance(value, dict):  # a list of fixed length
         msg, example = "has too few values", f"{len(value) + 1 if isinstance(value, list) else 'more'} values"
     elif kind in ("too_short", "too_long"):
         msg, example = "has the wrong number of values", None

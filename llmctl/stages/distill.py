@@ -24,10 +24,11 @@ import dataclasses
 from typing import Literal
 
 from pydantic import Field
+from transformers import AutoConfig
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.distillation import DistillLoss, cache_teacher_logits, student_from_teacher
+from llmctl.core.distillation import DistillLoss, cache_teacher_logits, student_config, student_from_teacher
 from llmctl.core.errors import LlmctlError
 from llmctl.core.evaluation.judging import BeforeAfter
 from llmctl.core.families import WIDTH_KEYS, layout, transformer_layers
@@ -76,6 +77,9 @@ def run(cfg) -> float | None:
                 f"teacher={cfg.teacher} is a {kind} checkpoint; distill takes a teacher of kind {', '.join(KINDS)} "
                 f"(fine-tune it first, or pretrain a causal LM)"
             )
+        if not isinstance(cfg.student, str):  # the student's shape is checked before anything loads
+            config = AutoConfig.from_pretrained(str(source.path))
+            student_config(config, num_layers=cfg.student.num_layers, width=_width_settings(cfg, config))
         on = load_on_task(run, cfg, source, what="teacher", stage="distill", task=cfg.task)
         teacher, task, data, prepared, length = on.loaded, on.task, on.data, on.prepared, on.length
         teacher.model.eval().requires_grad_(False)
@@ -179,13 +183,21 @@ def _student(run, cfg, teacher, prepared, kind: str):
         run.parents.append(loaded.parent("init"))
         return loaded.model, None, f"from {src.ref}"
     s = cfg.student
-    names = WIDTH_KEYS[layout(teacher.model, "distill")]
-    width = dict(zip(names, (s.hidden_size, s.num_heads, s.intermediate_size)))
     student, kept = student_from_teacher(
-        teacher.model, num_layers=s.num_layers, init=str(s.init), width=width, seed=int(cfg.seed)
+        teacher.model,
+        num_layers=s.num_layers,
+        init=str(s.init),
+        width=_width_settings(cfg, teacher.model.config),
+        seed=int(cfg.seed),
     )
     how = f"from teacher layers {kept}" if kept else "random init"
     return student, kept or None, how
+
+
+def _width_settings(cfg, teacher_config) -> dict:
+    """student.hidden_size / num_heads / intermediate_size under the teacher family's config keys."""
+    s = cfg.student
+    return dict(zip(WIDTH_KEYS[layout(teacher_config, "distill")], (s.hidden_size, s.num_heads, s.intermediate_size)))
 
 
 def _with_projection(student, teacher, cfg):
