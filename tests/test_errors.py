@@ -101,6 +101,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         ["latin1.csv", "not valid utf-8", "offset", "data.encoding="],
     ),
     "binary file as .txt": (lambda w: _pre(w, f"data.train={w.files / 'binary.txt'}"), ["binary.txt", "binary"]),
+    "UTF-16 text read as utf-8": (
+        lambda w: _pre(w, f"data.train={w.files / 'utf16.txt'}"),
+        ["utf16.txt is UTF-16 text", "byte-order mark", "set data.encoding=utf-16"],
+    ),
     "header-only csv": (lambda w: _ft_files(w, str(w.files / "header.csv")), ["header.csv", "header but no rows"]),
     "malformed jsonl": (
         lambda w: _pre(w, f"data.train={w.files / 'broken.jsonl'}"),
@@ -169,6 +173,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "output_root is a file": (lambda w: _pre(_at(w, w.files / "latin1.txt")), ["output_root=", "is a file"]),
     "bad name": (lambda w: _pre(w, "name=a b"), ["name='a b'", "letters, digits"]),
     "init_from missing": (lambda w: _ft(w, f"init_from={w.out / 'nope'}"), ["init_from", "nope"]),
+    "init_from a folder with pickled weights only": (
+        lambda w: _ft(w, f"init_from={w.files / 'pickled'}", "data.max_seq_len=100000"),
+        ["pickled", "no .safetensors weights", "pytorch_model.bin", "never pickle"],
+    ),
     "init_from truncated safetensors (HF folder)": (
         lambda w: _ft(w, f"init_from={w.files / 'truncated'}"),
         ["model.safetensors", "truncated"],
@@ -360,6 +368,18 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "quantize.group_size=32"),
         ["quantize.group_size", "int8-dynamic", "output channel"],
     ),
+    "quantize int4 groups wider than every layer": (
+        lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=4096"),
+        ["quantize.group_size=4096 divides the input width of no Linear layer", "quantize.group_size=32"],
+    ),
+    "quantize a method that does not exist": (
+        lambda w: _qz(w, "init_from=x", "method=int9"),
+        ["unknown preset method=int9", "available: int4-weight, int8-dynamic, int8-weight, qat ("],
+    ),
+    "distill distill.temperature=1e30": (
+        lambda w: _ds(w, "teacher=x", "distill.temperature=1e30"),
+        ["distill.temperature=1e+30", "must be at most 100"],
+    ),
     "quantize int4 groups of 48": (
         lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=48"),
         ["quantize.group_size=48", "power of two"],
@@ -409,6 +429,10 @@ def files(tmp_path_factory, bases) -> Path:
     (d / "header.csv").write_text("text,label\n")
     (d / "empty.txt").write_text("\n  \n")
     (d / "broken.jsonl").write_text('{"text": "a fine line"}\n{"text": "cut off\n')
+    (d / "utf16.txt").write_text("The café opened on Tuesday.\n" * 20, encoding="utf-16")
+    pickled = d / "pickled"  # an HF folder as older tools wrote it: config, tokenizer, a pickled .bin
+    shutil.copytree(bases["enc"], pickled, ignore=shutil.ignore_patterns("*.safetensors", "llmctl.json"))
+    (pickled / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not unpickled")
     readonly = d / "readonly"  # a folder nobody may write in (root may write anywhere but /sys)
     if os.geteuid() == 0:
         readonly.symlink_to("/sys")

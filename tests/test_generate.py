@@ -206,3 +206,10 @@ def test_chat_needs_a_template_or_llmctls_own_chat_fine_tune(tmp_path, bases):
     assert not AutoTokenizer.from_pretrained(sft).chat_template
     result = _generate(tmp_path, bases, f"ckpt={sft}", "prompt=What is the capital of France?", "chat=true")
     assert result.stdout.strip() or "generated no text" in result.stderr
+
+
+def test_a_prompt_with_an_apostrophe_works_as_a_user_types_it(tmp_path, bases):
+    """prompt="What's up?" reaches llmctl as prompt=What's up? (the shell ate the quotes): Hydra's override
+    grammar cannot read it, so llmctl passes it on as the quoted string it is."""
+    records = _records(tmp_path, bases, "q", "prompt=What's up? It's 'fine'", "stream=false")
+    assert records[0]["prompt"] == "What's up? It's 'fine'" and records[0]["new_tokens"] > 0

@@ -4,6 +4,7 @@ and the resumable state outlives every failure until the version is published.""
 import contextlib
 import multiprocessing as mp
 import os
+import re
 import signal
 
 from conftest import cls_args, metrics_log, run_inprocess, tiny
@@ -181,3 +182,12 @@ def test_a_bf16_parent_loads_in_fp32_and_every_child_is_saved_as_it_was(bases, r
         assert (child.path / "model.safetensors").stat().st_size <= 1.05 * size, ref
         again = load_checkpoint(Store(out), ref)
         assert all(p.dtype == torch.float32 for p in again.model.parameters() if p.is_floating_point()), ref
+
+
+def test_a_resumed_run_says_where_its_weights_come_from(corpus, tmp_path, monkeypatch, capsys):
+    _interrupted(corpus, tmp_path, monkeypatch)
+    capsys.readouterr()
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=r", "resume=auto"))
+    out = capsys.readouterr().out
+    assert code == 0, err
+    assert re.search(r"weights from the interrupted run's state \(\S+, step 5\)", out) and "random init" not in out

@@ -39,6 +39,7 @@ def run_with_hydra(
     from llmctl.core.sweeps import with_direction
 
     _check_config_dirs(args)
+    args = quote_free_text(args)
 
     if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
         args = [a if a != "--hydra-help" else "--help" for a in args]
@@ -49,6 +50,27 @@ def run_with_hydra(
         print(_commented(stage, args))
         return
     _hydra(stage, with_direction(stage, args, objective or (lambda cfg: None), str(config_dir())), job)
+
+
+def quote_free_text(args: list[str]) -> list[str]:
+    """`key=value` arguments Hydra's grammar cannot read as they are (a prompt with an apostrophe, as a user types
+    it: prompt="What's up?") are passed as the quoted string the user meant; everything else is left as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-") and re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.-]*", key):
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # a quote and what precedes it
+                escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)  # backslashes before the closing quote
+                arg = f"{key}='{escaped}'"
+        out.append(arg)
+    return out
 
 
 def _check_config_dirs(args: list[str]) -> None:
@@ -98,7 +120,7 @@ def _hydra(stage: str, args: list[str], job: Callable) -> None:
     except LlmctlError:
         raise
     except MissingConfigException as e:
-        raise LlmctlError(_missing_config_line(e)) from None
+        raise LlmctlError(_missing_config_line(stage, e)) from None
     except OverrideParseException as e:
         raise LlmctlError(
             f"cannot parse the overrides: {first_line(str(e))}; write key=value (quote values with spaces)"
@@ -251,11 +273,18 @@ def _clear_hydra() -> None:
     GlobalHydra.instance().clear()
 
 
-def _missing_config_line(e) -> str:
+def _missing_config_line(stage: str, e) -> str:
+    """An unknown preset, with the options of that group this stage takes (a group shared by stages, like
+    `method`, lists only this stage's; the user's own presets from --config-dir are all listed)."""
     missing = getattr(e, "missing_cfg_file", None) or ""
-    options = getattr(e, "options", None) or []
     group, _, choice = missing.rpartition("/")
-    if group and options is not None:
+    options = [
+        o
+        for o in getattr(e, "options", None) or []
+        if not (config_dir() / group / f"{o}.yaml").is_file()
+        or stage in _option_stages(config_dir() / group / f"{o}.yaml", stage)
+    ]
+    if group:
         return (
             f"unknown preset {group}={choice}; available: {', '.join(sorted(options)) or '(none)'}"
             " (add your own with --config-dir DIR holding <group>/<name>.yaml)"

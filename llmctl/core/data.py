@@ -339,6 +339,25 @@ def _read_files(files: list[str], key: str, data_cfg, task: str, cache_dir: str 
     return _normalize(ds, data_cfg, task, f"data.{key}")
 
 
+def unicode_form(head: bytes) -> tuple[str, str] | None:
+    """(codec, how it shows) when bytes are UTF-16 / UTF-32 text: a byte-order mark, or (no mark) the NUL byte
+    at every other position that ASCII text in UTF-16 has; None otherwise."""
+    for bom, codec in (
+        (b"\xff\xfe\x00\x00", "utf-32"),
+        (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"),
+    ):
+        if head.startswith(bom):
+            return codec, "it starts with a byte-order mark"
+    even, odd = head[0:256:2], head[1:256:2]
+    if len(odd) >= 8:
+        for zeros, other, codec in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+            if zeros.count(0) > 0.4 * len(zeros) and other.count(0) < 0.05 * len(other):
+                return codec, "a NUL byte beside every character"
+    return None
+
+
 def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: bool = False) -> None:
     """One clear line for a file that is binary, not valid text in `encoding` (naming the byte offset),
     or a CSV with a header and no rows, before `datasets` fails on it with a long trace."""
@@ -346,7 +365,14 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
 
     with open(path, "rb") as fh:
         head = fh.read(8192)
-        if b"\x00" in head and not encoding.lower().replace("-", "").startswith(("utf16", "utf32")):
+        wide = not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32"))
+        form = unicode_form(head) if wide else None
+        if form:
+            raise LlmctlError(
+                f"data.{key}: {path} is {form[0].upper()} text ({form[1]}), not {encoding}; "
+                f"set data.encoding={form[0]} (or convert the file to {encoding})"
+            )
+        if b"\x00" in head and wide:
             raise LlmctlError(
                 f"data.{key}: {path} looks like a binary file (it holds NUL bytes), not text; give a text file"
             )
@@ -356,9 +382,7 @@ def check_text_file(path: str, key: str, encoding: str = "utf-8", *, csv_rows: b
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as e:
-                at = (
-                    offset - (len(e.object) - len(block)) + e.start
-                )  # e.object: bytes held back from the last block + this one
+                at = offset - (len(e.object) - len(block)) + e.start  # e.object: held-back bytes + this block
                 raise LlmctlError(
                     f"data.{key}: {path} is not valid {encoding} text (byte 0x{e.object[e.start]:02x} at offset {at}); "
                     f"convert it to {encoding} or set data.encoding=<its encoding>, e.g. data.encoding=latin-1"

@@ -182,3 +182,20 @@ def check_safetensors(path: Path) -> None:
         raise LlmctlError(
             f"{path} is truncated or damaged ({first_line(str(e))}); re-create or re-download it"
         ) from None
+
+
+def require_safetensors(folder: Path, what: str = "") -> list[Path]:
+    """The folder's .safetensors files, each checked whole; one line when there are none (llmctl never unpickles
+    a .bin) or one is damaged."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in Path(folder).glob("*.bin"))[:2]
+        raise LlmctlError(
+            f"{what + ' ' if what else ''}{folder} has no .safetensors weights"
+            + (f" (only {', '.join(pickled)}: pickled)" if pickled else "")
+            + "; llmctl loads only safetensors, never pickle: re-save the model with save_pretrained (safetensors is "
+            "its default) where you trust the file"
+        )
+    for file in files:
+        check_safetensors(file)
+    return files

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from llmctl.core import quantization
 from llmctl.core.errors import LlmctlError
-from llmctl.core.files import check_safetensors
+from llmctl.core.files import check_safetensors, require_safetensors
 from llmctl.core.manifest import artifact as artifact_of
 from llmctl.core.manifest import check_intact, task_record
 from llmctl.core.models import KIND_CLASS, folder_kind, load_model, resolve_model, stored_dtype
@@ -135,9 +135,12 @@ FORMATS = {
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
     """A store reference, an HF folder or `packaged:<name>` → where it is (nothing loaded yet); a checkpoint whose
-    manifest is damaged is refused here, in one line, before any stage builds on it."""
+    manifest is damaged, or a folder without safetensors weights, is refused here, in one line, before any
+    stage builds on it."""
     resolved = spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
     check_intact(resolved.manifest, resolved.ref, what)
+    if not any(resolved.path.glob("*.safetensors")):  # before anything reads its config (a .bin-only folder)
+        require_safetensors(resolved.path, what)
     return resolved
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llmctl.core.errors import LlmctlError, first_line
 from llmctl.core.families import CONFIG_CLASS
-from llmctl.core.files import check_safetensors
+from llmctl.core.files import require_safetensors
 
 # The dtype rule, for every loader path: weights are held in fp32 in memory (training keeps fp32 master weights,
 # autocast supplies bf16 / fp16 compute, and every checkpoint is measured the same way), and saved in `save_dtype`
@@ -59,12 +59,7 @@ def load_model(folder: Path, kind: str, head: dict | None = None) -> tuple[objec
     import torch
     import transformers
 
-    if not any(Path(folder).glob("*.safetensors")):
-        raise LlmctlError(
-            f"{folder} has no .safetensors weights; llmctl loads only safetensors (never pickled .bin files)"
-        )
-    for weights in sorted(Path(folder).glob("*.safetensors")):
-        check_safetensors(weights)
+    require_safetensors(folder)
     cls = getattr(transformers, KIND_CLASS[kind])
     try:
         model, info = cls.from_pretrained(

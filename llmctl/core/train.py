@@ -380,7 +380,16 @@ class Trainer:
         loss_sum, stops = all_ranks_sum(rt, [total, float(self._stop_signal is not None)])  # every rank decides alike
         mean = loss_sum / rt.world_size
         if not math.isfinite(mean):
-            raise LlmctlError(f"the loss became {mean} at step {self.step + 1}; lower train.lr or use precision=fp32")
+            bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
+            where = f" ({bad})" if bad else ""
+            if self.step == 0:  # no update yet: the learning rate cannot be the cause
+                raise LlmctlError(
+                    f"the loss is {mean}{where} at the first step, before any update: the model's outputs or the "
+                    f"loss settings overflow, not the learning rate; check the loss settings, or use precision=fp32"
+                )
+            raise LlmctlError(
+                f"the loss became {mean}{where} at step {self.step + 1}; lower train.lr or use precision=fp32"
+            )
         if float(self.cfg.max_grad_norm) > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.cfg.max_grad_norm))
         self.optimizer.step()

@@ -52,7 +52,7 @@ class Student(schema.Section):
 
 class Distill(schema.Section):
     alpha: float = Field(ge=0, le=1)
-    temperature: float = Field(gt=0)
+    temperature: float = Field(gt=0, le=100)  # softmax(z / T) at T = 1e30 is uniform and T² overflows
     hidden_weight: float = Field(ge=0)
     hidden_loss: Literal["mse", "cosine"]
     cache_teacher: bool

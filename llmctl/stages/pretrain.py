@@ -77,6 +77,7 @@ def run(cfg) -> float | None:
                 "model": run.parents[0]["weights_sha256"] if run.parents else _config_hash(model),
             },
         )
+        run.print(_describe_model(run, model))
         trained, loss_fn = model, default_loss
         if objective != "clm" and cfg.mlm_sparse_head:
             trained, loss_fn = SparseMLM(model), module_loss  # same loss, vocabulary projection on masked tokens only
@@ -226,12 +227,17 @@ def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
         raise LlmctlError(
             f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's {positions} positions; lower data.max_seq_len"
         )
-    total, _ = count_parameters(model)
-    run.print(
-        f"model {type(model).__name__} · {total / 1e6:.2f} M parameters · "
-        f"{'from ' + run.parents[0]['ref'] if run.parents else 'random init'}"
-    )
     return model
+
+
+def _describe_model(run, model) -> str:
+    """The model line, once the run folder is chosen: where its weights come from (a resumed run's state holds
+    them, whatever the model was built from)."""
+    if run.resume_state is not None:
+        origin = f"weights from the interrupted run's state ({run.resumed['run']}, step {run.resumed['from_step']})"
+    else:
+        origin = f"from {run.parents[0]['ref']}" if run.parents else "random init"
+    return f"model {type(model).__name__} · {count_parameters(model)[0] / 1e6:.2f} M parameters · {origin}"
 
 
 def _unigram_baseline(prepared, tokenizer, objective: str, cfg) -> float:

@@ -91,8 +91,13 @@ def run(cfg) -> float | None:
         what = quantization.SCHEMES[scheme]["what"]
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({what})")
         # a bad skip pattern or nothing to quantize fails here, before the slow judging and the run folder
+        group = settings["group_size"] if settings["group_size"] is not None else quantization.DEFAULT_GROUP.get(scheme)
         chosen = quantization.targets(
-            model, skip=settings["skip"], keep_head=settings["keep_head"], embeddings=settings["embeddings"]
+            model,
+            skip=settings["skip"],
+            keep_head=settings["keep_head"],
+            embeddings=settings["embeddings"],
+            group_size=group,
         )
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----

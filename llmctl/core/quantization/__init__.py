@@ -32,6 +32,7 @@ the tensors into it.
 
 from llmctl.core.quantization.calibration import activation_outliers
 from llmctl.core.quantization.schemes import (
+    DEFAULT_GROUP,
     METHODS,
     QAT_BASES,
     SCHEMES,
@@ -45,6 +46,7 @@ from llmctl.core.quantization.schemes import (
 from llmctl.core.quantization.serialization import WEIGHTS, pack_int4, rebuild, save, state_dict, unpack_int4
 
 __all__ = [
+    "DEFAULT_GROUP",
     "METHODS",
     "QAT_BASES",
     "SCHEMES",

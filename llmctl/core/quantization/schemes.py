@@ -100,18 +100,30 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
         if not name or _matches(name, kept):
             continue
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D becomes a Linear
-            width = module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
-            (too_narrow if group_size and width % group_size else linear).append(name)
+            (too_narrow if group_size and _in_width(module) % group_size else linear).append(name)
         elif isinstance(module, torch.nn.Embedding) and embeddings:
             tied = out is not None and getattr(out, "weight", None) is module.weight
             if not (tied and keep_head):
                 tables.append(name)
+    if not linear and too_narrow:
+        widths = sorted({_in_width(dict(model.named_modules())[n]) for n in too_narrow})
+        fits = [g for g in (256, 128, 64, 32, 16) if all(w % g == 0 for w in widths)]
+        raise LlmctlError(
+            f"quantize.group_size={group_size} divides the input width of no Linear layer (widths "
+            f"{', '.join(map(str, widths[:6]))}); choose a group size that divides them"
+            + (f", e.g. quantize.group_size={fits[0]}" if fits else "")
+        )
     if not linear:
         raise LlmctlError(
             f"nothing to quantize: {type(model).__name__} has no Linear layer outside the kept modules "
             f"({', '.join(kept) or 'none'})"
         )
     return {"linear": linear, "embeddings": tables, "kept": kept + too_narrow}
+
+
+def _in_width(module) -> int:
+    """A Linear's input width (GPT-2's Conv1D stores its weight as (in, out))."""
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
 def head_modules(model) -> list[str]:
