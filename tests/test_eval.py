@@ -245,3 +245,36 @@ def test_train_eval_batches_caps_a_fine_tunes_validation_and_never_its_test_spli
     labels = ["business", "entertainment", "politics", "sport", "tech"]
     assert sum(metrics[f"eval/{n}/support"] for n in labels) == 8  # one batch of 8, of the 25 validation reviews
     assert sum(metrics[f"test/{n}/support"] for n in labels) == 25  # the test split whole
+
+
+def test_conversations_given_as_data_are_judged_as_sft_for_base_and_child(trained, bases, tmp_path):
+    """A prompt / response file given to a base LM and its SFT child is judged as SFT for both (it asked for a
+    `text` column): the data's own columns say which task it is."""
+    import shutil
+
+    from llmctl.core.data import ASSETS
+
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(ASSETS / "sft" / "instructions.jsonl", data)
+    report = tmp_path / "sft-report"
+    _eval(
+        trained,
+        f"ckpt=[{bases['gpt']},finetune/sft]",
+        "data=files",
+        f"data.train={data}",
+        f"report={report}",
+        "cost=off",
+        "samples=0",
+    )
+    rows = json.loads((report / "results.json").read_text())
+    assert [r["task"] for r in rows] == ["sft", "sft"] and all(r["metrics"]["tokens"] > 0 for r in rows)
+    assert rows[0]["max_seq_len"] == 128  # the base: the data's length (its 32-token packing is for clm)
+    corpus = tmp_path / "plain.txt"
+    corpus.write_text("\n".join(f"The bank said profits rose by {i} per cent." for i in range(40)))
+    _eval(trained, f"ckpt={bases['gpt']}", "data=files", f"data.train={corpus}", "cost=off", "parents=false")
+
+
+def test_an_sft_split_whose_every_response_is_cut_off_is_one_line_not_a_loss_of_zero(trained):
+    """Judged at 8 tokens no response starts inside the window: before, the record said loss 0 / perplexity 1."""
+    code, err = run_inprocess("eval", "ckpt=finetune/sft", "max_seq_len=8", "precision=fp32", f"output_root={trained}")
+    assert code == 2 and "before its response starts, so nothing would be scored" in err and "max_seq_len=8" in err

@@ -191,6 +191,50 @@ def _dedupe(dsd: dict, task: str) -> dict:
     return dropped
 
 
+BUILTIN_COLUMNS = {
+    "bbc-news": {"text", "label"},
+    "kjv": {"text"},
+    "conll-fixture": {"tokens", "ner_tags"},
+    "tiny-instruct": {"prompt", "response"},
+}
+
+
+def columns_of(data_cfg) -> set[str] | None:
+    """The columns a data config's files hold, read from their first record without loading them (what task the
+    data is for); None when that cannot be told without loading (a hub dataset)."""
+    import csv
+
+    if data_cfg.get("train"):
+        files = _expand(data_cfg.train, "train")
+    elif data_cfg.get("source") in BUILTIN_COLUMNS:
+        return set(BUILTIN_COLUMNS[data_cfg.source])
+    elif data_cfg.get("source") and (Path(str(data_cfg.source)).expanduser().exists() or "*" in str(data_cfg.source)):
+        files = _expand(data_cfg.source, "source")
+    else:
+        return None
+    fmt, first = _format_of(files, "train"), files[0]
+    encoding = str(data_cfg.get("encoding") or "utf-8")
+    try:
+        if fmt in ("text", "conll"):
+            return {"text"} if fmt == "text" else {"tokens", "ner_tags"}
+        if fmt == "csv":
+            with open(first, encoding=encoding, newline="") as fh:
+                return set(next(csv.reader(fh), []))
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(first).names)
+        with open(first, encoding=encoding) as fh:  # jsonl: the first object; .json: a list or an object
+            head = fh.readline().strip()
+            if not head.startswith("{") or not head.endswith("}"):
+                fh.seek(0)
+                head = json.dumps((json.load(fh) or [{}])[0])
+        record = json.loads(head)
+        return set(record) if isinstance(record, dict) else None
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, TypeError):
+        return None  # unreadable here: loading it will say why in one line
+
+
 def _describe(data_cfg) -> str:
     return f"data.train={data_cfg.train}" if data_cfg.get("train") else f"data.source={data_cfg.get('source')}"
 

@@ -66,7 +66,7 @@ def plan(source: Resolved, *, data_cfg=None, need_data: bool = True, task: str |
             f"ckpt={source.ref} is a bare {kind} with no task head; evaluate a checkpoint that has one "
             f"(fine-tune it first: llmctl finetune init_from={source.ref})"
         )
-    task = task_of(kind, record, other_data=data_cfg is not None, task=task)
+    task = task_of(kind, record, data_cfg=data_cfg, task=task)
     if data_cfg is None:
         if (record is None or not record.get("data")) and not need_data:
             return {"kind": kind, "task": task, "record": record, "data_cfg": None}
@@ -129,7 +129,7 @@ def evaluate(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if data is not None:
-        length = sequence_length(max_seq_len, record, p["data_cfg"], model.config)
+        length = sequence_length(max_seq_len, record, p["data_cfg"], model.config, task)
         prepared = prepare(
             task,
             data,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmctl.core.data import columns_of
 from llmctl.core.errors import LlmctlError
 from llmctl.core.families import max_positions
 
@@ -117,13 +118,16 @@ def task_record(prepared: Prepared, data, *, max_seq_len: int, objective: tuple[
     }
 
 
-def task_of(kind: str, record: dict | None, *, other_data: bool, task: str | None = None) -> str:
-    """The task a later stage runs on a checkpoint: `task` when given, else the checkpoint's own (its
-    task record, else its head's); a causal LM given other data (a text corpus) runs clm."""
+def task_of(kind: str, record: dict | None, *, data_cfg=None, task: str | None = None) -> str:
+    """The task a later stage runs on a checkpoint: `task` when given, else the checkpoint's own (its task
+    record, else its head's). A causal LM given other data (`data_cfg`) runs the task the data's own columns
+    say: conversations (prompt / response, messages) are SFT, a text corpus is clm."""
     if task:
         chosen = str(task)
-    elif other_data and kind == "causal-lm":
-        chosen = "clm"
+    elif data_cfg is not None and kind == "causal-lm":
+        columns = columns_of(data_cfg) or set()
+        chat = "messages" in columns or {"prompt", "response"} <= columns
+        chosen = "sft" if chat and (data_cfg.get("text_column") or "text") not in columns else "clm"
     else:
         chosen = (record or {}).get("name") or KIND_TASK.get(kind)
     if chosen is None:
@@ -148,10 +152,12 @@ def record_data_config(record: dict | None, where: str = "this checkpoint"):
     return OmegaConf.create(record["data"])
 
 
-def sequence_length(override, record: dict | None, data_cfg, config) -> int:
-    """Tokens per example / packed sequence: `override`, else what the checkpoint was trained with, else
-    the data config's; never more than the model's positions."""
-    length = int(override or (record or {}).get("max_seq_len") or data_cfg.get("max_seq_len") or 128)
+def sequence_length(override, record: dict | None, data_cfg, config, task: str | None = None) -> int:
+    """Tokens per example / packed sequence: `override`, else what the checkpoint was trained with for this
+    task (a base LM's packing length says nothing about the conversations of another task), else the data
+    config's; never more than the model's positions."""
+    own = (record or {}).get("max_seq_len") if task is None or (record or {}).get("name") == task else None
+    length = int(override or own or data_cfg.get("max_seq_len") or 128)
     positions = max_positions(config)
     return min(length, positions) if positions else length
 

@@ -47,12 +47,12 @@ def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str
     refuse_quantized(source, what=what, stage=stage)
     kind = source_kind(source)
     record = task_record(source.manifest) or {}
-    task = task_of(kind, record, other_data=bool(cfg.get("data")), task=task)
+    task = task_of(kind, record, data_cfg=cfg.get("data") or None, task=task)
     data_cfg = cfg.get("data") or record_data_config(record, f"{what}={cfg[what]}")
     data = load_data(data_cfg, task=DATA_TASK[task], cache_dir=Path(cfg.output_root) / ".cache" / "datasets")
     loaded = load_checkpoint(run.store, source, kind=kind, what=what)
     loaded.model.to(run.rt.device)
-    length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config)
+    length = sequence_length(cfg.max_seq_len, record, data_cfg, loaded.model.config, task)
     prepared = prepare(
         task,
         data,
@@ -85,5 +85,5 @@ def checkpoint_objective(cfg, key: str, *, task: str | None = None) -> tuple[str
     if not cfg.get(key):
         raise LlmctlError(f"{key} is required here; set {key}=<reference or HF folder>")
     source = resolve_source(Store(cfg.output_root), cfg[key], what=key)
-    chosen = task_of(source_kind(source), task_record(source.manifest), other_data=bool(cfg.get("data")), task=task)
+    chosen = task_of(source_kind(source), task_record(source.manifest), data_cfg=cfg.get("data") or None, task=task)
     return resolve_objective(cfg, OBJECTIVE[chosen])

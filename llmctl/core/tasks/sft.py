@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmctl.core.chat import conversation, end_of_turn_ids, prompt_ids
+from llmctl.core.errors import LlmctlError
 from llmctl.core.tasks.base import Prepared, _device, _loader
 
 
@@ -23,7 +24,17 @@ def prepare_sft(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
         labels = ([-100] * len(prompt) + answer + end)[:max_seq_len]  # loss on the response tokens only
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
-    splits = {k: v.map(encode, remove_columns=v.column_names).with_format("torch") for k, v in data.splits.items()}
+    splits = {k: v.map(encode, remove_columns=v.column_names) for k, v in data.splits.items()}
+    for name, split in splits.items():  # a split whose every response is cut off would train / score nothing
+        if not any(any(t != -100 for t in labels) for labels in split["labels"]):
+            longest = max(len(ids) for ids in split["input_ids"])
+            raise LlmctlError(
+                f"data: every conversation of the {name} split reaches max_seq_len={max_seq_len} tokens before its "
+                f"response starts, so nothing would be {'scored' if name != 'train' else 'learned'}; set a larger "
+                f"max_seq_len (data.max_seq_len, or max_seq_len= in eval / distill / prune / quantize)"
+                + (f" (the prompts are at least {longest} tokens)" if longest >= max_seq_len else "")
+            )
+    splits = {k: v.with_format("torch") for k, v in splits.items()}
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     def evaluate(model, rows, prefix):
