@@ -27,12 +27,10 @@ def prepare_sft(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
     splits = {k: v.map(encode, remove_columns=v.column_names) for k, v in data.splits.items()}
     for name, split in splits.items():  # a split whose every response is cut off would train / score nothing
         if not any(any(t != -100 for t in labels) for labels in split["labels"]):
-            longest = max(len(ids) for ids in split["input_ids"])
             raise LlmctlError(
                 f"data: every conversation of the {name} split reaches max_seq_len={max_seq_len} tokens before its "
-                f"response starts, so nothing would be {'scored' if name != 'train' else 'learned'}; set a larger "
-                f"max_seq_len (data.max_seq_len, or max_seq_len= in eval / distill / prune / quantize)"
-                + (f" (the prompts are at least {longest} tokens)" if longest >= max_seq_len else "")
+                f"response starts, so nothing would be learned or scored; set a max_seq_len longer than the prompts "
+                f"(data.max_seq_len, or max_seq_len= in eval / distill / prune / quantize)"
             )
     splits = {k: v.with_format("torch") for k, v in splits.items()}
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
