@@ -39,7 +39,7 @@ def run_with_hydra(
     from llmctl.core.sweeps import with_direction
 
     _check_config_dirs(args)
-    args = quote_free_text(args)
+    args = model_shorthand(stage, quote_free_text(args))
 
     if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
         args = [a if a != "--hydra-help" else "--help" for a in args]
@@ -50,6 +50,23 @@ def run_with_hydra(
         print(_commented(stage, args))
         return
     _hydra(stage, with_direction(stage, args, objective or (lambda cfg: None), str(config_dir())), job)
+
+
+def model_shorthand(stage: str, args: list[str]) -> list[str]:
+    """`model=<hub id | folder | packaged:name>` where `model` is a config group: a model named rather than a
+    preset, read as `model=pretrained model.pretrained=<it>` (model=Qwen/Qwen2.5-0.5B-Instruct)."""
+    if "model" not in _stage_groups(stage):
+        return args
+    dirs = [config_dir(), *(Path(a) for i, a in enumerate(args[1:]) if args[i] in ("--config-dir", "-cd"))]
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        named = eq and key == "model" and ("/" in value or ":" in value or Path(value).expanduser().exists())
+        if named and not any((d / "model" / f"{value}.yaml").is_file() for d in dirs):
+            out += ["model=pretrained", f"model.pretrained={value}"]
+        else:
+            out.append(arg)
+    return out
 
 
 def quote_free_text(args: list[str]) -> list[str]:

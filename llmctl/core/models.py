@@ -7,6 +7,8 @@ Loading is safetensors-only, with `trust_remote_code` off; nothing is unpickled.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError, first_line
@@ -168,12 +170,59 @@ PACKAGED = {
 }
 
 
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]  # weights, config, tokenizer
+
+
 def resolve_model(store, spec: str, *, what: str):
-    """A store reference, an HF folder, or `packaged:<name>` (see PACKAGED) → store.Resolved."""
-    text = str(spec)
+    """A store reference, an HF folder, `packaged:<name>` (see PACKAGED) or a Hugging Face hub id
+    (`org/name[@revision]`, through the HF cache) → store.Resolved."""
+    from llmctl.core.store import parse_ref
+
+    text = str(spec).strip()
     if text.startswith("packaged:"):
         return packaged_model(store, text.split(":", 1)[1])
+    if HUB_ID.match(text) and not parse_ref(text) and not Path(text).expanduser().exists():
+        return hub_model(text, what=what)
     return store.resolve(text, what=what)
+
+
+def hub_model(spec: str, *, what: str):
+    """A hub model's folder in the Hugging Face cache (downloaded once when online; with HF_HUB_OFFLINE=1 only
+    what is cached): its safetensors, config and tokenizer files, never pickled weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from llmctl.core.store import Resolved
+
+    m = HUB_ID.match(spec)
+    repo, revision = m.group("repo"), m.group("revision")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=revision,
+            allow_patterns=HUB_FILES,
+            local_files_only=offline,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
+    except LocalEntryNotFoundError:
+        raise LlmctlError(
+            f"{what}={spec}: not in the Hugging Face cache, and the hub is not reachable"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download it once where it is "
+            f"(huggingface-cli download {repo}) or give a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LlmctlError(
+            f"{what}={spec}: no such model on the Hugging Face hub (or it is private: log in with "
+            f"huggingface-cli login); check the id, or give a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LlmctlError(
+            f"{what}={spec}: the hub download failed ({type(e).__name__}: {first_line(str(e), 160)}); "
+            f"retry, or give a local folder"
+        ) from None
+    return Resolved(path=Path(folder).resolve(), ref=spec, manifest=None)
 
 
 def packaged_model(store, name: str):

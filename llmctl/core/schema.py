@@ -100,7 +100,7 @@ class Data(Section):
 class Model(Section):
     """conf/model/*.yaml: the architecture (a transformers config) or pretrained weights."""
 
-    family: Literal["bert", "gpt2", "llama"]
+    family: Literal["bert", "gpt2", "llama", "qwen2", "qwen3", "mistral"] | None = None  # None: from the weights
     pretrained: str | None = None
     config: dict[str, Any] = {}
 
