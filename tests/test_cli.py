@@ -81,7 +81,7 @@ def test_core_never_imports_a_stage_and_no_stage_imports_another():
 
     from llmctl.stages import Stage
 
-    for path in (REPO / "llmctl" / "core").glob("*.py"):
+    for path in (REPO / "llmctl" / "core").rglob("*.py"):
         assert "llmctl.stages" not in path.read_text(), f"{path.name} imports a stage"
     for stage in STAGES:
         text = (REPO / "llmctl" / "stages" / f"{stage}.py").read_text()
@@ -94,6 +94,51 @@ def test_core_never_imports_a_stage_and_no_stage_imports_another():
         assert isinstance(
             importlib.import_module(f"llmctl.stages.{stage}"), Stage
         )  # the contract: run(cfg) and a docstring
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each llmctl module → the llmctl modules it imports, at the top or inside a function."""
+    import ast
+
+    modules = {}
+    for path in (REPO / "llmctl").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+
+    def known(target: str) -> str | None:
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmctl"):
+                found |= {known(node.module), *(known(f"{node.module}.{a.name}") for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {known(a.name) for a in node.names if a.name.startswith("llmctl")}
+        graph[name] = {m for m in found if m and m != name and not name.startswith(m + ".")}
+    return graph
+
+
+def test_no_import_cycles_not_even_through_function_bodies():
+    """A lazy import is for start-up time, never to hide a cycle: the graph of every import is acyclic."""
+    graph = _imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " → ".join([*path[path.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
 
 
 def test_ckpt_runs_and_gc_dry_run_by_default(tmp_path):
