@@ -53,6 +53,14 @@ def _predict(model, ds, collate, batch_size) -> tuple[float, list, list]:
     return loss_sum / max(n, 1), logits, labels
 
 
+def _encoded(data, encode) -> dict:
+    """Every split of `data` through `encode` (batched), as torch tensors."""
+    return {
+        k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch")
+        for k, v in data.splits.items()
+    }
+
+
 def prepare_classification(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> Prepared:
     import torch
     from transformers import DataCollatorWithPadding
@@ -66,10 +74,7 @@ def prepare_classification(data, tokenizer, *, max_seq_len, batch_size, system_p
         enc["labels"] = to_ids(batch["label"])
         return enc
 
-    splits = {
-        k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch")
-        for k, v in data.splits.items()
-    }
+    splits = _encoded(data, encode)
     collate = DataCollatorWithPadding(tokenizer)
 
     def evaluate(model, rows, prefix):
@@ -101,10 +106,7 @@ def prepare_ner(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
         enc["labels"] = labels
         return enc
 
-    splits = {
-        k: v.map(encode, batched=True, remove_columns=v.column_names).with_format("torch")
-        for k, v in data.splits.items()
-    }
+    splits = _encoded(data, encode)
     collate = DataCollatorForTokenClassification(tokenizer)
 
     def evaluate(model, rows, prefix):
