@@ -165,6 +165,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "finetune conf=bert-tiny": (lambda w: _ft(w, "conf=bert-tiny"), ["takes no config group 'conf'", "method"]),
     "unknown key": (lambda w: _pre(w, "train.lrr=1"), ["train.lrr", "did you mean train.lr"]),
     "unknown preset": (lambda w: _pre(w, "model=bert-huge"), ["model=bert-huge", "bert-tiny"]),
+    "a GPT whose width does not split into its heads": (
+        lambda w: _pre(w, "model.config.n_head=3"),
+        ["model.config.n_embd=32 does not split into model.config.n_head=3 heads", "choose a head count"],
+    ),
     "--config-dir naming a missing folder": (
         lambda w: ["pretrain", "--config-dir", str(w.out / "my-configs"), *tiny("clm", w.corpus, w.out)],
         ["--config-dir", "my-configs: no such folder"],

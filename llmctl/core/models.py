@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError, first_line
-from llmctl.core.families import CONFIG_CLASS
+from llmctl.core.families import CONFIG_CLASS, check_heads
 from llmctl.core.files import require_safetensors
 
 # The dtype rule, for every loader path: weights are held in fp32 in memory (training keeps fp32 master weights,
@@ -46,7 +46,8 @@ def build_model(family: str, arch: dict, kind: str, tokenizer, **extra):
     try:
         config = config_cls(vocab_size=len(tokenizer), **special, **dict(arch), **extra)
     except (TypeError, ValueError) as e:
-        raise LlmctlError(f"model.config: {e}") from None
+        raise LlmctlError(f"model.config: {first_line(str(e))}") from None
+    check_heads(config)  # before the model is built (transformers raises deep inside its attention layer)
     return getattr(transformers, KIND_CLASS[kind]).from_config(config)
 
 

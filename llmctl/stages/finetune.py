@@ -32,7 +32,9 @@ from llmctl.core.families import max_positions
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
 from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, prepare, task_record
+from llmctl.core.tasks.labelled import class_weights, weighted_loss
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
+from llmctl.core.train import default_loss
 
 
 class Sft(schema.Section):
@@ -46,6 +48,7 @@ class Config(schema.TrainingStageConfig):
 
     task: Literal["classification", "ner", "sft"]
     patience: int = Field(ge=0)
+    class_weights: Literal["none", "balanced", "sqrt"]
     sft: Sft
     method: schema.Method
 
@@ -112,6 +115,7 @@ def run(cfg) -> float | None:
             method=cfg.method,
             select=select,
             patience=int(cfg.patience),
+            loss_fn=_loss(run, cfg, prepared),
             samples=int(cfg.sft.num_samples),
             max_new_tokens=int(cfg.sft.max_new_tokens),
             system_prompt=cfg.sft.get("system_prompt"),
@@ -156,6 +160,16 @@ def run(cfg) -> float | None:
 
             run.print(format_ner_table(metrics, "test"))
         return published.manifest["objective"]["value"]
+
+
+def _loss(run, cfg, prepared):
+    """The training loss: the model's own, or with class_weights a cross-entropy weighted per label."""
+    weights = class_weights(prepared, str(cfg.class_weights)) if prepared.task in ("classification", "ner") else None
+    if weights is None:
+        return default_loss
+    shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(prepared.info["labels"], weights.tolist()))
+    run.print(f"class weights ({cfg.class_weights}): {shown}")
+    return weighted_loss(weights)
 
 
 def objective(cfg) -> tuple[str, str]:

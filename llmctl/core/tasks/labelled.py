@@ -120,3 +120,38 @@ def prepare_ner(data, tokenizer, *, max_seq_len, batch_size, system_prompt) -> P
         return {f"{prefix}/loss": loss, **ner_metrics(true, pred, prefix)}
 
     return Prepared("ner", splits, collate, evaluate, head_kwargs(names), {"labels": names})
+
+
+def class_weights(prepared: Prepared, how: str):
+    """Per-label loss weights from the training split's label counts: `balanced` (n / (labels × count), sklearn's
+    class_weight="balanced": every label weighs the same in total), `sqrt` (its square root, normalised to mean 1:
+    halfway), `none` (None: the plain mean)."""
+    import torch
+
+    if how == "none":
+        return None
+    names = prepared.info["labels"]
+    labels = torch.cat([torch.as_tensor(row).reshape(-1) for row in prepared.splits["train"]["labels"]])
+    counts = torch.bincount(labels[labels != -100], minlength=len(names)).float().clamp(min=1)
+    weights = counts.sum() / (len(names) * counts)
+    if how == "sqrt":
+        weights = weights.sqrt() / weights.sqrt().mean()
+    return weights
+
+
+def weighted_loss(weights):
+    """`loss_fn(model, batch)` for the training loop: cross-entropy of a classifier / tagger with per-label weights
+    (padding and non-first sub-words, labelled -100, left out as in the model's own loss)."""
+    import torch.nn.functional as F
+
+    def loss(model, batch):
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            weight=weights.to(logits.device),
+            ignore_index=-100,
+        )
+
+    return loss
