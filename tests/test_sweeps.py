@@ -22,7 +22,7 @@ def _direction(*args: str) -> str:
     "args, want",
     [
         (["pretrain"], "minimize"),  # eval/loss
-        (["finetune"], "maximize"),  # eval/accuracy of the default classification task
+        (["finetune"], "maximize"),  # eval/macro_f1 of the default classification task
         (["finetune", "task=ner"], "maximize"),  # eval/f1
         (["finetune", "task=sft"], "minimize"),  # eval/loss
         (["finetune", "objective_metric=eval/loss"], "minimize"),  # a loss is minimised, whatever the task
@@ -39,7 +39,7 @@ def test_a_direction_against_the_objective_and_a_stage_without_one_are_refused(t
     result = CliRunner().invoke(
         app, ["finetune", "hydra/sweeper=optuna", "hydra.sweeper.direction=minimize", "--cfg", "hydra"]
     )
-    assert result.exit_code == 2 and "would optimise eval/accuracy the wrong way" in result.stderr
+    assert result.exit_code == 2 and "would optimise eval/macro_f1 the wrong way" in result.stderr
     result = CliRunner().invoke(
         app, ["generate", "-m", "hydra/sweeper=optuna", "ckpt=x", "prompt=hi", f"output_root={tmp_path}"]
     )
@@ -67,6 +67,5 @@ def test_an_optuna_sweep_of_a_fine_tune_finds_the_better_end(bases, reviews, tmp
     assert out.returncode == 0, out.stderr[-2000:]
     (results,) = (tmp_path / ".sweeps").rglob("optimization_results.yaml")
     best = yaml.safe_load(results.read_text())
-    assert (
-        best["best_params"] == {"train.max_steps": 60} and best["best_value"] > 0.3
-    )  # chance is 0.2 (5 balanced classes)
+    assert best["best_params"] == {"train.max_steps": 60}
+    assert best["best_value"] > 0.15  # macro F1 over 5 classes; always one class scores 0.07

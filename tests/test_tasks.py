@@ -106,7 +106,7 @@ def test_pretrain_and_finetune_write_one_task_record_that_gives_back_the_data(ba
     f = store.resolve("finetune/f").manifest["task"]
     assert f["labels"] == ["business", "entertainment", "politics", "sport", "tech"]
     assert f["columns"] == {"text": "review", "label": "sentiment", "text_pair": None}
-    assert f["objective"] == {"metric": "eval/accuracy", "mode": "max"} and f["max_seq_len"] == 48
+    assert f["objective"] == {"metric": "eval/macro_f1", "mode": "max"} and f["max_seq_len"] == 48
 
 
 def test_records_of_older_manifests_are_read_in_todays_shape():

@@ -1,6 +1,6 @@
 """Fine-tuning as one function, for every stage that adapts weights to a task.
 
-    result = finetune(model, tokenizer, prepared, cfg.train, run, method=cfg.method, select=("eval/accuracy", "max"))
+    result = finetune(model, tokenizer, prepared, cfg.train, run, method=cfg.method, select=("eval/macro_f1", "max"))
     result.model, result.metrics          # a plain HF model (LoRA merged), validation + test metrics
 
 `llmctl finetune` is a thin wrapper around it; prune's recovery fine-tune and distill call it

@@ -8,7 +8,7 @@ objective (the metric `@best`, sweeps and best-checkpoint selection use):
 | `clm`            | causal-lm    | text (packed, no padding)     | eval/loss (min)      |
 | `mlm`            | mlm          | text (packed, [CLS] … [SEP])  | eval/loss (min)      |
 | `mlm+nsp`        | pretraining  | text (sentence pairs)         | eval/loss (min)      |
-| `classification` | seq-cls      | text [+ text_pair], label     | eval/accuracy (max)  |
+| `classification` | seq-cls      | text [+ text_pair], label     | eval/macro_f1 (max)  |
 | `ner`            | token-cls    | tokens, ner_tags              | eval/f1 (max)        |
 | `sft`            | causal-lm    | prompt + response, messages   | eval/loss (min)      |
 

@@ -22,7 +22,9 @@ OBJECTIVE = {
     "clm": ("eval/loss", "min"),
     "mlm": ("eval/loss", "min"),
     "mlm+nsp": ("eval/loss", "min"),
-    "classification": ("eval/accuracy", "max"),
+    # macro F1, not accuracy: on imbalanced labels accuracy favours checkpoints that predict the majority class
+    # (benchmarks/imbalanced_defaults.py: test macro F1 0.7396 vs 0.7359 and accuracy 0.8178 vs 0.8156, 3 seeds)
+    "classification": ("eval/macro_f1", "max"),
     "ner": ("eval/f1", "max"),
     "sft": ("eval/loss", "min"),
 }
