@@ -24,7 +24,7 @@ def test_a_checkpoint_loads_as_its_own_kind_with_its_task(classifier):
     loaded = load_checkpoint(classifier, "finetune/c")
     assert loaded.kind == "seq-cls" and type(loaded.model).__name__ == "BertForSequenceClassification"
     assert loaded.task["name"] == "classification" and loaded.task["labels"][0] == "business"
-    assert loaded.artifact == {"format": "hf", "class": "BertForSequenceClassification"}
+    assert loaded.artifact == {"format": "hf", "class": "BertForSequenceClassification", "dtype": "float32"}
     assert (
         loaded.parent("init")["weights_sha256"]
         == loaded.sha256
