@@ -189,7 +189,9 @@ def test_a_changed_file_or_scheme_is_one_line(tmp_path):
     q.save(model, record, tmp_path)
     with pytest.raises(LlmctlError, match="holds int8-weight weights but the manifest says int8-dynamic"):
         q.rebuild(_bert(), {**record, "scheme": "int8-dynamic"}, tmp_path, where="x")
-    with pytest.raises(LlmctlError, match="quantized in model.safetensors but not in the recorded quantization"):
+    with pytest.raises(
+        LlmctlError, match="quantized in llmctl-quantized.safetensors but not in the recorded quantization"
+    ):
         q.rebuild(_bert(), {**record, "linear": record["linear"][:-1]}, tmp_path, where="x")
     dynamic = _bert()
     record = q.quantize(dynamic, "int8-dynamic", **SETTINGS)
@@ -241,3 +243,18 @@ def test_layers_with_peaked_inputs_are_found_on_calibration_batches_and_kept_in_
     q.quantize(model, "int8-dynamic", **SETTINGS)  # the same layer in int8: its activations lose the typical values
     error = lambda m: float((_out(m) - reference).abs().mean())  # noqa: E731
     assert error(kept) < 0.75 * error(model)  # (seeded: 0.6×)
+
+
+def test_a_folder_from_before_the_weights_were_renamed_still_loads(tmp_path):
+    model = _bert()
+    record = q.quantize(model, "int8-dynamic", **SETTINGS)
+    q.save(model, record, tmp_path)
+    (tmp_path / q.WEIGHTS).rename(tmp_path / "model.safetensors")  # as llmctl wrote it until now
+    rebuilt = _roundtrip_from(tmp_path, record)
+    assert torch.equal(_out(rebuilt), _out(model))
+
+
+def _roundtrip_from(folder, record):
+    fresh = _bert()
+    q.rebuild(fresh, record, folder, where="x")
+    return fresh

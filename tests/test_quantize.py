@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import cls_args, run_inprocess
 from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification
 
 from llmctl.core import quantization
 from llmctl.core.loading import load_checkpoint
@@ -76,6 +77,13 @@ def test_each_method_reloads_through_its_reference_with_the_outputs_it_had(world
     )  # tiny model, 25 test rows: quantization costs little
     with safe_open(str(res.path / quantization.WEIGHTS), "pt") as fh:
         assert fh.metadata()["llmctl_quantization"] == method
+    # plain transformers never loads it wrong: no weights it could misread, and the folder says how to load it
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForSequenceClassification.from_pretrained(res.path)
+    config = json.loads((res.path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "llmctl"
+    assert "llmctl.core.loading.load_checkpoint" in config["quantization_config"]["load_with"]
+    assert "llmctl eval ckpt=<this folder>" in (res.path / "README.md").read_text()
     # eval takes it by reference and judges the same metric, with the parent's delta
     code, err = run_inprocess(
         "eval",

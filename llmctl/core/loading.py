@@ -74,6 +74,8 @@ def _from_config(resolved: Resolved, kind: str, head: dict | None, artifact: dic
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(resolved.path))
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # llmctl's own marker (quantized folders): the artifact record says the rest
     if head and head.get("id2label") != {int(k): v for k, v in config.id2label.items()}:
         raise LlmctlError(
             f"{resolved.ref}: a {what} checkpoint keeps its own head; give it data with its labels "

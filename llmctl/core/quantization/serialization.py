@@ -16,7 +16,23 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_safetensors
 from llmctl.core.quantization.schemes import SCHEMES, apply, packed_weight, prepare_model, quiet_torchao
 
-WEIGHTS = "model.safetensors"
+# Not model.safetensors: plain `from_pretrained` must never find these int8 / int4 values and load them as float
+# weights (or leave layers at random init). It finds no weights file and fails; config.json's quantization_config
+# and README.md name llmctl's loader. Folders written before this name are still read (OLD_WEIGHTS).
+WEIGHTS = "llmctl-quantized.safetensors"
+OLD_WEIGHTS = "model.safetensors"
+LOADER = "llmctl.core.loading.load_checkpoint"
+README = """# A checkpoint quantized by llmctl ({scheme})
+
+Its weights are {what}, stored in llmctl's own layout in `{weights}` (safetensors, no pickle). Plain
+`transformers` `from_pretrained` cannot read them and finds no `model.safetensors` here, so it refuses this folder
+rather than load int8 / int4 values as float weights. Load it with llmctl:
+
+    llmctl eval ckpt=<this folder>     llmctl generate ckpt=<this folder> prompt=...     llmctl serve ckpt=<this folder>
+
+or in Python: `{loader}(Store("outputs"), "<this folder>")`. To use it elsewhere, export it: `llmctl export
+ckpt=<this folder> format=onnx` (encoders) or `format=gguf` (Llama / GPT-2 causal LMs).
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,11 +44,22 @@ def save(model, record: dict, folder: Path, dtype: str = "float32") -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    model.config.save_pretrained(str(folder))
+    model.config.quantization_config = {  # transformers reads this, cannot apply it, and says so naming llmctl
+        "quant_method": "llmctl",
+        "scheme": record["scheme"],
+        "weights": WEIGHTS,
+        "load_with": f"{LOADER} (llmctl eval / generate / serve ckpt=<this folder>); see README.md",
+    }
+    try:
+        model.config.save_pretrained(str(folder))
+    finally:
+        del model.config.quantization_config
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(str(folder))
     tensors, metadata = state_dict(model, record, dtype=dtype)
     save_file(tensors, str(folder / WEIGHTS), metadata=metadata)
+    what = SCHEMES[record["scheme"]]["what"]
+    (folder / "README.md").write_text(README.format(scheme=record["scheme"], what=what, weights=WEIGHTS, loader=LOADER))
 
 
 def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]:
@@ -83,6 +110,8 @@ def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
     from safetensors import safe_open
 
     file = Path(folder) / WEIGHTS
+    if not file.is_file() and (Path(folder) / OLD_WEIGHTS).is_file():
+        file = Path(folder) / OLD_WEIGHTS  # written before the quantized weights got a name of their own
     if not file.is_file():
         raise LlmctlError(f"{where}: {WEIGHTS} is missing from {folder}")
     check_safetensors(file)
