@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-STAGES = ("pretrain", "finetune", "distill", "prune", "quantize", "eval", "generate")
+STAGES = ("pretrain", "finetune", "distill", "prune", "quantize", "export", "eval", "generate", "serve")

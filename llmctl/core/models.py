@@ -119,7 +119,10 @@ def stored_dtype(folder: Path) -> str:
 
 def count_parameters(model) -> tuple[int, int]:
     """(all, trainable) parameter counts, tied weights counted once. Weights a module keeps outside its
-    parameters (the packed weights of a quantized module, in its state dict) count too."""
+    parameters (the packed weights of a quantized module, in its state dict) count too; a model that keeps its
+    weights outside torch (an ONNX export) says its own count (`stored_parameters()`)."""
+    if hasattr(model, "stored_parameters"):
+        return model.stored_parameters()[0], 0
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -132,6 +135,8 @@ def count_parameters(model) -> tuple[int, int]:
 def weight_bytes(model) -> int:
     """Bytes the model's weights take in memory, each tensor once, at its real width: a quantized tensor's
     int8 / packed int4 storage (a tensor subclass is measured by the inner tensors it flattens to)."""
+    if hasattr(model, "weight_bytes"):  # weights kept outside torch (an ONNX export)
+        return model.weight_bytes()
     unique = {id(t): t for t in (*model.parameters(), *model.buffers(), *_state_only_tensors(model))}
     return sum(_nbytes(t) for t in unique.values())
 

@@ -409,7 +409,7 @@ def publish(
     total, trainable = count_parameters(model)
     manifest = {
         "kind": kind,
-        "artifact": {**(artifact or artifact_record(model)), "dtype": dtype},
+        "artifact": {"dtype": dtype, **(artifact or artifact_record(model))},  # an export states its own dtype
         "parents": run.parents,
         "task": task,
         "metrics": metrics,

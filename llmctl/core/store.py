@@ -88,9 +88,17 @@ def version_dirname(version: int) -> str:
     return f"v{version:03d}"
 
 
+WEIGHT_FILES = ("*.safetensors", "*.onnx", "*.onnx.data", "*.onnx_data", "*.gguf")  # what the weights hash covers
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint's weight files: safetensors, or an export's ONNX graph and data or GGUF file, sorted by name."""
+    return sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern)}, key=lambda p: p.name)
+
+
 def weights_sha256(folder: Path) -> str | None:
-    """sha256 over the folder's safetensors files (sorted by name); None when there are none."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    """sha256 over the folder's weight files (sorted by name); None when there are none."""
+    files = weight_files(folder)
     if not files:
         return None
     digest = hashlib.sha256()

@@ -33,7 +33,7 @@ from llmctl.core.errors import LlmctlError
 from llmctl.core.evaluation.judging import BeforeAfter
 from llmctl.core.families import WIDTH_KEYS, layout, transformer_layers
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, require_float_weights, resolve_source, source_kind
 from llmctl.core.models import count_parameters
 from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tasks.checkpoint import checkpoint_objective, load_on_task
@@ -166,7 +166,7 @@ def _student(run, cfg, teacher, prepared, kind: str):
     """(student model, teacher layers it was made from, how it was made)."""
     if isinstance(cfg.student, str):
         src = resolve_source(run.store, cfg.student, what="student")
-        refuse_quantized(src, what="student", stage="distill")
+        require_float_weights(src, what="student", stage="distill")
         loaded = load_checkpoint(run.store, src, kind=kind, head=prepared.head or None, what="student")
         family, theirs = loaded.model.config.model_type, teacher.model.config.model_type
         if family != theirs:

@@ -179,15 +179,12 @@ def _harness(run, cfg, judged, tasks: list[str]) -> dict:
     documents = list(rows["text"]) if rows is not None and "text" in rows.column_names else None
     run.print(f"lm-evaluation-harness: {', '.join(tasks)}")
     return harness.run_tasks(
-        judged.model,
-        judged.tokenizer,
+        harness.hf_lm(judged.model, judged.tokenizer, rt=run.rt, batch_size=int(h.batch_size)),
         tasks,
-        rt=run.rt,
         documents=documents,
         include_path=h.include_path,
         limit=h.limit,
         num_fewshot=h.num_fewshot,
-        batch_size=int(h.batch_size),
         seed=int(cfg.seed),
     )
 

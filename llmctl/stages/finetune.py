@@ -30,7 +30,7 @@ from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
 from llmctl.core.families import max_positions
 from llmctl.core.finetuning import finetune
-from llmctl.core.loading import load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, require_float_weights, resolve_source, source_kind
 from llmctl.core.tasks import DATA_TASK, KIND, OBJECTIVE, PACKED, prepare, task_record
 from llmctl.core.tasks.labelled import class_weights, weighted_loss
 from llmctl.core.tokenizer import load_tokenizer, tokenizer_hash
@@ -191,7 +191,7 @@ def _source(run, cfg, task: str):
             "finetune needs weights: set init_from=<reference or HF folder> or a model preset (model=minilm-l6, "
             "model=smollm2-135m)"
         )
-    refuse_quantized(source, what=where.split("=", 1)[0], stage="finetune")
+    require_float_weights(source, what=where.split("=", 1)[0], stage="finetune")
     kind = source_kind(source)
     if task == "sft" and kind != "causal-lm":
         raise LlmctlError(

@@ -27,10 +27,11 @@ from pydantic import Field
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.chat import check_chat, end_of_turn_ids, prompt_ids
+from llmctl.core.chat import check_chat, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_writable_file, write_text
+from llmctl.core.generation import Sampling, check_length, encode, hf_settings, stop_ids
 from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
 from llmctl.core.tokenizer import load_tokenizer
 
@@ -75,11 +76,13 @@ def run(cfg) -> None:
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
-        settings = _settings(cfg, tok)
-        encoded = [_encode(tok, p, chat=bool(cfg.chat), system_prompt=cfg.system_prompt) for p in prompts]
-        _check_length(model, encoded, int(cfg.max_new_tokens))
+        sampling, beams = _sampling(cfg)
+        stops = stop_ids(tok, chat=bool(cfg.chat) or any(isinstance(p, list) for p in prompts))
+        settings = hf_settings(sampling, stops, tok, max_new_tokens=int(cfg.max_new_tokens), beams=beams)
+        encoded = [encode(tok, p, chat=bool(cfg.chat), system_prompt=cfg.system_prompt) for p in prompts]
+        check_length(model, encoded, int(cfg.max_new_tokens))
         run.announce()
-        run.print(f"model {type(model).__name__} from {source.ref} · {_describe(cfg.sample)}")
+        run.print(f"model {type(model).__name__} from {source.ref} · {_describe(sampling, beams)}")
         if cfg.interactive:
             return _interactive(run, model, tok, settings, cfg.system_prompt)
         results = []
@@ -134,70 +137,22 @@ def _prompts(cfg) -> list:
     return prompts
 
 
-def _check_length(model, encoded: list[list[int]], max_new_tokens: int) -> None:
-    """Prompt + new tokens must fit the model's positions (learned position embeddings have no more)."""
-    from llmctl.core.families import max_positions
-
-    positions = max_positions(model.config)
-    longest = max(map(len, encoded), default=0)
-    if positions and longest + max_new_tokens > positions:
-        raise LlmctlError(
-            f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens exceeds the model's {positions} "
-            "positions; "
-            f"set max_new_tokens={max(positions - longest, 0)} or less, or shorten the prompt"
-        )
-
-
-def _strategy(sample) -> str:
-    if sample.strategy != "auto":
-        return sample.strategy
-    changed = float(sample.temperature) != 1.0 or sample.top_k is not None or float(sample.top_p) < 1.0
-    return "sample" if changed else "greedy"
+def _sampling(cfg) -> tuple[Sampling, int]:
+    """The config's decoding settings: (sampling, number of beams)."""
+    sample = cfg.sample
+    strategy = str(sample.strategy)
+    sampling = Sampling(
+        temperature=float(sample.temperature),
+        top_p=float(sample.top_p),
+        top_k=sample.top_k,
+        repetition_penalty=float(sample.repetition_penalty),
+        greedy={"greedy": True, "sample": False}.get(strategy),
+    )
+    return sampling, int(sample.num_beams) if strategy == "beam" else 1
 
 
-def _describe(sample) -> str:
-    strategy = _strategy(sample)
-    if strategy == "sample":
-        return f"sampling (temperature {sample.temperature}, top-k {sample.top_k or 'off'}, top-p {sample.top_p})"
-    return f"beam search ({sample.num_beams} beams)" if strategy == "beam" else "greedy"
-
-
-def _settings(cfg, tok) -> dict:
-    """Keyword arguments for `model.generate`."""
-    strategy = _strategy(cfg.sample)
-    stop = _stops(tok, chat=bool(cfg.chat))
-    settings = {
-        "max_new_tokens": int(cfg.max_new_tokens),
-        "use_cache": True,
-        "eos_token_id": stop,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
-        "repetition_penalty": float(cfg.sample.repetition_penalty),
-        "do_sample": strategy == "sample",
-    }
-    if strategy == "sample":
-        settings.update(
-            temperature=float(cfg.sample.temperature), top_p=float(cfg.sample.top_p), top_k=cfg.sample.top_k or 0
-        )
-    if strategy == "beam":
-        settings.update(num_beams=int(cfg.sample.num_beams), early_stopping=True)
-    return settings
-
-
-def _stops(tok, *, chat: bool) -> list[int] | None:
-    """Token ids that end a generation: end-of-text, and in a chat also the end-of-turn token."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return list(dict.fromkeys([*end_of_turn_ids(tok), *eos])) if chat else eos or None
-
-
-def _encode(tok, prompt, *, chat: bool, system_prompt: str | None) -> list[int]:
-    """Token ids of a prompt: plain text, or (chat=true, or chat messages from jsonl) the chat template."""
-    if chat or isinstance(prompt, list):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": str(system_prompt)}, *messages]
-        return prompt_ids(tok, messages)
-    ids = tok(prompt)["input_ids"]
-    return ids if ids else [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+def _describe(sampling: Sampling, beams: int) -> str:
+    return f"beam search ({beams} beams)" if beams > 1 else sampling.describe()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +224,7 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
 def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> None:
     """A chat loop: every turn sees the whole conversation so far."""
     messages = [{"role": "system", "content": str(system_prompt)}] if system_prompt else []
-    stop = _stops(tok, chat=True)
+    stop = stop_ids(tok, chat=True)
     run.print("[dim]interactive chat: an empty line or Ctrl-D ends it[/]")
     while True:
         try:
@@ -281,7 +236,7 @@ def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> 
         messages.append({"role": "user", "content": text})
         sys.stdout.write("model> ")
         ids = prompt_ids(tok, messages)
-        _check_length(model, [ids], settings["max_new_tokens"])  # a long conversation: one line, not an IndexError
+        check_length(model, [ids], settings["max_new_tokens"])  # a long conversation: one line, not an IndexError
         record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True)
         messages.append({"role": "assistant", "content": record["completion"].strip()})
 

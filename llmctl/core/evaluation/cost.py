@@ -100,6 +100,8 @@ def cost_settings(section) -> dict | None:
 def parameter_counts(model) -> tuple[int, int]:
     """(all parameters, non-embedding parameters); tied weights counted once. Embedding tables (float or
     quantized: any module with an `embedding_dim`) and an untied output embedding are the embeddings."""
+    if hasattr(model, "stored_parameters"):  # weights kept outside torch (an ONNX export) say their own counts
+        return model.stored_parameters()
     total, _ = count_parameters(model)
     embedding = {}
     for m in model.modules():

@@ -212,4 +212,6 @@ def _loader(ds, collate, batch_size: int):
 
 
 def _device(model):
-    return next(model.parameters()).device
+    """Where a model runs: its first parameter's device, or its first buffer's (a model whose weights live outside
+    torch, such as an ONNX export, keeps one to say so)."""
+    return next(iter([*model.parameters(), *model.buffers()])).device

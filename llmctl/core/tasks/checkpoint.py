@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llmctl.core.data import load_data
 from llmctl.core.errors import LlmctlError
-from llmctl.core.loading import Loaded, load_checkpoint, refuse_quantized, resolve_source, source_kind
+from llmctl.core.loading import Loaded, load_checkpoint, require_float_weights, resolve_source, source_kind
 from llmctl.core.manifest import task_record
 from llmctl.core.run import resolve_objective
 from llmctl.core.store import Resolved, Store
@@ -42,9 +42,12 @@ class OnTask:
 
 
 def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str | None = None) -> OnTask:
-    """Load `source` (refused when quantized) onto the run's device with its task prepared: what distill,
-    prune and quantize do before they reshape or retrain it. `what` is the config key that named it."""
-    refuse_quantized(source, what=what, stage=stage)
+    """Load `source` (refused when quantized or an export) onto the run's device with its task prepared: what
+    distill, prune, quantize and export do before they reshape, retrain or convert it. `what` is the config key that
+    named it. Batches are `train.batch_size` (a stage that trains) or `batch_size`; `train.eval_batches` caps the
+    validation of a stage that trains."""
+    require_float_weights(source, what=what, stage=stage)
+    train = cfg.get("train") or {}
     kind = source_kind(source)
     record = task_record(source.manifest) or {}
     task = task_of(kind, record, data_cfg=cfg.get("data") or None, task=task)
@@ -58,8 +61,8 @@ def load_on_task(run, cfg, source: Resolved, *, what: str, stage: str, task: str
         data,
         loaded.tokenizer,
         max_seq_len=length,
-        batch_size=int(cfg.train.batch_size),
-        eval_batches=cfg.train.get("eval_batches"),  # a recovery / QAT run's validation
+        batch_size=int(train.get("batch_size") or cfg.batch_size),
+        eval_batches=train.get("eval_batches"),  # a recovery / QAT run's validation
         seed=int(cfg.seed),
         cache_root=Path(cfg.output_root) / ".cache",
         system_prompt=record.get("system_prompt"),
