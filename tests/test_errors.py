@@ -84,6 +84,14 @@ def _qz(w: World, *extra: str) -> list[str]:
     return ["quantize", f"output_root={w.out}", "precision=fp32", "train.max_steps=2", *extra]
 
 
+def _ex(w: World, *extra: str) -> list[str]:
+    return ["export", f"output_root={w.out}", "precision=fp32", "cost=off", *extra]
+
+
+def _sv(w: World, *extra: str) -> list[str]:
+    return ["serve", f"output_root={w.out}", "port=0", *extra]
+
+
 def _at(w: World, root: Path) -> World:
     """The case writes to `root` instead of a fresh store."""
     w.out = root
@@ -404,6 +412,36 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         lambda w: _ft(_at(w, w.published), "init_from=quantize/q"),
         ["quantize/q", "finetune its parent"],
     ),
+    # export
+    "export an encoder as gguf": (
+        lambda w: _ex(_at(w, w.published), "ckpt=finetune/c", "format=gguf"),
+        ["finetune/c@v001", "format=gguf takes Llama-layout and GPT-2 causal LMs", "format=onnx"],
+    ),
+    "export a causal LM as onnx": (
+        lambda w: _ex(w, f"ckpt={w.bases['gpt']}", "format=onnx"),
+        ["causal-lm", "format=onnx takes encoders", "format=gguf"],
+    ),
+    "export an int8 checkpoint as gguf": (
+        lambda w: _ex(_at(w, w.published), "ckpt=quantize/q", "format=gguf"),
+        ["quantize/q", "int8-dynamic", "int4-weight", "export its parent"],
+    ),
+    "export gguf.type=q5_k": (
+        lambda w: _ex(w, f"ckpt={w.bases['gpt']}", "format=gguf", "gguf.type=q5_k"),
+        ["gguf.type=q5_k", "q8_0"],
+    ),
+    "export format=tflite": (lambda w: _ex(w, f"ckpt={w.bases['gpt']}", "format=tflite"), ["format=tflite", "onnx"]),
+    "export a missing checkpoint": (lambda w: _ex(w, "ckpt=finetune/ghost"), ["ckpt", "finetune/ghost"]),
+    # serve
+    "serve an encoder": (lambda w: _sv(w, f"ckpt={w.bases['enc']}"), ["is a mlm checkpoint", "serve takes causal LMs"]),
+    "serve on a port that does not exist": (
+        lambda w: _sv(w, f"ckpt={w.bases['gpt']}", "port=70000"),
+        ["port=70000", "at most 65535"],
+    ),
+    "serve on an address the machine does not have": (
+        lambda w: _sv(w, f"ckpt={w.bases['gpt']}", "host=203.0.113.7"),
+        ["host=203.0.113.7", "cannot listen there", "host=127.0.0.1"],
+    ),
+    "serve max_batch=0": (lambda w: _sv(w, f"ckpt={w.bases['gpt']}", "max_batch=0"), ["max_batch=0"]),
     # ckpt
     "ckpt list of a missing root": (
         lambda w: ["ckpt", "list", "-o", str(w.out / "typo")],

@@ -167,7 +167,7 @@ def _float_source(run, source, quantization, fmt: str):
     (torch.ao modules do not trace; GGUF writes its own blocks)."""
     if not quantization:
         return source
-    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
+    scheme = (quantization.get("scheme") or quantization.get("method")) if isinstance(quantization, dict) else None
     parents = [p for p in (source.manifest or {}).get("parents") or [] if p.get("role") == "init"]
     if fmt == "onnx" and scheme not in ("int8-dynamic", "int8-weight"):
         raise LlmctlError(

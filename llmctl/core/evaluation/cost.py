@@ -2,12 +2,15 @@
 
 - parameters, and non-embedding parameters (token / position embeddings and an untied output
   embedding excluded, as in scaling-law papers);
-- size on disk: the weight files (`*.safetensors`, `*.bin`, `*.gguf`) of the folder;
+- size on disk: the weight files (`*.safetensors`, `*.bin`, `*.gguf`, `*.onnx` + its data) of the folder;
 - batch-1 latency: one forward pass over `seq_len` tokens, median and p90 over warm runs;
 - throughput: sequences (and tokens) per second at a larger batch;
 - peak memory: the weights' bytes plus the peak growth during the batched forward (on CUDA the
   allocator's peak; on CPU the process's resident set, whose high-water mark Linux resets through
   /proc/self/clear_refs, so the peak is exact, not sampled).
+
+A model run differently from how it is deployed says so in a `cost_note` attribute (a GGUF export, run by
+transformers on de-quantized fp32 weights); the note travels with its figures and the eval table prints it.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def measure_cost(
         "throughput_tokens_per_s": seqs_per_s * length,
         "peak_memory_bytes": weights_bytes + peak.bytes,  # this model alone, whatever else is resident
         "peak_memory_how": peak.how,
+        **({"note": model.cost_note} if getattr(model, "cost_note", None) else {}),  # why figures are not comparable
     }
 
 

@@ -67,6 +67,8 @@ def notes(records: list[dict]) -> list[str]:
         note = (r.get("delta") or {}).get("note") or r.get("delta_note")
         if note:
             out.append(f"{r['ref']}: no delta ({note})")
+        if (r.get("cost") or {}).get("note"):
+            out.append(f"{r['ref']}: {r['cost']['note']}")
     return out
 
 

@@ -74,7 +74,7 @@ def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) 
                 raw = _permute(torch.from_numpy(raw), heads, heads if "q_proj" in key else kv).numpy()
             from_int4 += 1
         else:
-            raw, qtype = _encode(tensor.detach().float().cpu().numpy(), gtype, target)
+            raw, qtype = _encode(tensor.detach().float().cpu().numpy(), _type_of(target, gtype, int4_model), target)
         writer.add_tensor(target, raw, raw_dtype=qtype)
         written += 1
     writer.write_header_to_file()
@@ -88,7 +88,7 @@ def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) 
         "gguf_version": int(gguf.GGUF_VERSION),
         "architecture": gguf.MODEL_ARCH_NAMES[arch],
         "tensors": written,
-        "q4_0_blocks_from_int4": from_int4,
+        "q4_0_tensors_from_int4": from_int4,
     }
 
 
@@ -101,7 +101,12 @@ def load(folder: Path, file: str):
     config = AutoConfig.from_pretrained(str(folder)) if (Path(folder) / "config.json").is_file() else None
     extra = {"config": config} if config is not None else {}
     with contextlib.redirect_stderr(io.StringIO()):  # its de-quantizing progress bar
-        return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32, **extra).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32, **extra).eval()
+    model.cost_note = (  # read by core.evaluation.cost: the figures measure this model, not llama.cpp
+        "a GGUF file run by transformers after de-quantizing it to fp32: its latency and memory are torch's on "
+        "fp32 weights, not llama.cpp's; its size is the file's"
+    )
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +143,15 @@ def _permute(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _type_of(target: str, gtype: str, int4_model) -> str:
+    """The type of a tensor not taken from int4 blocks. In a q4_0 file the output layer stays 8-bit (llama.cpp keeps
+    it wider too: its error reaches every logit), and so does everything an int4 checkpoint itself kept at 8 bits or
+    more (embedding rows in int8, a head in floating point): the file then computes what the checkpoint computes."""
+    if gtype == "q4_0" and (int4_model is not None or target == "output.weight"):
+        return "q8_0"
+    return gtype
+
+
 def _encode(data: np.ndarray, gtype: str, target: str):
     """(raw array, GGML type) of one tensor: 1-D tensors and norms f32; 2-D ones in `gtype`, or f16 when their rows
     do not split into 32-value blocks."""
@@ -158,7 +172,7 @@ def _int4_blocks(model) -> dict:
     out = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not hasattr(weight, "qdata") or getattr(weight, "block_size", None) != (1, BLOCK):
+        if not hasattr(weight, "qdata") or tuple(getattr(weight, "block_size", None) or ()) != (1, BLOCK):
             continue
         q, scale = weight.qdata.to(torch.int16), weight.scale.float()
         if weight.zero_point is not None and int(weight.zero_point.abs().max()) != 0:
