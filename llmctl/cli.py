@@ -25,7 +25,7 @@ from llmctl.core.errors import LlmctlError
 
 app = typer.Typer(
     help="A config-driven pipeline for language models: "
-    "pretrain → finetune → distill → prune → quantize → eval → generate.\n\n"
+    "pretrain → finetune → distill → prune → quantize → export → eval → generate → serve.\n\n"
     "Every stage takes Hydra overrides (key=value), -m/--multirun sweeps, --cfg job, and its own --help.",
     no_args_is_help=True,
     add_completion=False,

@@ -430,6 +430,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         ["gguf.type=q5_k", "q8_0"],
     ),
     "export format=tflite": (lambda w: _ex(w, f"ckpt={w.bases['gpt']}", "format=tflite"), ["format=tflite", "onnx"]),
+    "export an export": (
+        lambda w: _ex(_at(w, w.published), "ckpt=export/e", "format=onnx"),
+        ["export/e@v001 is already an export (onnx)", "export finetune/c@v001 instead"],
+    ),
     "export a missing checkpoint": (lambda w: _ex(w, "ckpt=finetune/ghost"), ["ckpt", "finetune/ghost"]),
     # serve
     "serve an encoder": (lambda w: _sv(w, f"ckpt={w.bases['enc']}"), ["is a mlm checkpoint", "serve takes causal LMs"]),
@@ -524,6 +528,12 @@ def published(tmp_path_factory, corpus, bases, reviews) -> Path:
     record["artifact"] = {"format": "hf", "quantization": {"method": "int8-dynamic"}}
     record["parents"] = [{"role": "init", "ref": "finetune/c@v001", "path": str(store.resolve("finetune/c").path)}]
     store.publish(quantized, "quantize", "q", record)
+    exported = root / "e-draft"  # a stand-in for an ONNX export of finetune/c
+    shutil.copytree(store.resolve("finetune/c").path, exported)
+    record = json.loads((exported / "llmctl.json").read_text())
+    record["artifact"] = {"format": "onnx", "files": ["model.onnx"]}
+    record["parents"] = [{"role": "export", "ref": "finetune/c@v001", "path": str(store.resolve("finetune/c").path)}]
+    store.publish(exported, "export", "e", record)
     weights = store.resolve("pretrain/p").path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-4:] = b"\x00\x00\xc0\x7f"  # the last weight set to NaN: same size, loads fine, trains to nan

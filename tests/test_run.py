@@ -139,7 +139,10 @@ def _float_dtypes(folder) -> set:
     """The floating dtypes of a folder's weights (a quantized tensor's scales are part of its encoding: left out)."""
     from safetensors import safe_open
 
-    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+    from llmctl.core.store import weight_files
+
+    (weights,) = weight_files(folder)  # model.safetensors, or llmctl-quantized.safetensors for a quantized folder
+    with safe_open(str(weights), "pt") as fh:
         dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys() if "scale" not in k and "zero_point" not in k}
     return set(dtypes.values()) & {"F32", "BF16", "F16"}
 
@@ -152,6 +155,7 @@ def test_a_bf16_parent_loads_in_fp32_and_every_child_is_saved_as_it_was(bases, r
     from transformers import AutoModelForSequenceClassification
 
     from llmctl.core.loading import load_checkpoint
+    from llmctl.core.store import weight_files
 
     out = tmp_path / "store"
     assert run_inprocess("finetune", *cls_args(bases, reviews, out, "name=c", "train.max_steps=4"))[0] == 0
@@ -179,7 +183,7 @@ def test_a_bf16_parent_loads_in_fp32_and_every_child_is_saved_as_it_was(bases, r
         child = Store(out).resolve(ref)
         assert child.manifest["artifact"]["dtype"] == "bfloat16", ref
         assert "BF16" in _float_dtypes(child.path) and "F32" not in _float_dtypes(child.path), ref
-        assert (child.path / "model.safetensors").stat().st_size <= 1.05 * size, ref
+        assert sum(f.stat().st_size for f in weight_files(child.path)) <= 1.05 * size, ref
         again = load_checkpoint(Store(out), ref)
         assert all(p.dtype == torch.float32 for p in again.model.parameters() if p.is_floating_point()), ref
 

@@ -129,9 +129,9 @@ def test_completions_and_chat_through_the_openai_client_match_transformers_greed
 def test_seeds_stops_and_echoed_logprobs(server, chat_gpt):
     client, name = server.client(), str(chat_gpt)
     sampled = [
-        client.completions.create(model=name, prompt="The film", max_tokens=16, temperature=1.2, seed=s).choices[0].text
+        client.completions.create(model=name, prompt="The film", max_tokens=16, seed=s).choices[0].text
         for s in (7, 7, 8)
-    ]
+    ]  # the API's default temperature is 1: sampled, repeatable with a seed
     assert sampled[0] == sampled[1] != sampled[2]
     free = client.completions.create(model=name, prompt="The film", max_tokens=16, temperature=0).choices[0].text
     stop = free.strip()[:3]
@@ -186,6 +186,8 @@ def test_bad_requests_are_4xx_in_openais_error_shape(server, chat_gpt):
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     raw = httpx.post(f"{base}/chat/completions", json={"model": name, "messages": []})
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "messages"
+    raw = httpx.post(f"{base}/embeddings", json={"model": name, "input": "x"})
+    assert raw.status_code == 404 and "/v1/chat/completions" in raw.json()["error"]["message"]
     assert re.search(r"POST /v1/completions 404 [\d.]+s", server.log())  # one line per request
 
 

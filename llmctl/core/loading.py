@@ -57,7 +57,8 @@ def artifact_record(model, quantization: dict | None = None) -> dict:
 
 def check_device(loaded: Loaded, device) -> None:
     """A quantized checkpoint whose kernels do not run on `device` is one line (eval, generate)."""
-    scheme = ((loaded.artifact or {}).get("quantization") or {}).get("scheme")
+    record = (loaded.artifact or {}).get("quantization")
+    scheme = record.get("scheme") if isinstance(record, dict) else None
     devices = quantization.SCHEMES.get(scheme, {}).get("devices")
     if devices and getattr(device, "type", str(device)) not in devices:
         raise LlmctlError(

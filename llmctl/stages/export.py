@@ -32,7 +32,7 @@ from llmctl.core.evaluation.cost import cost_settings, parameter_counts
 from llmctl.core.evaluation.judging import BeforeAfter, task_metrics
 from llmctl.core.export import gguf, onnx
 from llmctl.core.families import LAYOUT
-from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
+from llmctl.core.loading import EXPORT_FORMATS, load_checkpoint, resolve_source, source_kind
 from llmctl.core.store import parent_entry
 from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tasks.checkpoint import load_on_task
@@ -66,7 +66,11 @@ def run(cfg) -> float | None:
     with stage_run.start("export", cfg, default_name=stage_run.name_from(cfg.ckpt)) as run:
         # ---- what is exported, from which floating-point weights (all checked before anything loads) ----
         source = resolve_source(run.store, cfg.ckpt, what="ckpt")
-        kind, quantization = source_kind(source), ((source.manifest or {}).get("artifact") or {}).get("quantization")
+        stored = (source.manifest or {}).get("artifact") or {}
+        if stored.get("format") in EXPORT_FORMATS:
+            parent = next((p["ref"] for p in (source.manifest or {}).get("parents") or []), "its source")
+            raise LlmctlError(f"ckpt={source.ref} is already an export ({stored['format']}); export {parent} instead")
+        kind, quantization = source_kind(source), stored.get("quantization")
         float_source = _float_source(run, source, quantization, fmt)
         _check_kind(cfg, source, kind, fmt)
 
@@ -105,8 +109,7 @@ def run(cfg) -> float | None:
         if fmt == "onnx":
             int8 = bool(quantization) if cfg.onnx.int8 == "auto" else bool(cfg.onnx.int8)
             record = onnx.export_onnx(on.loaded.model, tok, run.run_dir, int8=int8, opset=cfg.onnx.opset)
-            exported = onnx.OnnxModel(run.run_dir, kind)
-            exported._counts = parameter_counts(on.loaded.model)
+            exported = onnx.OnnxModel(run.run_dir, kind, {**record, "parameters": parameter_counts(on.loaded.model)})
             parity = {"max_abs_logit_diff": onnx.max_logit_gap(reference, exported, prepared, on.split)}
             if float_source is not source:  # an int8 source: also against the float weights the graph came from
                 parity["max_abs_logit_diff_vs_float"] = onnx.max_logit_gap(

@@ -2,7 +2,7 @@
 
 - parameters, and non-embedding parameters (token / position embeddings and an untied output
   embedding excluded, as in scaling-law papers);
-- size on disk: the weight files (`*.safetensors`, `*.bin`, `*.gguf`, `*.onnx` + its data) of the folder;
+- size on disk: the weight files of the folder (`store.weight_files`: safetensors, ONNX graph + data, GGUF);
 - batch-1 latency: one forward pass over `seq_len` tokens, median and p90 over warm runs;
 - throughput: sequences (and tokens) per second at a larger batch;
 - peak memory: the weights' bytes plus the peak growth during the batched forward (on CUDA the
@@ -10,7 +10,8 @@
   /proc/self/clear_refs, so the peak is exact, not sampled).
 
 A model run differently from how it is deployed says so in a `cost_note` attribute (a GGUF export, run by
-transformers on de-quantized fp32 weights); the note travels with its figures and the eval table prints it.
+transformers on de-quantized fp32 weights), and one that keeps its own numerics in `own_precision` (an ONNX export:
+ONNX Runtime ignores bf16 autocast); the note travels with its figures and the eval table prints it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from llmctl.core.families import max_positions
 from llmctl.core.models import count_parameters, weight_bytes
+from llmctl.core.store import weight_files
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".onnx", ".onnx_data")
 SETTINGS = ("seq_len", "batch_size", "warmup", "runs", "throughput_runs")  # the `cost` config group's keys
 
 
@@ -90,8 +91,16 @@ def measure_cost(
         "throughput_tokens_per_s": seqs_per_s * length,
         "peak_memory_bytes": weights_bytes + peak.bytes,  # this model alone, whatever else is resident
         "peak_memory_how": peak.how,
-        **({"note": model.cost_note} if getattr(model, "cost_note", None) else {}),  # why figures are not comparable
+        **({"note": note} if (note := _note(model, rt)) else {}),  # why its figures are not like the others'
     }
+
+
+def _note(model, rt) -> str | None:
+    """Why a model's figures are not measured like a torch model's under the run's precision, if they are not."""
+    own = getattr(model, "own_precision", None)  # a runtime with its own numerics (ONNX Runtime)
+    if own and rt.precision != "fp32":
+        return f"run by ONNX Runtime in {own}, not under {rt.precision} autocast as the torch models are"
+    return getattr(model, "cost_note", None)
 
 
 def cost_settings(section) -> dict | None:
@@ -119,8 +128,9 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def weights_size(folder: Path) -> int:
-    """Bytes of the weight files in a checkpoint folder (tokenizer, config and eval records excluded)."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    """Bytes of the weight files in a checkpoint folder, the files its weights hash covers (safetensors, an ONNX
+    graph and its data, a GGUF file; tokenizer, config and eval records excluded)."""
+    return sum(p.stat().st_size for p in weight_files(Path(folder)))
 
 
 def _quantile(values: list[float], q: float) -> float:

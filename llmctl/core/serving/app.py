@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.core.generation import Row, Sampling, encode, room, stop_ids
 from llmctl.core.serving.batcher import Batcher, Job, QueueFull
@@ -96,6 +97,19 @@ def create_app(served: Served, limits: Limits):
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # an unknown path, a wrong method
+        message = (
+            f"{request.method} {request.url.path}: {e.detail}; this server has /v1/models, /v1/completions, "
+            "/v1/chat/completions and /health"
+        )
+        return JSONResponse(error_body(message, code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(f"the server failed: {type(e).__name__}: {e}", kind="server_error"), 500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -328,7 +342,7 @@ def _row(ids: list[int], max_tokens: int, stops: list[int], body, *, logprobs: b
         top_p=body.top_p,
         top_k=body.top_k,
         seed=body.seed,
-        greedy=body.temperature == 0 or None,
+        greedy=body.temperature == 0,  # the API samples unless temperature is 0 (its default is 1)
     )
     return Row(ids=list(ids), max_new_tokens=max_tokens, stops=stops, sampling=sampling, logprobs=bool(logprobs))
 
@@ -458,8 +472,12 @@ def _stream(chunks):
     from fastapi.sse import EventSourceResponse, format_sse_event
 
     async def events():
-        async for chunk in chunks:
-            yield format_sse_event(data_str=json.dumps(chunk))
+        try:
+            async for chunk in chunks:
+                yield format_sse_event(data_str=json.dumps(chunk))
+        except Exception as e:  # the status line has gone: the error is the stream's last event, as vLLM sends it
+            log.exception("stream failed")
+            yield format_sse_event(data_str=json.dumps(error_body(f"{type(e).__name__}: {e}", kind="server_error")))
         yield format_sse_event(data_str="[DONE]")
 
     return EventSourceResponse(events())
