@@ -174,11 +174,16 @@ def _student(run, cfg, teacher, prepared, kind: str):
                 f"student={cfg.student} is a {family} model and the teacher a {theirs}; a student must be of the "
                 "teacher's family"
             )
-        if loaded.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        mine, theirs = loaded.tokenizer.get_vocab(), teacher.tokenizer.get_vocab()
+        if mine != theirs:
+            how = (
+                f"{len(mine)} vs {len(theirs)} tokens"
+                if len(mine) != len(theirs)
+                else f"both {len(mine)} tokens, {sum(mine.get(t) != i for t, i in theirs.items())} of them different"
+            )
             raise LlmctlError(
-                f"student={cfg.student} has another vocabulary than the teacher ({len(loaded.tokenizer)} vs "
-                f"{len(teacher.tokenizer)} tokens); distillation compares logits token by token, so both need one "
-                "tokenizer"
+                f"student={cfg.student} has another vocabulary than the teacher ({how}); distillation compares "
+                "logits token by token, so both need one tokenizer"
             )
         run.parents.append(loaded.parent("init"))
         return loaded.model, None, f"from {src.ref}"
