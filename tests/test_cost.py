@@ -54,3 +54,86 @@ def test_peak_memory_on_cuda_is_the_same_with_another_model_resident(tmp_path):
     with_other = measure_cost(model, tmp_path, rt, **settings)["peak_memory_bytes"]
     del other
     assert abs(with_other - alone) < 0.1 * alone
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_decode_step_reads_every_matmul_weight_once_and_one_embedding_row(tied):
+    from llmctl.core.evaluation.cost import bytes_per_token
+
+    model = _llama(tied)
+    linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # the output layer (lm_head) is read whole; tied, it is the embedding table, counted once; untied, the input
+    # table adds the one row a token looks up
+    assert bytes_per_token(model) == 4 * linears + (0 if tied else 4 * 64)
+
+
+def test_int4_packed_weights_are_a_fraction_of_the_bytes_a_decode_step_reads():
+    from llmctl.core import quantization
+    from llmctl.core.evaluation.cost import bytes_per_token
+    from llmctl.core.quantization.kernels import PackedLinear
+
+    model = _llama(tied=False)
+    fp32 = bytes_per_token(model)
+    record = quantization.quantize(model, "int4-weight", group_size=None, skip=[], keep_head=True, embeddings=False)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        pytest.skip(f"this CPU runs int4 through {model.llmctl_kernels}")
+    inner = sum(m.in_features * m.out_features for m in packed)
+    # int4 values at half a byte, one bf16 scale and zero per 32 values; the head stays fp32
+    assert bytes_per_token(model) == fp32 - 4 * inner + inner // 2 + inner // 32 * 2 * 2
+    assert len(packed) == len(record["linear"])
+
+
+def test_a_causal_lm_gets_decode_speed_time_to_first_token_and_its_bound(tmp_path):
+    model = _llama(tied=True)
+    model.save_pretrained(tmp_path)
+    cost = measure_cost(
+        model,
+        tmp_path,
+        setup_runtime("cpu", "fp32"),
+        seq_len=16,
+        batch_size=2,
+        warmup=1,
+        runs=2,
+        throughput_runs=1,
+        decode_prompt=8,
+        decode_tokens=6,
+        decode_runs=2,
+    )
+    assert cost["decode_prompt_tokens"] == 8 and cost["decode_new_tokens"] == 6
+    assert cost["decode_tokens_per_s"] > 0 and cost["ttft_ms"] > 0 and cost["memory_bandwidth_gbs"] > 0.1
+    assert cost["decode_bound_tokens_per_s"] == pytest.approx(
+        cost["memory_bandwidth_gbs"] * 1e9 / cost["decode_bytes_per_token"]
+    )
+    assert (
+        0
+        < cost["decode_pct_of_bound"]
+        == pytest.approx(100 * cost["decode_tokens_per_s"] / cost["decode_bound_tokens_per_s"])
+    )
+    encoder = measure_cost(
+        model.model,  # the base model: it cannot generate, so no decode figures
+        tmp_path,
+        setup_runtime("cpu", "fp32"),
+        seq_len=16,
+        batch_size=2,
+        warmup=1,
+        runs=2,
+        throughput_runs=1,
+    )
+    assert "decode_tokens_per_s" not in encoder

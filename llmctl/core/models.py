@@ -138,13 +138,14 @@ def weight_bytes(model) -> int:
     if hasattr(model, "weight_bytes"):  # weights kept outside torch (an ONNX export)
         return model.weight_bytes()
     unique = {id(t): t for t in (*model.parameters(), *model.buffers(), *_state_only_tensors(model))}
-    return sum(_nbytes(t) for t in unique.values())
+    return sum(tensor_bytes(t) for t in unique.values())
 
 
-def _nbytes(t) -> int:
+def tensor_bytes(t) -> int:
+    """Bytes one tensor holds at its real width (a quantized tensor subclass: the inner tensors it flattens to)."""
     if hasattr(t, "__tensor_flatten__"):  # a wrapper tensor subclass (torchao's quantized weights)
         names, _ = t.__tensor_flatten__()
-        return sum(_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
     return t.numel() * t.element_size()
 
 

@@ -126,6 +126,9 @@ class Cost(Section):
     warmup: NonNegInt
     runs: PosInt
     throughput_runs: PosInt
+    decode_prompt: PosInt = 32
+    decode_tokens: NonNegInt = 32
+    decode_runs: PosInt = 3
 
 
 class Common(Section):

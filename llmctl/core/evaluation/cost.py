@@ -23,10 +23,20 @@ import time
 from pathlib import Path
 
 from llmctl.core.families import max_positions
-from llmctl.core.models import count_parameters, weight_bytes
+from llmctl.core.models import count_parameters, tensor_bytes, weight_bytes
 from llmctl.core.store import weight_files
 
-SETTINGS = ("seq_len", "batch_size", "warmup", "runs", "throughput_runs")  # the `cost` config group's keys
+SETTINGS = (
+    "seq_len",
+    "batch_size",
+    "warmup",
+    "runs",
+    "throughput_runs",
+    "decode_prompt",
+    "decode_tokens",
+    "decode_runs",
+)
+DEFAULTS = {"decode_prompt": 32, "decode_tokens": 32, "decode_runs": 3}  # for `cost:` sections written before decode
 
 
 def measure_cost(
@@ -39,8 +49,12 @@ def measure_cost(
     warmup: int = 10,
     runs: int = 20,
     throughput_runs: int = 5,
+    decode_prompt: int = 32,
+    decode_tokens: int = 32,
+    decode_runs: int = 3,
 ) -> dict:
-    """Parameters, size on disk, batch-1 latency (median / p90), throughput and peak memory."""
+    """Parameters, size on disk, batch-1 latency (median / p90), throughput and peak memory; for a causal LM also
+    batch-1 decode speed, time to first token and the memory-bandwidth bound (`measure_decode`)."""
     import torch
 
     positions = max_positions(model.config)
@@ -91,8 +105,118 @@ def measure_cost(
         "throughput_tokens_per_s": seqs_per_s * length,
         "peak_memory_bytes": weights_bytes + peak.bytes,  # this model alone, whatever else is resident
         "peak_memory_how": peak.how,
+        **(
+            measure_decode(model, rt, decode_prompt, decode_tokens, decode_runs)
+            if _decodes(model, decode_tokens)
+            else {}
+        ),
+        **({"kernels": kernels} if (kernels := getattr(model, "llmctl_kernels", None)) else {}),
         **({"note": note} if (note := _note(model, rt)) else {}),  # why its figures are not like the others'
     }
+
+
+def _decodes(model, tokens: int) -> bool:
+    return int(tokens) > 1 and bool(getattr(model, "can_generate", lambda: False)())
+
+
+def measure_decode(model, rt, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
+    """Batch-1 greedy generation as `llmctl generate` runs it (model.generate, KV cache), warm: time to first token
+    (prefill of `prompt_tokens` + one token) and decode tokens/s over the remaining `new_tokens` − 1 (medians of
+    `runs`), against the bound of memory bandwidth: a decode step reads every weight it multiplies by once."""
+    import torch
+
+    positions = max_positions(model.config)
+    if positions and positions <= int(new_tokens) + 1:
+        return {}  # too few positions for the timed generation: no decode figures rather than a shorter one
+    prompt = min(int(prompt_tokens), positions - int(new_tokens)) if positions else int(prompt_tokens)
+    ids = torch.randint(
+        5, int(model.config.vocab_size), (1, max(prompt, 1)), generator=torch.Generator().manual_seed(1)
+    )
+    ids = ids.to(rt.device)
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,  # no early end-of-text: every run times the same tokens
+            do_sample=False,
+            pad_token_id=0,
+        )
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.inference_mode(), rt.autocast():
+        generate(int(new_tokens))  # warm: first-call set-up, kernel packing, allocator
+        firsts, fulls = [], []
+        for _ in range(int(runs)):  # interleaved, so a slow moment hurts both figures alike
+            firsts.append(generate(1))
+            fulls.append(generate(int(new_tokens)))
+    first, full = statistics.median(firsts), statistics.median(fulls)
+    tokens_per_s = (int(new_tokens) - 1) / max(full - first, 1e-9)
+    per_token, bandwidth = bytes_per_token(model), memory_bandwidth(rt.device)
+    bound = bandwidth / per_token if per_token else None
+    return {
+        "decode_prompt_tokens": int(ids.shape[1]),
+        "decode_new_tokens": int(new_tokens),
+        "ttft_ms": 1000 * first,
+        "decode_tokens_per_s": tokens_per_s,
+        "decode_bytes_per_token": per_token,
+        "memory_bandwidth_gbs": bandwidth / 1e9,
+        "decode_bound_tokens_per_s": bound,
+        "decode_pct_of_bound": 100 * tokens_per_s / bound if bound else None,
+    }
+
+
+def bytes_per_token(model) -> int:
+    """Bytes of weights one batch-1 decode step reads: each matmul's weight as its kernel reads it (a packed
+    kernel's own layout, int8 values and scales, float weights at their width in memory: an fp32 weight under bf16
+    autocast is read whole and cast), and one row of each embedding table that is not also the output layer."""
+    import torch
+
+    total, seen = 0, set()
+    for m in model.modules():
+        if hasattr(m, "kernel_bytes"):  # a packed Linear (core.quantization.kernels)
+            total += m.kernel_bytes()
+            seen.add(id(m.weight))
+            continue
+        weight = getattr(m, "weight", None)
+        weight = weight() if callable(weight) else weight  # torch.ao modules hand their weight out by a call
+        if torch.is_tensor(weight) and weight.dim() == 2 and not hasattr(m, "embedding_dim") and id(weight) not in seen:
+            seen.add(id(weight))
+            total += tensor_bytes(weight)
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        weight = weight() if callable(weight) else weight
+        if hasattr(m, "embedding_dim") and torch.is_tensor(weight) and id(weight) not in seen:
+            total += tensor_bytes(weight) // max(int(weight.shape[0]), 1)
+    return total
+
+
+_BANDWIDTH: dict[str, float] = {}
+
+
+def memory_bandwidth(device) -> float:
+    """Bytes per second a copy of 256 MiB moves on `device` (read + write, best of 10, at the process's threads);
+    measured once per process."""
+    import torch
+
+    key = str(device)
+    if key not in _BANDWIDTH:
+        src = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        best = math.inf
+        for _ in range(11):  # the first touches fresh pages
+            start = time.perf_counter()
+            dst.copy_(src)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        _BANDWIDTH[key] = 2 * src.numel() * src.element_size() / best
+        del src, dst
+    return _BANDWIDTH[key]
 
 
 def _note(model, rt) -> str | None:
@@ -107,7 +231,7 @@ def cost_settings(section) -> dict | None:
     """`measure_cost` keyword arguments from a config's `cost:` section (None when cost.enabled is false)."""
     if section is None or not section.get("enabled", True):
         return None
-    return {k: int(section[k]) for k in SETTINGS}
+    return {k: int(section[k] if k in section else DEFAULTS[k]) for k in SETTINGS}
 
 
 def parameter_counts(model) -> tuple[int, int]:

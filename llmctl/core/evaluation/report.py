@@ -20,6 +20,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric, why = headline(records) if one else (None, None)
     switched = one and metric != records[0]["primary"]["metric"]
     seq = {(r.get("cost") or {}).get("seq_len") for r in records} - {None}
+    decodes = any("decode_tokens_per_s" in (r.get("cost") or {}) for r in records)  # causal LMs: decode speed too
     headers = [
         "checkpoint",
         (metric + (" (not comparable)" if why and not switched else "") if one else "metric"),
@@ -30,6 +31,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         "size ×",
         "latency p50 / p90 ms" + (f" @{seq.pop()}" if len(seq) == 1 else ""),
         "seq/s",
+        *(["decode tok/s (% bound)", "TTFT ms"] if decodes else []),
         "peak mem",
     ]
     rows = []
@@ -51,10 +53,19 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                 f"{d['size_bytes_ratio']:.2f}×" if "size_bytes_ratio" in d else "—",
                 latency,
                 _num(c.get("throughput_seq_per_s")),
+                *([_decode(c), _num(c.get("ttft_ms"))] if decodes else []),
                 _bytes(c.get("peak_memory_bytes")),
             ]
         )
     return headers, rows
+
+
+def _decode(c: dict) -> str:
+    """Batch-1 decode tokens/s and its share of the memory-bandwidth bound (core.evaluation.cost.measure_decode)."""
+    if c.get("decode_tokens_per_s") is None:
+        return "—"
+    pct = c.get("decode_pct_of_bound")
+    return _num(c["decode_tokens_per_s"]) + (f" ({pct:.0f} %)" if pct is not None else "")
 
 
 def notes(records: list[dict]) -> list[str]:
@@ -63,12 +74,22 @@ def notes(records: list[dict]) -> list[str]:
     metric, why = headline(records) if len({r["primary"]["metric"] for r in records}) == 1 else (None, None)
     if why:
         out.append(f"{metric} is the headline: {why}" if metric == "bits_per_byte" else f"{metric}: {why}")
+    decoded = [r["cost"] for r in records if (r.get("cost") or {}).get("decode_tokens_per_s") is not None]
+    if decoded:
+        c = decoded[0]
+        out.append(
+            f"decode: batch-1 greedy, {c['decode_prompt_tokens']}-token prompt, {c['decode_new_tokens']} new tokens; "
+            f"% bound = tokens/s against the copy bandwidth measured here ({c['memory_bandwidth_gbs']:.1f} GB/s) "
+            "over the weight bytes a step reads"
+        )
     for r in records:
         note = (r.get("delta") or {}).get("note") or r.get("delta_note")
         if note:
             out.append(f"{r['ref']}: no delta ({note})")
         if (r.get("cost") or {}).get("note"):
             out.append(f"{r['ref']}: {r['cost']['note']}")
+        if (r.get("cost") or {}).get("kernels"):
+            out.append(f"{r['ref']}: kernels: {r['cost']['kernels']}")
     return out
 
 

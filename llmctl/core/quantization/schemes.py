@@ -19,6 +19,7 @@ import fnmatch
 import io
 
 from llmctl.core.errors import LlmctlError
+from llmctl.core.quantization import kernels
 
 SCHEMES = {
     "int8-dynamic": {
@@ -168,6 +169,7 @@ def quantize(
     )
     apply(model, record)
     record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
+    kernels.pack(model, record)
     return record
 
 
@@ -247,7 +249,9 @@ def finish_qat(model, record: dict) -> dict:
     """Convert a trained fake-quantized model to its scheme (the same tensors PTQ writes)."""
     model.float()
     apply(model, record, qat="convert")
-    return {**record, "torchao": _torchao_version()}
+    record = {**record, "torchao": _torchao_version()}
+    kernels.pack(model, record)
+    return record
 
 
 def _torchao_quantize(model, record: dict, names: set[str], step: str | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_safetensors
+from llmctl.core.quantization import kernels
 from llmctl.core.quantization.schemes import SCHEMES, apply, packed_weight, prepare_model, quiet_torchao
 
 # Not model.safetensors: plain `from_pretrained` must never find these int8 / int4 values and load them as float
@@ -147,6 +148,9 @@ def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
             tensors[key] = unpack_int4(tensors[key])
         tensors, _ = unflatten_tensor_state_dict(tensors, metadata)
     _load_tensors(model, tensors, skip=tuple(owned), where=where)
+    kernels.pack(
+        model, record
+    )  # the kernels' layout is built here, from the stored values: no artifact is tied to a CPU
     model.eval()
 
 

@@ -1,0 +1,165 @@
+"""Packed weight-only kernels: int8 / int4 Linears that decode faster than fp32 on CPU.
+
+torchao's saveable weight-only tensors (`IntxUnpackedToInt8Tensor`) dequantize the whole weight inside every
+matmul: smaller, but slower than fp32 at batch 1 (decode reads the int values and writes a float copy per token).
+torch ships kernels that read the int values directly: `aten._weight_int8pack_mm` (int8 per output channel) and
+`aten._weight_int4pack_mm_for_cpu` (int4 in groups of 32–256, after `_convert_weight_to_int4pack_for_cpu`). They
+are fast with bf16 activations on CPUs that compute bf16 natively (AVX512-BF16 / AMX) and several times slower
+than fp32 with fp32 activations (measured on SmolLM2's shapes, 2 AVX512-BF16 cores, batch 1):
+
+    576×576: fp32 31 µs · int8 22 µs · int4 42 µs      1536×576: fp32 108 µs · int8 41 µs · int4 45 µs
+    (fp32 activations into the same kernels: 215 / 349 µs and 541 / 842 µs)
+
+`pack(model)` swaps each weight-only Linear for a `PackedLinear` that keeps the torchao tensor as its weight (the
+portable layout that is saved, exported to GGUF and counted) and builds the kernel's layout beside it at load, so
+an artifact is tied to no CPU. The kernel serves small batches of rows (decoding: `SMALL_BATCH` rows or fewer);
+larger ones (prefill, batched scoring) dequantize once per call and run the float matmul, which is faster there.
+
+The kernel is chosen per machine, and the choice is stated (`describe`): a CPU with native bf16 takes the packed
+kernels with bf16 activations; any other CPU times the packed kernel with fp32 activations against torchao's
+dequantizing matmul on the model's own first layer and keeps the faster; CUDA keeps torchao's path (the CUDA
+packed kernels take another layout and are not wired yet).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llmctl.core.device import cpu_has_native_bf16
+
+SMALL_BATCH = 64  # rows at or under which the packed kernel runs; above, dequantize + float matmul (prefill)
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
+INNER_K_TILES = 2  # the int4 CPU kernel's K tiling (input widths must divide by 16 · INNER_K_TILES)
+
+
+class PackedLinear(torch.nn.Module):
+    """A weight-only int8 / int4 Linear run by torch's packed kernels. `weight` stays the torchao tensor (state
+    dict, GGUF export and size read it); the kernel's copy of the values lives in non-persistent buffers."""
+
+    def __init__(self, linear: torch.nn.Linear, *, bits: int, group: int | None, activations: torch.dtype):
+        super().__init__()
+        w = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = w, linear.bias
+        self.bits, self.group, self.activations = bits, group, activations
+        scale = w.scale.reshape(self.out_features, -1).float()
+        if bits == 8:
+            w.qdata = _aligned(w.qdata)  # the kernel reads the stored values themselves: no second copy
+            self.register_buffer("scales", scale.reshape(-1).to(activations), persistent=False)
+        else:
+            zero = -w.zero_point.reshape(self.out_features, -1).float() * scale if w.zero_point is not None else 0
+            zero = torch.zeros_like(scale) + zero
+            values = (w.qdata.to(torch.int32) + 8).contiguous()  # −8..7 → the kernel's 0..15
+            self.register_buffer(
+                "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES), persistent=False
+            )
+            scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(activations)  # (K/g, N, 2)
+            self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > SMALL_BATCH:  # prefill / scoring: one dequantized weight, the float matmul
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight.qdata, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def kernel_bytes(self) -> int:
+        """Bytes a batch-1 step reads: the values in the kernel's layout, their scales, the bias."""
+        values = self.weight.qdata if self.bits == 8 else self.packed
+        scales = self.scales if self.bits == 8 else self.scales_zeros
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return values.numel() * values.element_size() + scales.numel() * scales.element_size() + bias
+
+    def extra_repr(self) -> str:
+        kernel = "int8pack" if self.bits == 8 else f"int4pack (groups of {self.group})"
+        return f"{self.in_features} → {self.out_features}, {kernel}, {str(self.activations)[6:]} activations"
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it where its data does not start on a 64-byte boundary: the packed kernels read with
+    aligned vector loads and crash on a tensor that starts mid-line (safetensors' tensors, slices)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def packable(module, bits: int) -> bool:
+    """A Linear whose weight is torchao's weight-only tensor in a shape the packed kernel takes."""
+    w = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or not hasattr(w, "qdata") or w.device.type != "cpu":
+        return False
+    block = tuple(getattr(w, "block_size", None) or ())
+    if bits == 8:  # per output channel, symmetric (the int8 kernel has no zero point)
+        zero_free = w.zero_point is None or not bool(w.zero_point.any())
+        return block == (1, module.in_features) and zero_free
+    return (
+        len(block) == 2
+        and block[0] == 1
+        and block[1] in INT4_GROUPS
+        and module.in_features % (16 * INNER_K_TILES) == 0
+        and module.out_features % 8 == 0
+    )
+
+
+def pack(model, record: dict) -> str | None:
+    """Swap the model's weight-only Linears for packed ones where the machine runs them faster; returns what was
+    chosen (also kept as `model.llmctl_kernels`), None when the record's scheme has no packed kernel."""
+    if record.get("scheme") not in ("int8-weight", "int4-weight"):
+        return None
+    bits = int(record["bits"])
+    found = [(n, m) for n, m in model.named_modules() if n in set(record["linear"]) and packable(m, bits)]
+    if not found:
+        model.llmctl_kernels = "torchao dequantizing matmul (no layer in a shape the packed kernels take)"
+        return model.llmctl_kernels
+    group = int(record.get("group_size") or 0) or None
+    if cpu_has_native_bf16():
+        activations, why = torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
+    else:
+        packed_us, dequant_us = _time_first(found[0][1], bits, group)
+        if packed_us >= dequant_us:
+            model.llmctl_kernels = (
+                f"torchao dequantizing matmul (packed kernel with fp32 activations {packed_us:.0f} µs vs "
+                f"{dequant_us:.0f} µs on this CPU without native bf16)"
+            )
+            return model.llmctl_kernels
+        activations, why = torch.float32, f"fp32 activations ({packed_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)"
+    modules = dict(model.named_modules())
+    for name, module in found:
+        parent, _, leaf = name.rpartition(".")
+        setattr(
+            modules[parent] if parent else model,
+            leaf,
+            PackedLinear(module, bits=bits, group=group, activations=activations),
+        )
+    op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
+    model.llmctl_kernels = f"aten.{op} for batches of up to {SMALL_BATCH} rows, {why}; {len(found)} layers"
+    return model.llmctl_kernels
+
+
+def _time_first(module, bits: int, group: int | None) -> tuple[float, float]:
+    """Batch-1 µs of the packed kernel (fp32 activations) and of torchao's dequantizing matmul on one layer."""
+    packed = PackedLinear(module, bits=bits, group=group, activations=torch.float32)
+    x = torch.randn(1, module.in_features)
+
+    def best(fn) -> float:
+        for _ in range(3):
+            fn(x)
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+        return 1e6 * min(times)
+
+    with torch.inference_mode():
+        return best(packed), best(module)
+
+
+def describe(model) -> str | None:
+    """Which kernels run the model's quantized Linears (None: not a packed-kernel scheme)."""
+    return getattr(model, "llmctl_kernels", None)

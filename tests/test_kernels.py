@@ -1,0 +1,82 @@
+"""core.quantization.kernels: weight-only int8 / int4 Linears run by torch's packed kernels compute what torchao's
+dequantizing matmul computes (to the rounding of their activations), on any CPU, from tensors wherever they start
+in memory; large batches go through the float matmul; a saved model rebuilds with the same kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_quantization import SETTINGS, _llama, _roundtrip
+
+from llmctl.core import quantization as q
+from llmctl.core.quantization.kernels import SMALL_BATCH, PackedLinear, describe
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's size: bf16 activations round
+
+
+def _quantized_linear(bits: int, *, asymmetric: bool = False) -> torch.nn.Linear:
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Linear(128, 96))
+    config = IntxWeightOnlyConfig(
+        weight_dtype=torch.int4 if bits == 4 else torch.int8,
+        granularity=PerGroup(32) if bits == 4 else PerAxis(0),
+        mapping_type=MappingType.ASYMMETRIC if asymmetric else MappingType.SYMMETRIC,
+    )
+    quantize_(linear, config)
+    return linear[0]
+
+
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,asymmetric", [(8, False), (4, False), (4, True)], ids=["int8", "int4", "int4-asym"])
+def test_the_packed_kernels_compute_what_the_dequantized_weights_do(bits, asymmetric, activations):
+    linear = _quantized_linear(bits, asymmetric=asymmetric)
+    if asymmetric:
+        assert linear.weight.zero_point.any()  # the zero points are real: the kernel's zero term is exercised
+    packed = PackedLinear(linear, bits=bits, group=32 if bits == 4 else None, activations=activations)
+    x = torch.randn(3, 5, 128)
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(x, linear.weight.dequantize(), linear.bias)
+        got = packed(x)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    assert (got - expected).abs().max() < TOLERANCE[activations] * expected.abs().max()
+
+
+def test_inputs_that_start_mid_cache_line_do_not_crash_the_kernels():
+    """The kernels read with aligned vector loads: a slice of a larger tensor (and safetensors' tensors, which
+    start at any byte) segfaulted before the inputs were re-allocated."""
+    linear = _quantized_linear(8)
+    packed = PackedLinear(linear, bits=8, group=None, activations=torch.bfloat16)
+    big = torch.randn(1000).bfloat16()
+    x = big[3 : 3 + 2 * 128].view(2, 128)
+    assert x.data_ptr() % 64
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(x.float(), linear.weight.dequantize(), linear.bias)
+        assert (packed(x).float() - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
+def test_a_large_batch_runs_the_dequantized_float_matmul_exactly():
+    linear = _quantized_linear(4)
+    packed = PackedLinear(linear, bits=4, group=32, activations=torch.bfloat16)
+    x = torch.randn(SMALL_BATCH + 1, 128)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), linear(x))
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+def test_a_quantized_model_states_its_kernels_and_rebuilds_with_them(tmp_path, scheme):
+    model = _llama()
+    record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
+    chosen = describe(model)
+    assert chosen and ("aten._weight_int" in chosen or "torchao" in chosen)  # which one depends on the CPU
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(ids).logits
+    torch.manual_seed(5)
+    rebuilt = _roundtrip(model, record, tmp_path, type(model)(model.config))
+    assert describe(rebuilt) == chosen
+    kinds = {type(m).__name__ for n, m in rebuilt.named_modules() if n in record["linear"]}
+    assert kinds == ({"PackedLinear"} if "aten" in chosen else {"Linear"})
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(ids).logits, before)
