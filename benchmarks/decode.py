@@ -8,8 +8,8 @@ int8-dynamic, int8-weight and int4-weight (llmctl's quantize schemes, packed ker
 then times each like `llmctl generate` (model.generate, greedy, KV cache) round-robin: time to first token and
 decode tokens/s (medians over rounds), against the bound memory bandwidth sets (a measured copy, over the
 weight bytes a step reads), and the perplexity delta on held-out text (BBC News articles by default), each format
-under its own precision. `int4-weight+head` also quantizes the output layer (for SmolLM2 the tied embedding table:
-113 of its 538 MB read per token in fp32).
+under its own precision. `<scheme>+head8` stores the output layer as int8 (`quantize.head_int8=true`; for SmolLM2 the
+tied embedding table: 113 of the 538 MB an fp32 step reads), `<scheme>+head` at the scheme's own bits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from llmctl.core.evaluation.cost import bytes_per_token, measure_decode, memory_
 from llmctl.core.loading import load_checkpoint
 from llmctl.core.store import Store
 
-FORMATS = ("fp32", "bf16", "int8-dynamic", "int8-weight", "int4-weight")
+FORMATS = ("fp32", "bf16", "int8-dynamic", "int8-weight", "int4-weight", "int8-weight+head8", "int4-weight+head8")
 QUANTIZE = {"group_size": None, "skip": [], "keep_head": True, "embeddings": False}
 
 
@@ -39,7 +39,7 @@ def build(model, fmt: str):
         return model, fmt
     scheme, _, head = fmt.partition("+")
     q = copy.deepcopy(model)
-    quantization.quantize(q, scheme, **{**QUANTIZE, "keep_head": head != "head"})
+    quantization.quantize(q, scheme, **{**QUANTIZE, "keep_head": head != "head", "head_int8": head == "head8"})
     return q.eval(), "fp32"
 
 

@@ -384,6 +384,14 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=4096"),
         ["quantize.group_size=4096 divides the input width of no Linear layer", "quantize.group_size=32"],
     ),
+    "quantize an int8 output layer beside int8 activations": (
+        lambda w: _qz(w, "init_from=x", "quantize.head_int8=true"),
+        ["quantize.head_int8", "method=int8-dynamic", "choose method=int8-weight or int4-weight"],
+    ),
+    "quantize an int8 output layer of a classifier": (
+        lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int8-weight", "quantize.head_int8=true"),
+        ["quantize.head_int8", "no output layer", "drop quantize.head_int8"],
+    ),
     "quantize a method that does not exist": (
         lambda w: _qz(w, "init_from=x", "method=int9"),
         ["unknown preset method=int9", "available: int4-weight, int8-dynamic, int8-weight, qat ("],

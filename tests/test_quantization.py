@@ -258,3 +258,32 @@ def _roundtrip_from(folder, record):
     fresh = _bert()
     q.rebuild(fresh, record, folder, where="x")
     return fresh
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_an_int8_output_layer_beside_int4_weights_rebuilds_exactly(tmp_path, tied):
+    """quantize.head_int8: the output layer (for a tied model, its own int8 copy of the table the input embedding
+    keeps in floating point) is int8 per channel; the body stays int4 and only the body's values are packed."""
+    model = _llama(tied)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    record = q.quantize(model, "int4-weight", **{**SETTINGS, "embeddings": False, "head_int8": True})
+    assert record["head_int8"] == ["lm_head"] and "lm_head" not in record["kept"] + record["linear"]
+    head = model.lm_head.weight
+    assert head.qdata.dtype == torch.int8 and tuple(head.block_size) == (1, 64)  # per output channel
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    tensors, metadata = q.state_dict(model, record)
+    assert tensors["lm_head._weight_qdata"].shape == (96, 64)  # int8, not packed two per byte
+    assert "lm_head._weight_qdata" not in metadata["llmctl_int4_packed"]
+    with torch.inference_mode():
+        quantized = model(ids).logits
+    torch.manual_seed(9)
+    rebuilt = _roundtrip(model, record, tmp_path, type(model)(model.config))
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(ids).logits, quantized)
+
+
+def test_an_int8_output_layer_needs_a_weight_only_scheme_and_an_output_layer():
+    with pytest.raises(LlmctlError, match="quantize.head_int8.*int8-weight or int4-weight"):
+        q.quantize(_llama(), "int8-dynamic", **{**SETTINGS, "head_int8": True})
+    with pytest.raises(LlmctlError, match="no output layer"):
+        q.quantize(_bert(), "int8-weight", **{**SETTINGS, "head_int8": True})

@@ -11,12 +11,15 @@ Methods (core/quantization.py, one adapter over the kernels measured fastest on 
   (torch.ao `quantize_dynamic`, CPU kernels): smaller and faster. Linears whose inputs peak above
   `quantize.outlier_ratio` × their RMS on `quantize.calibration_batches` batches of the checkpoint's
   own data stay in fp32 (one activation scale per tensor cannot hold them: SmolLM2's down_proj).
-- `int8-weight` / `int4-weight`: weight-only (torchao), dequantized inside the matmul: smaller,
-  not faster on CPU. `quantize.group_size` sets the int4 groups (default 32).
+- `int8-weight` / `int4-weight`: weight-only, stored in torchao's portable layout; decoding runs torch's packed
+  int8 / int4 kernels built at load (core/quantization/kernels.py): smaller and faster at batch 1.
+  `quantize.group_size` sets the int4 groups (default 32).
 - `qat`: fake-quantize toward `method.base` (int4-weight by default), train on the checkpoint's own
   task and data with the shared loop (`train.*`), convert: the result loads like a PTQ artifact.
 Embedding tables are stored as int8 rows too (`quantize.embeddings`); the task head and
-`quantize.skip` patterns stay in floating point.
+`quantize.skip` patterns stay in floating point, except a causal LM's output layer with `quantize.head_int8=true`
+(int8 weight-only beside a weight-only scheme: SmolLM2's tied 49k × 576 table is a fifth of its fp32 bytes and
+most of what an int4 decode step reads).
 
 The result is a version like any other, in safetensors (no pickle): its manifest's artifact record
 names the method and every quantized module, and the loader rebuilds them, so eval and generate take
@@ -51,6 +54,7 @@ class Quantize(schema.Section):
     group_size: int | None = Field(default=None, ge=2)
     skip: list[str] = []
     keep_head: bool
+    head_int8: bool = False
     embeddings: bool
     calibration_batches: int = Field(ge=0)
     outlier_ratio: float = Field(gt=1)
@@ -75,11 +79,16 @@ def run(cfg) -> float | None:
         "skip": [str(s) for s in q.skip],
         "keep_head": bool(q.keep_head),
         "embeddings": bool(q.embeddings),
+        "head_int8": bool(q.head_int8),
     }
     with stage_run.start("quantize", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
         scheme = quantization.check(
-            method, device=run.rt.device, group_size=settings["group_size"], base=cfg.method.get("base")
+            method,
+            device=run.rt.device,
+            group_size=settings["group_size"],
+            base=cfg.method.get("base"),
+            head_int8=settings["head_int8"],
         )
         if run.rt.distributed:
             raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
@@ -98,6 +107,7 @@ def run(cfg) -> float | None:
             keep_head=settings["keep_head"],
             embeddings=settings["embeddings"],
             group_size=group,
+            head_int8=settings["head_int8"],
         )
 
         # ---- judge the original, quantize (QAT: fake-quantize, train, convert), judge, publish ----
@@ -134,6 +144,7 @@ def run(cfg) -> float | None:
             f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
             + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
             + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
+            + (f", output layer {', '.join(qrecord['head_int8'])} → int8" if qrecord.get("head_int8") else "")
             + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")
             + (
                 f" (inputs peaking at {', '.join(f'{v:.0f}' for v in qrecord['outliers'].values())}× their RMS)"

@@ -111,16 +111,20 @@ def pack(model, record: dict) -> str | None:
     chosen (also kept as `model.llmctl_kernels`), None when the record's scheme has no packed kernel."""
     if record.get("scheme") not in ("int8-weight", "int4-weight"):
         return None
-    bits = int(record["bits"])
-    found = [(n, m) for n, m in model.named_modules() if n in set(record["linear"]) and packable(m, bits)]
+    widths = {**dict.fromkeys(record["linear"], int(record["bits"])), **dict.fromkeys(record.get("head_int8") or [], 8)}
+    found = [(n, m, widths[n]) for n, m in model.named_modules() if n in widths and packable(m, widths[n])]
     if not found:
         model.llmctl_kernels = "torchao dequantizing matmul (no layer in a shape the packed kernels take)"
         return model.llmctl_kernels
     group = int(record.get("group_size") or 0) or None
+
+    def group_of(bits: int) -> int | None:
+        return group if bits == 4 else None  # an int8 layer (the body's, or an int8 head) scales per channel
+
     if cpu_has_native_bf16():
         activations, why = torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
     else:
-        packed_us, dequant_us = _time_first(found[0][1], bits, group)
+        packed_us, dequant_us = _time_first(found[0][1], found[0][2], group_of(found[0][2]))
         if packed_us >= dequant_us:
             model.llmctl_kernels = (
                 f"torchao dequantizing matmul (packed kernel with fp32 activations {packed_us:.0f} µs vs "
@@ -129,15 +133,17 @@ def pack(model, record: dict) -> str | None:
             return model.llmctl_kernels
         activations, why = torch.float32, f"fp32 activations ({packed_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)"
     modules = dict(model.named_modules())
-    for name, module in found:
+    for name, module, bits in found:
         parent, _, leaf = name.rpartition(".")
         setattr(
             modules[parent] if parent else model,
             leaf,
-            PackedLinear(module, bits=bits, group=group, activations=activations),
+            PackedLinear(module, bits=bits, group=group_of(bits), activations=activations),
         )
-    op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
-    model.llmctl_kernels = f"aten.{op} for batches of up to {SMALL_BATCH} rows, {why}; {len(found)} layers"
+    ops = {8: "aten._weight_int8pack_mm", 4: "aten._weight_int4pack_mm_for_cpu"}
+    counts = {b: sum(1 for *_, bits in found if bits == b) for b in (4, 8)}
+    used = " + ".join(f"{ops[b]} ({n} layers)" for b, n in counts.items() if n)
+    model.llmctl_kernels = f"{used} for batches of up to {SMALL_BATCH} rows, {why}"
     return model.llmctl_kernels
 
 

@@ -46,7 +46,7 @@ QAT_BASES = ("int4-weight", "int8-weight")  # torchao QATConfig supports IntxWei
 DEFAULT_GROUP = {"int4-weight": 32, "int8-weight": None}  # None = one scale per output channel
 
 
-def check(method: str, *, device, group_size: int | None, base: str | None = None) -> str:
+def check(method: str, *, device, group_size: int | None, base: str | None = None, head_int8: bool = False) -> str:
     """The scheme a method stores, or one line for an unsupported combination (before anything loads)."""
     if method not in METHODS:
         raise LlmctlError(f"method={method}: not a quantization method; choose one of {', '.join(METHODS)}")
@@ -73,13 +73,33 @@ def check(method: str, *, device, group_size: int | None, base: str | None = Non
             )
         if group_size < 2 or group_size & (group_size - 1):
             raise LlmctlError(f"quantize.group_size={group_size}: use a power of two such as 32, 64 or 128")
+    check_head(scheme, head_int8)
     return scheme
 
 
-def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_size: int | None = None) -> dict:
-    """Which modules a scheme quantizes: {"linear": [...], "embeddings": [...], "kept": [...]}.
+def check_head(scheme: str, head_int8: bool) -> None:
+    """An int8 output layer goes beside a weight-only scheme only (one line otherwise)."""
+    if head_int8 and SCHEMES[scheme]["backend"] != "torchao":
+        raise LlmctlError(
+            "quantize.head_int8 stores the output layer as int8 weight-only beside a weight-only scheme; "
+            f"method={scheme} quantizes activations too: choose method=int8-weight or int4-weight, or drop "
+            "quantize.head_int8"
+        )
+
+
+def targets(
+    model,
+    *,
+    skip: list[str],
+    keep_head: bool,
+    embeddings: bool,
+    group_size: int | None = None,
+    head_int8: bool = False,
+) -> dict:
+    """Which modules a scheme quantizes: {"linear": [...], "embeddings": [...], "kept": [...], "head_int8": [...]}.
     Linears and embeddings outside the head and `skip`; Linears whose input width `group_size`
-    does not divide stay in floating point too (named in "kept")."""
+    does not divide stay in floating point too (named in "kept"). `head_int8`: the output layer (a causal LM's
+    lm_head, for a tied model the table it shares with the input embedding) is int8 weight-only instead of kept."""
     import torch
 
     names = [name for name, _ in model.named_modules() if name]
@@ -119,7 +139,26 @@ def targets(model, *, skip: list[str], keep_head: bool, embeddings: bool, group_
             f"nothing to quantize: {type(model).__name__} has no Linear layer outside the kept modules "
             f"({', '.join(kept) or 'none'})"
         )
-    return {"linear": linear, "embeddings": tables, "kept": kept + too_narrow}
+    head = _output_layer(model) if head_int8 else None
+    if head_int8 and head is None:
+        raise LlmctlError(
+            f"quantize.head_int8: {type(model).__name__} has no output layer (a causal LM's lm_head) to store as int8; "
+            "drop quantize.head_int8"
+        )
+    if head:
+        kept = [k for k in kept if k != head]
+        linear = [n for n in linear if n != head]
+    return {"linear": linear, "embeddings": tables, "kept": kept + too_narrow, "head_int8": [head] if head else []}
+
+
+def _output_layer(model) -> str | None:
+    """The name of a causal LM's output Linear (lm_head), None for models without one."""
+    import torch
+
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(out, torch.nn.Linear) or not getattr(model, "can_generate", lambda: False)():
+        return None
+    return next((name for name, m in model.named_modules() if m is out), None)
 
 
 def _in_width(module) -> int:
@@ -153,6 +192,7 @@ def quantize(
     embeddings: bool,
     method: str | None = None,
     outliers: dict[str, float] | None = None,
+    head_int8: bool = False,
 ) -> dict:
     """Quantize `model` in place (floating point → `scheme`); returns the record the manifest keeps.
     `outliers` (from `activation_outliers`): Linears whose inputs are too peaked for int8 activations,
@@ -166,6 +206,7 @@ def quantize(
         keep_head=keep_head,
         embeddings=embeddings,
         outliers=outliers,
+        head_int8=head_int8,
     )
     apply(model, record)
     record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
@@ -173,11 +214,16 @@ def quantize(
     return record
 
 
-def _plan(model, scheme: str, method: str, *, group_size, skip, keep_head, embeddings, outliers=None) -> dict:
+def _plan(
+    model, scheme: str, method: str, *, group_size, skip, keep_head, embeddings, outliers=None, head_int8=False
+) -> dict:
     """Prepare the model (fp32, Linears) and write down what `scheme` will do to it."""
+    check_head(scheme, head_int8)
     prepare_model(model)
     group = group_size if group_size is not None else DEFAULT_GROUP.get(scheme)
-    chosen = targets(model, skip=skip, keep_head=keep_head, embeddings=embeddings, group_size=group)
+    chosen = targets(
+        model, skip=skip, keep_head=keep_head, embeddings=embeddings, group_size=group, head_int8=head_int8
+    )
     if outliers:
         chosen["linear"] = [name for name in chosen["linear"] if name not in outliers]
         chosen["kept"] = chosen["kept"] + sorted(outliers)
@@ -219,6 +265,8 @@ def apply(model, record: dict, *, qat: str | None = None) -> None:
         quantize_dynamic(model, dict.fromkeys(linear, per_channel_dynamic_qconfig), inplace=True)
     else:
         _torchao_quantize(model, record, linear, step=qat)
+    if record.get("head_int8") and qat != "prepare":  # the output layer: int8 per channel, whatever the body's bits
+        _torchao_quantize(model, {"bits": 8, "group_size": None}, set(record["head_int8"]), step=None)
     if record["embeddings"] and qat != "prepare":
         from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
 
@@ -237,10 +285,26 @@ def _kernel_inputs(module, args):
 
 
 def prepare_qat(
-    model, scheme: str, *, group_size: int | None, skip: list[str], keep_head: bool, embeddings: bool
+    model,
+    scheme: str,
+    *,
+    group_size: int | None,
+    skip: list[str],
+    keep_head: bool,
+    embeddings: bool,
+    head_int8: bool = False,
 ) -> dict:
     """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes."""
-    record = _plan(model, scheme, "qat", group_size=group_size, skip=skip, keep_head=keep_head, embeddings=embeddings)
+    record = _plan(
+        model,
+        scheme,
+        "qat",
+        group_size=group_size,
+        skip=skip,
+        keep_head=keep_head,
+        embeddings=embeddings,
+        head_int8=head_int8,
+    )
     apply(model, record, qat="prepare")
     return record
 

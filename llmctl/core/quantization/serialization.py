@@ -97,7 +97,8 @@ def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]
         rest, flat_meta = flatten_tensor_state_dict(rest)
         metadata.update(flat_meta)
         if record["bits"] == 4:
-            packed = [k for k, v in rest.items() if k.endswith("_weight_qdata") and v.shape[-1] % 2 == 0]
+            body = {f"{name}._weight_qdata" for name in record["linear"]}  # not an int8 head (head_int8)
+            packed = [k for k, v in rest.items() if k in body and v.shape[-1] % 2 == 0]
             for key in packed:
                 rest[key] = pack_int4(rest[key])
             metadata["llmctl_int4_packed"] = json.dumps(packed)
