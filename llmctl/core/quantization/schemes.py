@@ -3,7 +3,7 @@
 - `int8-dynamic`: `torch.ao.quantization.quantize_dynamic` — int8 weights (per output channel) × int8
   activations quantized on the fly (fbgemm / x86 kernels, CPU only).
 - `int8-weight` / `int4-weight`: torchao `IntxWeightOnlyConfig` (int8 per channel, int4 per group of
-  `group_size` input weights), dequantized inside the matmul.
+  `group_size` input weights), run by torch's packed kernels where the machine has them (`kernels.pack`).
 - `qat`: torchao `QATConfig(base, step="prepare")`, trained by the caller, then `finish_qat` converts.
 - Embedding tables: torch.ao weight-only int8 per row (reads one row per token).
 - The task head and `skip` patterns stay in floating point.
@@ -31,13 +31,13 @@ SCHEMES = {
     "int8-weight": {
         "backend": "torchao",
         "bits": 8,
-        "what": "int8 weights per channel, dequantized in the matmul",
+        "what": "int8 weights per channel (weight-only)",
         "devices": ("cpu", "cuda"),
     },
     "int4-weight": {
         "backend": "torchao",
         "bits": 4,
-        "what": "int4 weights per group, dequantized in the matmul",
+        "what": "int4 weights per group (weight-only)",
         "devices": ("cpu", "cuda"),
     },
 }
