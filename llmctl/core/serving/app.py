@@ -392,7 +392,7 @@ class _Text:
 
     def __init__(self, tok, stops: list[str]):
         self.tok, self.stops, self.ids, self.sent, self.logprobs = tok, [s for s in stops if s], [], "", []
-        self.stopped = False
+        self.stopped, self.finish = False, "length"  # finish: the OpenAI finish_reason, once it is known
 
     def add(self, token: int, logprob, finished: bool) -> str:
         self.ids.append(token)
@@ -483,6 +483,25 @@ def _stream(chunks):
     return EventSourceResponse(events())
 
 
+async def _pieces(job, text: _Text):
+    """A streamed job's settled new text, token by token: (text, token id, logprob); `text.finish` says why it ended
+    ("stop": a stop token or string; "length": the token budget). A stop string cancels the row; so does a client
+    that leaves."""
+    try:
+        async for token, logprob, finished in job.tokens():
+            new = text.add(token, logprob, finished)
+            if text.stopped or (finished and token in job.row.stops):
+                text.finish = "stop"
+            if new:
+                yield new, token, logprob
+            if text.stopped:
+                job.cancel()
+                break
+    except asyncio.CancelledError:  # the client left: end its row
+        job.cancel()
+        raise
+
+
 async def _completion_chunks(request, tok, body, jobs, prompts, texts, model_id):
     cid, created, total = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), 0
 
@@ -498,35 +517,22 @@ async def _completion_chunks(request, tok, body, jobs, prompts, texts, model_id)
     for i, job in enumerate(jobs):
         if texts[i]:
             yield chunk(i, texts[i])
-        text, finish = _Text(tok, body.stops()), "length"
-        try:
-            async for token, logprob, finished in job.tokens():
-                new = text.add(token, logprob, finished)
-                if finished and token in job.row.stops:
-                    finish = "stop"
-                if text.stopped:
-                    finish = "stop"
-                if new:
-                    yield chunk(
-                        i,
-                        new,
-                        logprobs={
-                            "tokens": [tok.decode([token])],
-                            "token_logprobs": [logprob],
-                            "top_logprobs": [None],
-                            "text_offset": [0],
-                        }
-                        if body.logprobs is not None
-                        else None,
-                    )
-                if text.stopped:
-                    job.cancel()
-                    break
-        except asyncio.CancelledError:  # the client left: end its row
-            job.cancel()
-            raise
+        text = _Text(tok, body.stops())
+        async for new, token, logprob in _pieces(job, text):
+            yield chunk(
+                i,
+                new,
+                logprobs={
+                    "tokens": [tok.decode([token])],
+                    "token_logprobs": [logprob],
+                    "top_logprobs": [None],
+                    "text_offset": [0],
+                }
+                if body.logprobs is not None
+                else None,
+            )
         total += len(text.ids)
-        yield chunk(i, "", finish)
+        yield chunk(i, "", text.finish)
     if (body.stream_options or {}).get("include_usage"):
         yield {
             "id": cid,
@@ -551,23 +557,10 @@ async def _chat_chunks(request, tok, body, job, prompt_tokens: int, model_id):
         }
 
     yield chunk({"role": "assistant", "content": ""})
-    text, finish = _Text(tok, body.stops()), "length"
-    try:
-        async for token, logprob, finished in job.tokens():
-            new = text.add(token, logprob, finished)
-            if finished and token in job.row.stops:
-                finish = "stop"
-            if text.stopped:
-                finish = "stop"
-            if new:
-                yield chunk({"content": new})
-            if text.stopped:
-                job.cancel()
-                break
-    except asyncio.CancelledError:
-        job.cancel()
-        raise
-    yield chunk({}, finish)
+    text = _Text(tok, body.stops())
+    async for new, _, _ in _pieces(job, text):
+        yield chunk({"content": new})
+    yield chunk({}, text.finish)
     if (body.stream_options or {}).get("include_usage"):
         yield {
             "id": cid,
