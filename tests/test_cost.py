@@ -101,23 +101,16 @@ def test_int4_packed_weights_are_a_fraction_of_the_bytes_a_decode_step_reads():
 
 
 def test_a_causal_lm_gets_decode_speed_time_to_first_token_and_its_bound(tmp_path):
+    from llmctl.core.evaluation.cost import bytes_per_token
+
     model = _llama(tied=True)
     model.save_pretrained(tmp_path)
-    cost = measure_cost(
-        model,
-        tmp_path,
-        setup_runtime("cpu", "fp32"),
-        seq_len=16,
-        batch_size=2,
-        warmup=1,
-        runs=2,
-        throughput_runs=1,
-        decode_prompt=8,
-        decode_tokens=6,
-        decode_runs=2,
-    )
+    quick = {"seq_len": 16, "batch_size": 2, "warmup": 1, "runs": 2, "throughput_runs": 1}
+    rt = setup_runtime("cpu", "fp32")
+    cost = measure_cost(model, tmp_path, rt, **quick, decode_prompt=8, decode_tokens=6, decode_runs=2)
     assert cost["decode_prompt_tokens"] == 8 and cost["decode_new_tokens"] == 6
     assert cost["decode_tokens_per_s"] > 0 and cost["ttft_ms"] > 0 and cost["memory_bandwidth_gbs"] > 0.1
+    assert cost["decode_bytes_per_token"] == bytes_per_token(model)
     assert cost["decode_bound_tokens_per_s"] == pytest.approx(
         cost["memory_bandwidth_gbs"] * 1e9 / cost["decode_bytes_per_token"]
     )
@@ -126,14 +119,5 @@ def test_a_causal_lm_gets_decode_speed_time_to_first_token_and_its_bound(tmp_pat
         < cost["decode_pct_of_bound"]
         == pytest.approx(100 * cost["decode_tokens_per_s"] / cost["decode_bound_tokens_per_s"])
     )
-    encoder = measure_cost(
-        model.model,  # the base model: it cannot generate, so no decode figures
-        tmp_path,
-        setup_runtime("cpu", "fp32"),
-        seq_len=16,
-        batch_size=2,
-        warmup=1,
-        runs=2,
-        throughput_runs=1,
-    )
+    encoder = measure_cost(model.model, tmp_path, rt, **quick)  # the base model cannot generate: no decode figures
     assert "decode_tokens_per_s" not in encoder
