@@ -80,3 +80,24 @@ def test_a_quantized_model_states_its_kernels_and_rebuilds_with_them(tmp_path, s
     assert kinds == ({"PackedLinear"} if "aten" in chosen else {"Linear"})
     with torch.inference_mode():
         assert torch.equal(rebuilt(ids).logits, before)
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+def test_a_cpu_without_native_bf16_times_the_kernels_once_and_reloads_alike(tmp_path, monkeypatch, scheme):
+    """Without native bf16 the packed kernel (fp32 activations) is timed against torchao's dequantizing matmul;
+    the decision holds for the process, so a model and its reload compute exactly alike (AVX2 CI machines)."""
+    from llmctl.core.quantization import kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    model = _llama()
+    record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
+    chosen = describe(model)
+    assert "µs" in chosen and "bf16 activations" not in chosen and len(kernels._CHOSEN) == 1
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(ids).logits
+    rebuilt = _roundtrip(model, record, tmp_path, type(model)(model.config))
+    assert describe(rebuilt) == chosen
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(ids).logits, before)

@@ -121,17 +121,10 @@ def pack(model, record: dict) -> str | None:
     def group_of(bits: int) -> int | None:
         return group if bits == 4 else None  # an int8 layer (the body's, or an int8 head) scales per channel
 
-    if cpu_has_native_bf16():
-        activations, why = torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
-    else:
-        packed_us, dequant_us = _time_first(found[0][1], found[0][2], group_of(found[0][2]))
-        if packed_us >= dequant_us:
-            model.llmctl_kernels = (
-                f"torchao dequantizing matmul (packed kernel with fp32 activations {packed_us:.0f} µs vs "
-                f"{dequant_us:.0f} µs on this CPU without native bf16)"
-            )
-            return model.llmctl_kernels
-        activations, why = torch.float32, f"fp32 activations ({packed_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)"
+    activations, why = _choose(found[0][1], found[0][2], group_of(found[0][2]))
+    if activations is None:
+        model.llmctl_kernels = why
+        return why
     modules = dict(model.named_modules())
     for name, module, bits in found:
         parent, _, leaf = name.rpartition(".")
@@ -145,6 +138,28 @@ def pack(model, record: dict) -> str | None:
     used = " + ".join(f"{ops[b]} ({n} layers)" for b, n in counts.items() if n)
     model.llmctl_kernels = f"{used} for batches of up to {SMALL_BATCH} rows, {why}"
     return model.llmctl_kernels
+
+
+_CHOSEN: dict[tuple, tuple] = {}  # one decision per layer shape and process: a model and its reload run alike
+
+
+def _choose(module, bits: int, group: int | None) -> tuple:
+    """(activation dtype for the packed kernels, or None for torchao's dequantizing matmul; why)."""
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
+    key = (bits, group, module.in_features, module.out_features)
+    if key not in _CHOSEN:
+        packed_us, dequant_us = _time_first(module, bits, group)
+        _CHOSEN[key] = (
+            (torch.float32, f"fp32 activations ({packed_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)")
+            if packed_us < dequant_us
+            else (
+                None,
+                f"torchao dequantizing matmul (packed kernel with fp32 activations {packed_us:.0f} µs vs "
+                f"{dequant_us:.0f} µs on this CPU without native bf16)",
+            )
+        )
+    return _CHOSEN[key]
 
 
 def _time_first(module, bits: int, group: int | None) -> tuple[float, float]:
