@@ -101,3 +101,16 @@ def test_a_cpu_without_native_bf16_times_the_kernels_once_and_reloads_alike(tmp_
     assert describe(rebuilt) == chosen
     with torch.inference_mode():
         assert torch.equal(rebuilt(ids).logits, before)
+
+
+def test_a_layer_the_int4_kernel_cannot_take_keeps_torchaos_matmul():
+    """_convert_weight_to_int4pack_for_cpu needs an output width divisible by 16 (it raises otherwise)."""
+    from llmctl.core.quantization.kernels import packable
+
+    assert packable(_quantized_linear(4), 4)  # 128 → 96
+    torch.manual_seed(0)
+    narrow = torch.nn.Sequential(torch.nn.Linear(128, 24))
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    quantize_(narrow, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    assert not packable(narrow[0], 4)

@@ -147,6 +147,17 @@ def test_a_quantized_gpt_generates_and_is_refused_by_training_stages(world, base
     assert code == 2 and "quantize its parent" in err
 
 
+def test_generate_says_which_kernels_run_an_int4_model(world, bases, capfd):
+    res = _quantize(world, f"init_from={bases['gpt']}", "method=int4-weight", "name=gpt4")
+    capfd.readouterr()
+    code, err = run_inprocess(
+        "generate", f"ckpt={res.ref}", "prompt=the market", "max_new_tokens=4", f"output_root={world}"
+    )
+    assert code == 0, err
+    shown = " ".join(capfd.readouterr().err.split())  # rich wraps long lines
+    assert "kernels: " in shown and ("aten._weight_int4pack_mm_for_cpu" in shown or "torchao" in shown), shown
+
+
 def test_a_pruned_bert_with_fewer_heads_quantizes_and_reloads_with_its_shapes(world):
     code, err = run_inprocess(
         "prune",

@@ -83,6 +83,8 @@ def run(cfg) -> None:
         check_length(model, encoded, int(cfg.max_new_tokens))
         run.announce()
         run.print(f"model {type(model).__name__} from {source.ref} · {_describe(sampling, beams)}")
+        if getattr(model, "llmctl_kernels", None):  # a quantized model: which kernels this machine runs it with
+            run.print(f"[dim]kernels: {model.llmctl_kernels}[/]")
         if cfg.interactive:
             return _interactive(run, model, tok, settings, cfg.system_prompt)
         results = []

@@ -100,6 +100,8 @@ def run(cfg) -> None:
             f"{limits.max_batch} · {limits.queue_size} may wait · max_tokens ≤ {limits.max_tokens}"
             + (" · API key required" if served.api_key else "")
         )
+        if getattr(model, "llmctl_kernels", None):  # a quantized model: which kernels this machine runs it with
+            run.print(f"[dim]kernels: {model.llmctl_kernels}[/]")
         run_server(app, sock, shutdown_timeout=float(cfg.shutdown_timeout), on_shutdown=lambda: _draining(run))
         batcher = app.state.batcher
         run.print(

@@ -102,7 +102,7 @@ def packable(module, bits: int) -> bool:
         and block[0] == 1
         and block[1] in INT4_GROUPS
         and module.in_features % (16 * INNER_K_TILES) == 0
-        and module.out_features % 8 == 0
+        and module.out_features % 16 == 0  # _convert_weight_to_int4pack_for_cpu: N divisible by 16
     )
 
 
