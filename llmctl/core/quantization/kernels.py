@@ -96,7 +96,8 @@ def packable(module, bits: int) -> bool:
     block = tuple(getattr(w, "block_size", None) or ())
     if bits == 8:  # per output channel, symmetric (the int8 kernel has no zero point)
         zero_free = w.zero_point is None or not bool(w.zero_point.any())
-        return block == (1, module.in_features) and zero_free
+        # an input width off a multiple of 16 gives wrong sums (or a crash) in _weight_int8pack_mm, silently
+        return block == (1, module.in_features) and zero_free and module.in_features % 16 == 0
     return (
         len(block) == 2
         and block[0] == 1
