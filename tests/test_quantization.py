@@ -271,6 +271,8 @@ def test_an_int8_output_layer_beside_int4_weights_rebuilds_exactly(tmp_path, tie
     head = model.lm_head.weight
     assert head.qdata.dtype == torch.int8 and tuple(head.block_size) == (1, 64)  # per output channel
     assert model.model.embed_tokens.weight.dtype == torch.float32
+    # the int8 copy of a tied table is the same parameter: counts stay the float model's
+    assert parameter_counts(model) == parameter_counts(_llama(tied))
     tensors, metadata = q.state_dict(model, record)
     assert tensors["lm_head._weight_qdata"].shape == (96, 64)  # int8, not packed two per byte
     assert "lm_head._weight_qdata" not in metadata["llmctl_int4_packed"]

@@ -124,12 +124,26 @@ def count_parameters(model) -> tuple[int, int]:
     if hasattr(model, "stored_parameters"):
         return model.stored_parameters()[0], 0
     seen, total, trainable = set(), 0, 0
+    copy = tied_copy(model)
     for p in model.parameters():
-        if id(p) not in seen:
+        if id(p) not in seen and p is not copy:
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
     return total + sum(t.numel() for t in _state_only_tensors(model)), trainable
+
+
+def tied_copy(model):
+    """The output layer's weight where the model ties it to the input embedding but holds a copy of its own (an
+    int8 output layer, quantize.head_int8): one logical parameter, stored twice; None otherwise."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return None
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    weight, table = getattr(out, "weight", None), getattr(inp, "weight", None)
+    if weight is None or table is None or weight is table or tuple(weight.shape) != tuple(table.shape):
+        return None
+    return weight
 
 
 def weight_bytes(model) -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from llmctl.core.families import max_positions
-from llmctl.core.models import count_parameters, tensor_bytes, weight_bytes
+from llmctl.core.models import count_parameters, tensor_bytes, tied_copy, weight_bytes
 from llmctl.core.store import weight_files
 
 SETTINGS = (
@@ -246,7 +246,7 @@ def parameter_counts(model) -> tuple[int, int]:
             params = list(m.parameters(recurse=False))
             embedding.update({id(p): p.numel() for p in params} if params else {id(m): count_parameters(m)[0]})
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is not None:
+    if out is not None and getattr(out, "weight", None) is not None and out.weight is not tied_copy(model):
         embedding.setdefault(id(out.weight), out.weight.numel())  # an untied LM head is an embedding too
     return total, total - sum(embedding.values())
 
