@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_quantization import _llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llmctl.core.device import setup_runtime
@@ -54,22 +55,6 @@ def test_peak_memory_on_cuda_is_the_same_with_another_model_resident(tmp_path):
     with_other = measure_cost(model, tmp_path, rt, **settings)["peak_memory_bytes"]
     del other
     assert abs(with_other - alone) < 0.1 * alone
-
-
-def _llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
