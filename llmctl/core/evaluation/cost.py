@@ -17,6 +17,7 @@ ONNX Runtime ignores bf16 autocast); the note travels with its figures and the e
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import statistics
 import time
@@ -36,7 +37,6 @@ SETTINGS = (
     "decode_tokens",
     "decode_runs",
 )
-DEFAULTS = {"decode_prompt": 32, "decode_tokens": 32, "decode_runs": 3}  # for `cost:` sections written before decode
 
 
 def measure_cost(
@@ -176,22 +176,22 @@ def bytes_per_token(model) -> int:
     autocast is read whole and cast), and one row of each embedding table that is not also the output layer."""
     import torch
 
+    def weight_of(m):
+        weight = getattr(m, "weight", None)
+        weight = weight() if callable(weight) else weight  # torch.ao modules hand their weight out by a call
+        return weight if torch.is_tensor(weight) else None
+
     total, seen = 0, set()
     for m in model.modules():
         if hasattr(m, "kernel_bytes"):  # a packed Linear (core.quantization.kernels)
             total += m.kernel_bytes()
             seen.add(id(m.weight))
-            continue
-        weight = getattr(m, "weight", None)
-        weight = weight() if callable(weight) else weight  # torch.ao modules hand their weight out by a call
-        if torch.is_tensor(weight) and weight.dim() == 2 and not hasattr(m, "embedding_dim") and id(weight) not in seen:
-            seen.add(id(weight))
-            total += tensor_bytes(weight)
-    for m in model.modules():
-        weight = getattr(m, "weight", None)
-        weight = weight() if callable(weight) else weight
-        if hasattr(m, "embedding_dim") and torch.is_tensor(weight) and id(weight) not in seen:
-            total += tensor_bytes(weight) // max(int(weight.shape[0]), 1)
+        elif (w := weight_of(m)) is not None and w.dim() == 2 and not hasattr(m, "embedding_dim") and id(w) not in seen:
+            seen.add(id(w))
+            total += tensor_bytes(w)
+    for m in model.modules():  # after the matmuls: a table that is also the output layer is already counted
+        if hasattr(m, "embedding_dim") and (w := weight_of(m)) is not None and id(w) not in seen:
+            total += tensor_bytes(w) // max(int(w.shape[0]), 1)
     return total
 
 
@@ -231,7 +231,8 @@ def cost_settings(section) -> dict | None:
     """`measure_cost` keyword arguments from a config's `cost:` section (None when cost.enabled is false)."""
     if section is None or not section.get("enabled", True):
         return None
-    return {k: int(section[k] if k in section else DEFAULTS[k]) for k in SETTINGS}
+    defaults = inspect.signature(measure_cost).parameters  # for a `cost:` preset written before decode figures
+    return {k: int(section[k] if k in section else defaults[k].default) for k in SETTINGS}
 
 
 def parameter_counts(model) -> tuple[int, int]:

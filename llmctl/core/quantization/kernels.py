@@ -49,8 +49,11 @@ class PackedLinear(torch.nn.Module):
             w.qdata = _aligned(w.qdata)  # the kernel reads the stored values themselves: no second copy
             self.register_buffer("scales", scale.reshape(-1).to(activations), persistent=False)
         else:
-            zero = -w.zero_point.reshape(self.out_features, -1).float() * scale if w.zero_point is not None else 0
-            zero = torch.zeros_like(scale) + zero
+            zero = (  # torchao: (q − zero_point) · scale; the kernel: (q + 8 − 8) · scale + zero
+                -w.zero_point.reshape(self.out_features, -1).float() * scale
+                if w.zero_point is not None
+                else torch.zeros_like(scale)
+            )
             values = (w.qdata.to(torch.int32) + 8).contiguous()  # −8..7 → the kernel's 0..15
             self.register_buffer(
                 "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES), persistent=False

@@ -284,27 +284,10 @@ def _kernel_inputs(module, args):
     return tuple((a.float() if a.is_floating_point() else a).contiguous() if torch.is_tensor(a) else a for a in args)
 
 
-def prepare_qat(
-    model,
-    scheme: str,
-    *,
-    group_size: int | None,
-    skip: list[str],
-    keep_head: bool,
-    embeddings: bool,
-    head_int8: bool = False,
-) -> dict:
-    """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes."""
-    record = _plan(
-        model,
-        scheme,
-        "qat",
-        group_size=group_size,
-        skip=skip,
-        keep_head=keep_head,
-        embeddings=embeddings,
-        head_int8=head_int8,
-    )
+def prepare_qat(model, scheme: str, **settings) -> dict:
+    """Fake-quantize the Linears toward `scheme` for training; returns the record `finish_qat` completes.
+    `settings`: what `quantize` takes (group_size, skip, keep_head, embeddings, head_int8)."""
+    record = _plan(model, scheme, "qat", **settings)
     apply(model, record, qat="prepare")
     return record
 
