@@ -191,6 +191,21 @@ def test_bad_requests_are_4xx_in_openais_error_shape(server, chat_gpt):
     assert re.search(r"POST /v1/completions 404 [\d.]+s", server.log())  # one line per request
 
 
+def test_the_port_listens_before_its_url_is_printed():
+    """The URL is printed before uvicorn starts (the model is still being set up): a client that connects at once must
+    wait in the backlog, not be refused (CI saw `Connection refused` from the openai client)."""
+    import socket
+
+    from llmctl.stages.serve import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=5):
+            pass
+    finally:
+        sock.close()
+
+
 def test_an_encoder_or_a_busy_port_is_one_line(bases, tmp_path, server):
     from conftest import run_cli
 
