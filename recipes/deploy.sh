@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 # ---- an encoder to ONNX Runtime
 llmctl finetune name=bbc                                                        # packaged MiniLM-L6 on BBC News topics
-llmctl quantize init_from=finetune/bbc method=int8-dynamic name=bbc             # → quantize/bbc (torch.ao int8)
+llmctl quantize init_from=finetune/bbc method=int8-dynamic name=bbc             # → quantize/bbc (int8 weights × int8 activations)
 llmctl export ckpt=finetune/bbc format=onnx name=bbc                            # → export/bbc (ONNX fp32)
 llmctl export ckpt=quantize/bbc format=onnx name=bbc-int8                       # its float parent → ONNX Runtime int8
 llmctl eval 'ckpt=[finetune/bbc,quantize/bbc,export/bbc,export/bbc-int8]' precision=fp32 report=outputs/reports/deploy_bbc

@@ -1,6 +1,7 @@
 """core.quantization.kernels: weight-only int8 / int4 Linears run by torch's packed kernels compute what torchao's
 dequantizing matmul computes (to the rounding of their activations), on any CPU, from tensors wherever they start
-in memory; large batches go through the float matmul; a saved model rebuilds with the same kernels."""
+in memory; large batches go through the float matmul; a saved model rebuilds with the same kernels. int8-dynamic's
+Linears compute the per-row int8 product exactly; int8 tables look up the rows they hold."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from test_quantization import SETTINGS, _llama, _roundtrip
 
 from llmctl.core import quantization as q
-from llmctl.core.quantization.kernels import SMALL_BATCH, PackedLinear, describe
+from llmctl.core.quantization.kernels import SMALL_BATCH, DynamicInt8Linear, Int8Embedding, PackedLinear, describe
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's size: bf16 activations round
 
@@ -64,12 +65,12 @@ def test_a_large_batch_runs_the_dequantized_float_matmul_exactly():
         assert torch.equal(packed(x), linear(x))
 
 
-@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight", "int4-weight"])
 def test_a_quantized_model_states_its_kernels_and_rebuilds_with_them(tmp_path, scheme):
     model = _llama()
     record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
     chosen = describe(model)
-    assert chosen and ("aten._weight_int" in chosen or "torchao" in chosen)  # which one depends on the CPU
+    assert chosen and ("aten._" in chosen or "torchao" in chosen)  # which one depends on the CPU
     ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         before = model(ids).logits
@@ -77,18 +78,20 @@ def test_a_quantized_model_states_its_kernels_and_rebuilds_with_them(tmp_path, s
     rebuilt = _roundtrip(model, record, tmp_path, type(model)(model.config))
     assert describe(rebuilt) == chosen
     kinds = {type(m).__name__ for n, m in rebuilt.named_modules() if n in record["linear"]}
-    assert kinds == ({"PackedLinear"} if "aten" in chosen else {"Linear"})
+    fast = "DynamicInt8Linear" if scheme == "int8-dynamic" else "PackedLinear"
+    assert kinds == ({fast} if "aten" in chosen else {"Linear"})
     with torch.inference_mode():
         assert torch.equal(rebuilt(ids).logits, before)
 
 
-@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight", "int4-weight"])
 def test_a_cpu_without_native_bf16_times_the_kernels_once_and_reloads_alike(tmp_path, monkeypatch, scheme):
     """Without native bf16 the packed kernel (fp32 activations) is timed against torchao's dequantizing matmul;
     the decision holds for the process, so a model and its reload compute exactly alike (AVX2 CI machines)."""
     from llmctl.core.quantization import kernels
 
     monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_has_int8_dot", lambda: False)  # (int8-dynamic: an AVX2 CPU)
     monkeypatch.setattr(kernels, "_CHOSEN", {})
     model = _llama()
     record = q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
@@ -121,3 +124,52 @@ def test_the_int8_kernel_is_right_at_every_width_it_is_given(width):
     with torch.inference_mode():
         expected = torch.nn.functional.linear(x, linear.weight.dequantize(), linear.bias)
         assert (packed(x) - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
+def _per_row_int8_reference(x: torch.Tensor, linear) -> torch.Tensor:
+    """What int8-dynamic computes, in float64: each row of x rounded to int8 with its own scale (max |x| / 127),
+    times the stored int8 weights, scaled back."""
+    w = linear.weight
+    rows = x.reshape(-1, x.shape[-1]).double()
+    scale = rows.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(rows / scale)
+    y = (q @ w.qdata.double().t()) * scale * w.scale.reshape(1, -1).double() + linear.bias.double()
+    return y.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("width", [16, 24, 40, 96])
+def test_the_dynamic_int8_linear_computes_the_per_row_int8_product_at_any_width(width):
+    """`_int_mm` is exact integer arithmetic: the result matches the float64 reference to float32 rounding, at input
+    widths _weight_int8pack_mm gets wrong, for inputs that start mid cache line and for bf16 inputs too."""
+    linear = _quantized_linear(8, shape=(width, 48))
+    dynamic = DynamicInt8Linear(linear)
+    big = torch.randn(4 * width * 5 + 3)
+    x = big[3 : 3 + 4 * 5 * width].view(4, 5, width)  # starts mid cache line
+    assert x.data_ptr() % 64
+    with torch.inference_mode():
+        expected = _per_row_int8_reference(x, linear)
+        got = dynamic(x)
+        assert got.shape == (4, 5, 48) and got.dtype == torch.float32
+        assert (got.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+        exact = torch.nn.functional.linear(x, linear.weight.dequantize(), linear.bias)
+        assert 0 < (got - exact).abs().max() < 0.05 * exact.abs().max()  # activations really are rounded
+        half = dynamic(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        assert (half.double() - _per_row_int8_reference(x.bfloat16().float(), linear)).abs().max() < 2e-2 * (
+            expected.abs().max()
+        )
+
+
+def test_an_int8_table_looks_up_the_rows_it_holds():
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Embedding(300, 40, padding_idx=0))
+    quantize_(
+        holder, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=lambda m, f: f == "0"
+    )
+    table = Int8Embedding(holder[0])
+    ids = torch.tensor([[0, 5, 299], [17, 17, 1]])
+    with torch.inference_mode():
+        assert torch.equal(table(ids), holder[0].weight.dequantize()[ids])
+    assert table.padding_idx == 0 and table.embedding_dim == 40

@@ -62,6 +62,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cpu_has_int8_dot() -> bool:
+    """The CPU has int8 dot-product instructions (AVX512-VNNI / AVX-VNNI, or AMX): int8 matmuls beat fp32 there."""
+    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def gpu_ids(device_cfg) -> list[int] | None:
     """The GPU ids of a list-valued `device` ([0,1]), else None."""
     if isinstance(device_cfg, (list, tuple)) or type(device_cfg).__name__ == "ListConfig":

@@ -118,9 +118,8 @@ def stored_dtype(folder: Path) -> str:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(all, trainable) parameter counts, tied weights counted once. Weights a module keeps outside its
-    parameters (the packed weights of a quantized module, in its state dict) count too; a model that keeps its
-    weights outside torch (an ONNX export) says its own count (`stored_parameters()`)."""
+    """(all, trainable) parameter counts, tied weights counted once (a quantized weight counts its logical values);
+    a model that keeps its weights outside torch (an ONNX export) says its own count (`stored_parameters()`)."""
     if hasattr(model, "stored_parameters"):
         return model.stored_parameters()[0], 0
     seen, total, trainable = set(), 0, 0
@@ -130,7 +129,7 @@ def count_parameters(model) -> tuple[int, int]:
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-    return total + sum(t.numel() for t in _state_only_tensors(model)), trainable
+    return total, trainable
 
 
 def tied_copy(model):
@@ -151,7 +150,7 @@ def weight_bytes(model) -> int:
     int8 / packed int4 storage (a tensor subclass is measured by the inner tensors it flattens to)."""
     if hasattr(model, "weight_bytes"):  # weights kept outside torch (an ONNX export)
         return model.weight_bytes()
-    unique = {id(t): t for t in (*model.parameters(), *model.buffers(), *_state_only_tensors(model))}
+    unique = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(tensor_bytes(t) for t in unique.values())
 
 
@@ -161,21 +160,6 @@ def tensor_bytes(t) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
     return t.numel() * t.element_size()
-
-
-def _state_only_tensors(model) -> list:
-    """Tensors a model holds only in its state dict, not as parameters or buffers: the packed weights of quantized
-    modules (0-dim entries there are settings, such as a dynamic Linear's unused output scale, not weights)."""
-    import torch
-
-    held = {id(t) for t in (*model.parameters(), *model.buffers())}
-    found = []
-    for value in model.state_dict(keep_vars=True).values():
-        for t in value if isinstance(value, tuple) else (value,):
-            if torch.is_tensor(t) and t.dim() > 0 and id(t) not in held:
-                held.add(id(t))
-                found.append(t)
-    return found
 
 
 # ---------------------------------------------------------------------------------------------

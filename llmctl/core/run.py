@@ -163,9 +163,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings(
-        "ignore", message=".*quantized tensor creation functions.*are deprecated"
-    )  # torch.ao int8 (core.quantization)
 
 
 def open_run_dir(run: StageRun, identity: dict) -> None:

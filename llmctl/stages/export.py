@@ -9,7 +9,7 @@ export/<name>/vNNN.
 
 `format=onnx` takes encoders (classification, NER, the base encoder; a head-pruned BERT too) through
 transformers' own exporter (`torch.onnx` dynamo) with dynamic batch and sequence axes; a checkpoint quantized
-int8 is exported from its float parent (torch.ao's modules do not trace) and quantized with ONNX Runtime's
+int8 is exported from its float parent and quantized with ONNX Runtime's
 dynamic int8. `format=gguf` takes Llama-layout and GPT-2 causal LMs through the `gguf` package's writer (f32, f16,
 bf16, q8_0, q4_0; an int4-weight checkpoint in symmetric groups of 32 maps onto Q4_0 blocks without
 re-quantizing), tokenizer, special tokens and chat template included. Every export is checked on the checkpoint's
@@ -167,7 +167,7 @@ def run(cfg) -> float | None:
 
 def _float_source(run, source, quantization, fmt: str):
     """The floating-point checkpoint the export is made from: the checkpoint, or for a quantized one its parent
-    (torch.ao modules do not trace; GGUF writes its own blocks)."""
+    (ONNX Runtime quantizes it into its own int8 operators; GGUF writes its own blocks)."""
     if not quantization:
         return source
     scheme = (quantization.get("scheme") or quantization.get("method")) if isinstance(quantization, dict) else None

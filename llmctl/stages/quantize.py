@@ -7,10 +7,10 @@
     llmctl eval 'ckpt=[finetune/bbc,quantize/bbc]'
 
 Methods (core/quantization.py, one adapter over the kernels measured fastest on CPU):
-- `int8-dynamic`: int8 weights per output channel × int8 activations quantized on the fly
-  (torch.ao `quantize_dynamic`, CPU kernels): smaller and faster. Linears whose inputs peak above
+- `int8-dynamic`: int8 weights per output channel × int8 activations quantized per token on the fly
+  (`aten._int_mm`, CPU kernels): smaller and faster. Linears whose inputs peak above
   `quantize.outlier_ratio` × their RMS on `quantize.calibration_batches` batches of the checkpoint's
-  own data stay in fp32 (one activation scale per tensor cannot hold them: SmolLM2's down_proj).
+  own data stay in fp32 (a few loud channels take a token's whole int8 range: SmolLM2's down_proj).
 - `int8-weight` / `int4-weight`: weight-only, stored in torchao's portable layout; decoding runs torch's packed
   int8 / int4 kernels built at load (core/quantization/kernels.py): smaller and faster at batch 1.
   `quantize.group_size` sets the int4 groups (default 32).

@@ -178,7 +178,6 @@ def bytes_per_token(model) -> int:
 
     def weight_of(m):
         weight = getattr(m, "weight", None)
-        weight = weight() if callable(weight) else weight  # torch.ao modules hand their weight out by a call
         return weight if torch.is_tensor(weight) else None
 
     total, seen = 0, set()

@@ -7,8 +7,8 @@
 `torch.onnx.export(dynamo=True)` and dynamic batch and sequence axes (traced at batch 2 × 16 tokens: torch.export
 specialises sizes 0 and 1); `int8=True` quantizes the exported graph with ONNX Runtime's dynamic int8
 (`OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig())`, which also drops the initializers' stale value_info that
-breaks quantize_dynamic on dynamo graphs). torch.ao's quantized modules do not trace, so an int8-dynamic checkpoint
-is exported from its float parent and quantized here.
+breaks quantize_dynamic on dynamo graphs). An int8-dynamic checkpoint is exported from its float parent and
+quantized here, into ONNX Runtime's own int8 operators.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def export_onnx(model, tokenizer, folder: Path, *, int8: bool, opset: int | None
         from transformers.exporters import OnnxConfig, OnnxExporter, OnnxRuntimeDynamicConfig, OnnxRuntimeQuantizer
     except ImportError as e:
         raise LlmctlError(f"format=onnx needs the export extra: pip install 'llmctl[export]' ({e})") from None
-    # int8: per output channel, as llmctl's own int8-dynamic (torch.ao) scales: on MiniLM / BBC News it keeps every
+    # int8: per output channel, as llmctl's own int8-dynamic scales its weights: on MiniLM / BBC News it keeps every
     # prediction and max |Δlogit| 0.27 where ONNX Runtime's per-tensor default moved one in 213 and 1.58, at the
     # same latency
     quantizer = OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig(per_channel=True)) if int8 else None

@@ -1,11 +1,11 @@
 """Quantization schemes: which modules a scheme quantizes, and the transforms that quantize them in memory.
 
-- `int8-dynamic`: `torch.ao.quantization.quantize_dynamic` — int8 weights (per output channel) × int8
-  activations quantized on the fly (fbgemm / x86 kernels, CPU only).
+- `int8-dynamic`: int8 weights per output channel (torchao `IntxWeightOnlyConfig`, the layout int8-weight stores)
+  × int8 activations quantized per row on the fly, run by `aten._int_mm` (`kernels.DynamicInt8Linear`, CPU only).
 - `int8-weight` / `int4-weight`: torchao `IntxWeightOnlyConfig` (int8 per channel, int4 per group of
   `group_size` input weights), run by torch's packed kernels where the machine has them (`kernels.pack`).
 - `qat`: torchao `QATConfig(base, step="prepare")`, trained by the caller, then `finish_qat` converts.
-- Embedding tables: torch.ao weight-only int8 per row (reads one row per token).
+- Embedding tables: int8 per row (torchao's tensor), looked up row by row (`kernels.Int8Embedding`).
 - The task head and `skip` patterns stay in floating point.
 
 A scheme's record (`quantize` returns it, the manifest keeps it) names every quantized module, so
@@ -23,9 +23,9 @@ from llmctl.core.quantization import kernels
 
 SCHEMES = {
     "int8-dynamic": {
-        "backend": "torch.ao",
+        "backend": "torchao",
         "bits": 8,
-        "what": "int8 weights per channel × dynamic int8 activations",
+        "what": "int8 weights per channel × int8 activations quantized per token on the fly",
         "devices": ("cpu",),
     },
     "int8-weight": {
@@ -68,7 +68,7 @@ def check(method: str, *, device, group_size: int | None, base: str | None = Non
     if group_size is not None:
         if scheme == "int8-dynamic":
             raise LlmctlError(
-                "quantize.group_size: int8-dynamic scales each output channel (fbgemm has no groups); "
+                "quantize.group_size: int8-dynamic scales each output channel (the int8 matmul has no groups); "
                 "leave quantize.group_size=null or choose method=int4-weight"
             )
         if group_size < 2 or group_size & (group_size - 1):
@@ -79,7 +79,7 @@ def check(method: str, *, device, group_size: int | None, base: str | None = Non
 
 def check_head(scheme: str, head_int8: bool) -> None:
     """An int8 output layer goes beside a weight-only scheme only (one line otherwise)."""
-    if head_int8 and SCHEMES[scheme]["backend"] != "torchao":
+    if head_int8 and scheme not in ("int8-weight", "int4-weight"):
         raise LlmctlError(
             "quantize.head_int8 stores the output layer as int8 weight-only beside a weight-only scheme; "
             f"method={scheme} quantizes activations too: choose method=int8-weight or int4-weight, or drop "
@@ -240,7 +240,7 @@ def _plan(
 
 
 def prepare_model(model) -> None:
-    """fp32 everywhere (the int8 kernels take fp32 activations) and GPT-2's Conv1D as Linear."""
+    """fp32 everywhere (the scales and the layers kept in floating point) and GPT-2's Conv1D as Linear."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -258,30 +258,15 @@ def prepare_model(model) -> None:
 def apply(model, record: dict, *, qat: str | None = None) -> None:
     """The record's transforms on a prepared model (quantize, and the loader on a fresh one).
     `qat="prepare"` fake-quantizes the Linears instead (training toward the scheme); no embeddings yet."""
-    linear = set(record["linear"])
-    if record["scheme"] == "int8-dynamic":
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantize_dynamic(model, dict.fromkeys(linear, per_channel_dynamic_qconfig), inplace=True)
-    else:
-        _torchao_quantize(model, record, linear, step=qat)
-    if record.get("head_int8") and qat != "prepare":  # the output layer: int8 per channel, whatever the body's bits
-        _torchao_quantize(model, {"bits": 8, "group_size": None}, set(record["head_int8"]), step=None)
-    if record["embeddings"] and qat != "prepare":
-        from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
-
-        quantize_dynamic(model, dict.fromkeys(record["embeddings"], float_qparams_weight_only_qconfig), inplace=True)
-    for module in model.modules():
-        if packed_weight(module) is not None:
-            module.register_forward_pre_hook(_kernel_inputs)
-
-
-def _kernel_inputs(module, args):
-    """torch.ao kernels take fp32 activations (a bf16 / fp16 autocast elsewhere must not reach them) and contiguous
-    indices (BERT passes its token-type ids as an expanded view)."""
-    import torch
-
-    return tuple((a.float() if a.is_floating_point() else a).contiguous() if torch.is_tensor(a) else a for a in args)
+    _torchao_quantize(model, record, set(record["linear"]), step=qat)  # int8-dynamic: its int8 weights (bits 8)
+    if qat == "prepare":
+        return
+    int8_rows = {"bits": 8, "group_size": None}  # one scale per output channel / per table row
+    if record.get("head_int8"):  # the output layer: int8 per channel, whatever the body's bits
+        _torchao_quantize(model, int8_rows, set(record["head_int8"]), step=None)
+    if record["embeddings"]:
+        _torchao_quantize(model, int8_rows, set(record["embeddings"]), step=None)
+        kernels.index_tables(model, record["embeddings"])
 
 
 def prepare_qat(model, scheme: str, **settings) -> dict:
@@ -315,17 +300,6 @@ def _torchao_quantize(model, record: dict, names: set[str], step: str | None) ->
     if step is not None:
         config = QATConfig(config, step=step)
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
-
-
-# ---------------------------------------------------------------------------------------------
-# What a quantized model holds (parameter counts and memory: core.models, core.evaluation)
-# ---------------------------------------------------------------------------------------------
-def packed_weight(module):
-    """The quantized weight of a torch.ao module (dynamic Linear, weight-only Embedding), None for any other module."""
-    if not hasattr(module, "_packed_params"):
-        return None
-    weight = getattr(module, "weight", None)
-    return weight() if callable(weight) else None
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

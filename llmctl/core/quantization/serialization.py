@@ -1,10 +1,12 @@
 """Quantized checkpoints on disk: safetensors only (no pickle), rebuilt from the manifest's record.
 
-torch.ao modules are written as plain tensors (`<module>.weight` int8 / uint8 values,
-`<module>.weight_scale`, `<module>.weight_zero_point`, `<module>.bias`); torchao tensors through
-torchao's own flattening (`flatten_tensor_state_dict`, the layout transformers writes), with int4
-values packed two per byte; everything else as it is. `rebuild` applies the record's transforms to a
+torchao tensors go through torchao's own flattening (`flatten_tensor_state_dict`, the layout transformers writes),
+with int4 values packed two per byte; everything else as it is. `rebuild` applies the record's transforms to a
 model built from config.json (`schemes.apply`) and loads the tensors into it.
+
+Folders written while int8-dynamic and the embedding tables ran on torch.ao's deprecated modules hold those as plain
+tensors (`<module>.weight` int8 / uint8 values, `<module>.weight_scale`, `<module>.weight_zero_point`); `rebuild`
+converts them, exactly, into the torchao tensors the same modules hold now (`_from_torch_ao`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_safetensors
 from llmctl.core.quantization import kernels
-from llmctl.core.quantization.schemes import SCHEMES, apply, packed_weight, prepare_model, quiet_torchao
+from llmctl.core.quantization.schemes import SCHEMES, apply, prepare_model, quiet_torchao
 
 # Not model.safetensors: plain `from_pretrained` must never find these int8 / int4 values and load them as float
 # weights (or leave layers at random init). It finds no weights file and fails; config.json's quantization_config
@@ -67,22 +69,8 @@ def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]
     """Plain tensors (and safetensors metadata) for everything the model holds; plain floating-point ones in `dtype`."""
     import torch
 
-    tensors, owned = {}, []
-    for name, module in model.named_modules():
-        weight = packed_weight(module)
-        if weight is None:
-            continue
-        owned.append(name + ".")
-        tensors[f"{name}.weight"] = weight.int_repr()
-        tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales()
-        tensors[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points()
-        bias = module.bias() if callable(getattr(module, "bias", None)) else None
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.detach()
     rest, seen = {}, set()
     for key, value in model.state_dict().items():
-        if key.startswith(tuple(owned)):
-            continue
         if type(value).__name__ == "Tensor":  # a weight tied to another is written once (the model re-ties it on load)
             if value.data_ptr() in seen:
                 continue
@@ -91,24 +79,21 @@ def state_dict(model, record: dict, dtype: str = "float32") -> tuple[dict, dict]
                 value = value.to(getattr(torch, dtype))
         rest[key] = value.detach()
     metadata = {"format": "pt", "llmctl_quantization": record["scheme"]}
-    if SCHEMES[record["scheme"]]["backend"] == "torchao":
-        with quiet_torchao():
-            from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-        rest, flat_meta = flatten_tensor_state_dict(rest)
-        metadata.update(flat_meta)
-        if record["bits"] == 4:
-            body = {f"{name}._weight_qdata" for name in record["linear"]}  # not an int8 head (head_int8)
-            packed = [k for k, v in rest.items() if k in body and v.shape[-1] % 2 == 0]
-            for key in packed:
-                rest[key] = pack_int4(rest[key])
-            metadata["llmctl_int4_packed"] = json.dumps(packed)
-    tensors.update(rest)
+    with quiet_torchao():
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    tensors, flat_meta = flatten_tensor_state_dict(rest)
+    metadata.update(flat_meta)
+    if record["bits"] == 4:
+        body = {f"{name}._weight_qdata" for name in record["linear"]}  # not an int8 head (head_int8)
+        packed = [k for k, v in tensors.items() if k in body and v.shape[-1] % 2 == 0]
+        for key in packed:
+            tensors[key] = pack_int4(tensors[key])
+        metadata["llmctl_int4_packed"] = json.dumps(packed)
     return {k: v.contiguous() for k, v in tensors.items()}, metadata
 
 
 def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
     """Load a saved quantized model into `model` (built from config.json): the record's transforms, then its tensors."""
-    import torch
     from safetensors import safe_open
 
     file = Path(folder) / WEIGHTS
@@ -128,42 +113,57 @@ def rebuild(model, record: dict, folder: Path, *, where: str) -> None:
         )
     prepare_model(model)
     apply(model, record)
-    owned = []
-    for name, module in model.named_modules():  # torch.ao modules: int values + scales → a quantized tensor
-        if packed_weight(module) is None:
-            continue
-        owned.append(name + ".")
-        try:
-            values, scale, zero = (tensors.pop(f"{name}.{k}") for k in ("weight", "weight_scale", "weight_zero_point"))
-        except KeyError:
-            raise LlmctlError(f"{where}: {WEIGHTS} lacks the quantized weight of {name}") from None
-        weight = torch._make_per_channel_quantized_tensor(values, scale, zero, 0)
-        if hasattr(module, "set_weight_bias"):
-            module.set_weight_bias(weight, tensors.pop(f"{name}.bias", None))
-        else:
-            module.set_weight(weight)
-    if SCHEMES[record["scheme"]]["backend"] == "torchao":
-        with quiet_torchao():
-            from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-        for key in json.loads(metadata.get("llmctl_int4_packed", "[]")):
-            tensors[key] = unpack_int4(tensors[key])
+    converted = _from_torch_ao(tensors, record)
+    with quiet_torchao():
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    for key in json.loads(metadata.get("llmctl_int4_packed", "[]")):
+        tensors[key] = unpack_int4(tensors[key])
+    if "tensor_names" in metadata:  # torchao's flattening (every folder but an old int8-dynamic one)
         tensors, _ = unflatten_tensor_state_dict(tensors, metadata)
-    _load_tensors(model, tensors, skip=tuple(owned), where=where)
+    _load_tensors(model, {**tensors, **converted}, where=where)
     kernels.pack(
         model, record
     )  # the kernels' layout is built here, from the stored values: no artifact is tied to a CPU
     model.eval()
 
 
-def _load_tensors(model, tensors: dict, *, skip: tuple[str, ...], where: str) -> None:
-    """Every parameter and persistent buffer outside the torch.ao modules (`skip` prefixes) from `tensors`:
-    plain tensors copied in place (a tied weight is one tensor, loaded once), torchao tensors put in place."""
+def _from_torch_ao(tensors: dict, record: dict) -> dict:
+    """{<module>.weight: torchao tensor} for the modules an older llmctl stored through torch.ao (popped from
+    `tensors`): an int8-dynamic Linear (int8 values, a scale per output channel, zero points 0) and an embedding
+    table (uint8 values with a float scale and zero point per row). The values are kept as they are (uint8 shifted
+    by 128 with its zero point), so the converted model computes with the weights that were saved."""
+    import torch
+
+    with quiet_torchao():
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+    out = {}
+    for name in (*record["linear"], *record["embeddings"]):
+        if f"{name}.weight_scale" not in tensors:
+            continue
+        values = tensors.pop(f"{name}.weight")
+        scale = tensors.pop(f"{name}.weight_scale").float().reshape(-1, 1)
+        zero = tensors.pop(f"{name}.weight_zero_point").reshape(-1, 1)
+        if values.dtype == torch.uint8:
+            values, zero = (values.to(torch.int16) - 128).to(torch.int8), zero.float() - 128
+        out[f"{name}.weight"] = IntxUnpackedToInt8Tensor(
+            values,
+            scale,
+            zero.to(torch.int8 if not zero.is_floating_point() else torch.float32),
+            torch.int8,
+            (1, values.shape[1]),
+            torch.float32,
+            None,
+        )
+    return out
+
+
+def _load_tensors(model, tensors: dict, *, where: str) -> None:
+    """Every parameter and persistent buffer from `tensors`: plain tensors copied in place (a tied weight is one
+    tensor, loaded once), torchao tensors put in place."""
     import torch
 
     done, used, missing = set(), set(), []
     for name, module in model.named_modules():
-        if name and (name + ".").startswith(skip):
-            continue
         entries = [
             *module._parameters.items(),
             *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set),
