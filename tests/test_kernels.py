@@ -57,12 +57,23 @@ def test_inputs_that_start_mid_cache_line_do_not_crash_the_kernels():
         assert (packed(x).float() - expected).abs().max() < 2e-2 * expected.abs().max()
 
 
-def test_a_large_batch_runs_the_dequantized_float_matmul_exactly():
-    linear = _quantized_linear(4)
-    packed = PackedLinear(linear, bits=4, group=32, activations=torch.bfloat16)
-    x = torch.randn(SMALL_BATCH + 1, 128)
-    with torch.inference_mode():
-        assert torch.equal(packed(x), linear(x))
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_large_batch_runs_the_dequantized_float_matmul_in_the_kernels_activation_dtype(activations):
+    """Above SMALL_BATCH rows (prefill) the weight is dequantized once and multiplied in the activation dtype the
+    kernels use (bf16 where the CPU has it: faster than torchao's fp32 dequantizing matmul there)."""
+    for bits, asymmetric in ((4, True), (8, False)):
+        linear = _quantized_linear(bits, asymmetric=asymmetric)
+        packed = PackedLinear(linear, bits=bits, group=32 if bits == 4 else None, activations=activations)
+        x = torch.randn(SMALL_BATCH + 1, 128)
+        with torch.inference_mode():
+            got = packed(x)
+            exact = linear(x)  # torchao's own fp32 dequantizing matmul
+            assert got.dtype == torch.float32
+            assert (got - exact).abs().max() < TOLERANCE[activations] * exact.abs().max()
+            w = linear.weight.dequantize()  # the stored values, scales (and zero points), in the activation dtype:
+            assert packed.dequantized().dtype == activations
+            assert (packed.dequantized().float() - w).abs().max() <= TOLERANCE[activations] * w.abs().max()
+            assert bool((got == exact).all()) == (activations == torch.float32)  # bf16 really ran in bf16
 
 
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight", "int4-weight"])
