@@ -39,6 +39,20 @@ def test_a_mixed_length_batch_decodes_what_hf_generate_gives_each_prompt_alone(g
         assert [f for _, _, f in batched[i]] == [False] * 9 + [True]
 
 
+def test_the_output_layer_runs_for_the_last_position_only(gpt):
+    """Only the last position's logits are sampled: the prompt's other positions must not go through the output
+    layer (a vocabulary-wide matmul per prompt token at prefill)."""
+    model, tok = gpt
+    rows_seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[1]))
+    try:
+        ids = [encode(tok, p, chat=False) for p in PROMPTS]
+        _run(model, [Row(ids=i, max_new_tokens=4, stops=[]) for i in ids])
+    finally:
+        hook.remove()
+    assert rows_seen == [1] * 4  # the prefill and three decode steps, one position each
+
+
 def test_rows_end_at_their_own_stop_token_and_budget(gpt):
     model, tok = gpt
     ids = encode(tok, PROMPTS[0], chat=False)

@@ -17,6 +17,7 @@ uses for loglikelihoods).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -137,10 +138,18 @@ def decode(model, rows: list[Row], *, pad: int, device):
     produced = [0] * len(rows)
     seen = [list(r.ids) for r in rows]
     cache = None
+    # the output layer for the last position only: the prompt's other positions are never sampled (SmolLM2: a
+    # 49152-wide matmul per prompt token saved at prefill)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.inference_mode():
         while not all(done):
             out = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **last,
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
