@@ -55,6 +55,10 @@ def _fail(e: LlmctlError) -> None:
 
 def run_stage(stage: str, args: list[str]) -> None:
     """`llmctl <stage> <args>`: the stage's `run` as a Hydra job. Raises LlmctlError on bad input."""
+    from llmctl.core import offline
+
+    if offline.requested(args):  # before the stage module (and the Hugging Face libraries it pulls in) loads
+        offline.go_offline()
     from llmctl.core.config import run_with_hydra
     from llmctl.stages import Stage
 
@@ -71,6 +75,8 @@ def run_stage(stage: str, args: list[str]) -> None:
         from llmctl.core.device import gpu_ids
 
         checked(cfg)
+        if cfg.get("offline"):  # (set by a preset or config file: read after the libraries loaded)
+            offline.go_offline()
         ids = gpu_ids(cfg.device)
         if ids and len(ids) > 1 and "WORLD_SIZE" not in os.environ:
             return _run_under_torchrun(stage, ids)

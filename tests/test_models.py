@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +73,22 @@ def test_a_hub_id_is_a_model_anywhere_a_model_is_named(hub_cache, tmp_path):
     missing = run_cli("eval", "ckpt=llmctl-test/not-cached", "data=tiny-instruct", *common, env=env)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "not in the Hugging Face cache" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_offline_true_turns_the_hugging_face_libraries_offline_before_they_load(tmp_path):
+    """`offline=true` on the command line (no HF_*_OFFLINE in the environment): a hub id that is not cached fails at
+    once as an offline miss (the libraries never try the network), and the stage sees every switch set."""
+    env = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", "HF_HUB_CACHE": str(tmp_path)}
+    common = ["data=tiny-instruct", "precision=fp32", f"output_root={tmp_path}"]
+    out = run_cli("eval", "ckpt=llmctl-test/not-cached", "offline=true", *common, env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "not in the Hugging Face cache" in out.stderr and "HF_HUB_OFFLINE is set" in out.stderr
+    probe = (
+        "import sys, llmctl.core.offline as o; from llmctl.cli import run_stage; import huggingface_hub.constants as c;"
+        "o.go_offline(); print(c.HF_HUB_OFFLINE, o.is_offline())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env})
+    assert done.stdout.split() == ["True", "True"], done.stderr  # a library loaded before is switched too
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from llmctl.core.errors import LlmctlError, first_line
 from llmctl.core.families import CONFIG_CLASS, check_heads
 from llmctl.core.files import require_safetensors
+from llmctl.core.offline import is_offline
 
 # The dtype rule, for every loader path: weights are held in fp32 in memory (training keeps fp32 master weights,
 # autocast supplies bf16 / fp16 compute, and every checkpoint is measured the same way), and saved in `save_dtype`
@@ -202,7 +203,7 @@ def hub_model(spec: str, *, what: str):
 
     m = HUB_ID.match(spec)
     repo, revision = m.group("repo"), m.group("revision")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    offline = is_offline()
     try:
         folder = snapshot_download(
             repo,

@@ -142,6 +142,7 @@ class Common(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: NonNegInt
+    offline: bool = False
     objective_metric: str | None = None
     objective_mode: Literal["min", "max"] | None = None
 
