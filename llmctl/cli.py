@@ -337,6 +337,45 @@ def ckpt_rm(
         _fail(e)
 
 
+@ckpt_app.command("sweep")
+def ckpt_sweep(
+    sweep: str = typer.Argument(
+        ..., help="A sweep's id: its folder's name under <output-root>/.sweeps/ (or that folder)."
+    ),
+    output_root: str = ROOT_OPT,
+) -> None:
+    """A sweep's trials (the values each tried, its objective, its version) and the best; writes trials.csv and
+    best.yaml beside the sweep."""
+    from rich.table import Table
+
+    from llmctl.core import sweeps
+
+    try:
+        store = _store(output_root)
+        key, rows = sweeps.trials(store, sweep)
+    except LlmctlError as e:
+        _fail(e)
+    best = sweeps.best_trial(rows)
+    keys = sweeps.swept_keys(rows)
+    metric = rows[0]["metric"]
+    better = "higher" if rows[0]["mode"] == "max" else "lower"
+    table = Table(title=f"sweep {key}: {len(rows)} trials, {metric} ({better} is better)")
+    for col in ("trial", *keys, metric or "objective", "ref", "best"):
+        table.add_column(str(col), no_wrap=col == "ref")
+    for r in rows:
+        value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else "—"
+        table.add_row(
+            str(r["trial"]), *(r["overrides"].get(k, "") for k in keys), value, r["ref"], "★" if r is best else ""
+        )
+    console = _console()
+    console.print(table)
+    folder = Path(rows[0]["dir"]) if rows[0]["dir"] and Path(rows[0]["dir"]).is_dir() else store.root / ".sweeps" / key
+    written = sweeps.write_summary(folder, rows, best)
+    if best is not None:
+        console.print(f"best: trial {best['trial']} → {best['ref']} ({metric}={best['value']:.4g})")
+    console.print(f"[dim]written: {', '.join(str(p) for p in written if p)}[/]")
+
+
 @ckpt_app.command("runs")
 def ckpt_runs(output_root: str = ROOT_OPT) -> None:
     """Unpublished runs: interrupted (resumable with resume=auto), failed, or still running."""

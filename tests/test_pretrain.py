@@ -59,17 +59,43 @@ def test_init_from_records_the_parent_and_starts_from_its_weights(corpus, tmp_pa
     assert [r.ref for r in store.lineage("pretrain/child")] == ["pretrain/child@v001", "pretrain/base@v001"]
 
 
-def test_multirun_sweep_writes_one_version_per_job(corpus, tmp_path):
+def test_multirun_sweep_writes_one_version_per_job_and_is_read_back_as_one_sweep(corpus, tmp_path):
+    """Each job's version records its sweep and trial; `@best` of the name is the sweep's best, not an earlier run
+    made another way under the same name (here a longer one, with the lowest loss of all); `llmctl ckpt sweep`
+    prints the trials and writes trials.csv / best.yaml beside the sweep."""
+    import csv
+
+    import yaml
+    from conftest import run_cli
+
+    code, err = run_inprocess("pretrain", *tiny("clm", corpus, tmp_path, "name=sweep", "train.max_steps=40"))
+    assert code == 0, err
     code, err = run_inprocess(
         "pretrain", "-m", *tiny("clm", corpus, tmp_path, "name=sweep", "train.max_steps=4", "train.lr=3e-4,1e-3")
     )
     assert code == 0, err
     store = Store(tmp_path)
-    assert store.versions("pretrain", "sweep") == [1, 2]
-    manifests = [store.resolve(f"pretrain/sweep@v{v}").manifest for v in (1, 2)]
+    assert store.versions("pretrain", "sweep") == [1, 2, 3]
+    single, *manifests = [store.resolve(f"pretrain/sweep@v{v}").manifest for v in (1, 2, 3)]
     assert {m["config"]["train"]["lr"] for m in manifests} == {3e-4, 1e-3}
     overrides = sorted(o for m in manifests for o in m["overrides"] if o.startswith("train.lr="))
     assert overrides == ["train.lr=0.0003", "train.lr=0.001"]  # each job's own value, not the sweep's list
+    assert "sweep" not in single and [m["sweep"]["trial"] for m in manifests] == [0, 1]
+    (sweep_id,) = {m["sweep"]["id"] for m in manifests}
+    losses = {v: m["objective"]["value"] for v, m in zip((2, 3), manifests)}
+    assert single["objective"]["value"] < min(losses.values())  # the longer run: best of all, but no trial
+    assert store.resolve("pretrain/sweep@best").ref == f"pretrain/sweep@v{min(losses, key=losses.get):03d}"
+
+    out = run_cli("ckpt", "sweep", sweep_id, "--output-root", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "train.lr" in out.stdout and "pretrain/sweep@v002" in out.stdout and "pretrain/sweep@v001" not in out.stdout
+    folder = tmp_path / ".sweeps" / sweep_id
+    rows = list(csv.DictReader((folder / "trials.csv").read_text().splitlines()))
+    assert [r["train.lr"] for r in rows] == ["0.0003", "0.001"] and [r["ref"] for r in rows][0].endswith("@v002")
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["ref"] == store.resolve("pretrain/sweep@best").ref and set(best["swept"]) == {"train.lr"}
+    missing = run_cli("ckpt", "sweep", "no-such-sweep", "--output-root", str(tmp_path))
+    assert missing.returncode == 2 and "no version" in missing.stderr and missing.stderr.count("\n") == 1
 
 
 def test_the_optuna_sweeper_logs_no_alembic_set_up_and_no_colour(corpus, tmp_path):

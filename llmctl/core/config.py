@@ -379,6 +379,19 @@ def job_overrides() -> tuple[list[str], list[str]]:
     return list(hc.overrides.task), dirs
 
 
+def sweep_record() -> dict | None:
+    """Under -m: the sweep this job belongs to (its folder under `hydra.sweep.dir`, whose name identifies it), the
+    sweeper and the job's trial number; None for a single run."""
+    if not _multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    folder = Path(str(hc.sweep.dir)).absolute()
+    sweeper = hc.runtime.choices.get("hydra/sweeper") or "basic"
+    return {"id": folder.name, "dir": str(folder), "trial": int(hc.job.num), "sweeper": sweeper}
+
+
 def command_line() -> str:
     import shlex
 

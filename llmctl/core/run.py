@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from llmctl.core.config import command_line, job_overrides, preset_name, to_container
+from llmctl.core.config import command_line, job_overrides, preset_name, sweep_record, to_container
 from llmctl.core.device import broadcast_str, seed_everything, setup_runtime
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import disk_space
@@ -423,6 +423,7 @@ def publish(
         "weights_sha256": weights_sha256(folder),
         "command": command_line(),
         "overrides": job_overrides()[0],
+        **({"sweep": sweep} if (sweep := sweep_record()) else {}),  # which sweep and trial (llmctl ckpt sweep)
         "config": to_container(run.cfg),
         **({"resumed": run.resumed} if run.resumed else {}),
         "libraries": library_versions(),

@@ -19,7 +19,8 @@ Version numbers only grow: a high-water mark kept under the lock means a removed
 is never given to a different model (children's lineage keeps pointing at what they came from).
 
 References (``resolve``): ``stage/name`` (latest), ``stage/name@v3``, ``stage/name@latest``,
-``stage/name@best`` (best objective among versions), or a path to any HF model folder.
+``stage/name@best`` (best objective among versions; when the newest version came from a sweep, among that
+sweep's versions only), or a path to any HF model folder.
 
 This module imports neither torch nor transformers, so ``llmctl ckpt`` stays fast.
 """
@@ -241,9 +242,16 @@ class Store:
         )
 
     def _best_version(self, stage: str, name: str, versions: list[int], text: str, what: str) -> int:
+        """The version with the best objective. When the newest version came from a sweep, only that sweep's
+        versions compete: a sweep's best, never a run made another way (other data, other knobs) that happens to
+        share the name."""
+        manifests = {v: read_manifest(self.name_dir(stage, name) / version_dirname(v)) or {} for v in versions}
+        sweep = (manifests[max(versions)].get("sweep") or {}).get("id")
         scored = []
-        for v in versions:
-            obj = (read_manifest(self.name_dir(stage, name) / version_dirname(v)) or {}).get("objective") or {}
+        for v, manifest in manifests.items():
+            obj = manifest.get("objective") or {}
+            if sweep and (manifest.get("sweep") or {}).get("id") != sweep:
+                continue
             if isinstance(obj.get("value"), (int, float)):
                 sign = 1.0 if obj.get("mode", "min") == "min" else -1.0
                 scored.append((sign * obj["value"], v))

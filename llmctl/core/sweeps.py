@@ -7,6 +7,9 @@ values), asks the stage which metric it returns and in which mode (`objective(cf
 default, or `objective_metric` / `objective_mode`), and sets `hydra.sweeper.direction` to match. A
 direction given on the command line that disagrees is refused in one line; a stage that returns
 nothing to optimise (generate, several checkpoints in eval) refuses an Optuna sweep.
+
+Every job's version records its sweep (`manifest["sweep"]`: the sweep folder's name as its id, the trial number);
+`trials` reads a sweep back from the store, and `llmctl ckpt sweep` prints it and writes its summary.
 """
 
 from __future__ import annotations
@@ -80,3 +83,86 @@ def compose_shared(stage: str, args: list[str], config_dir: str):
         return None
     finally:
         GlobalHydra.instance().clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished (or interrupted) sweep, read back from the versions its jobs published
+# ---------------------------------------------------------------------------------------------
+def trials(store, spec: str) -> tuple[str, list[dict]]:
+    """(sweep id, its trials by number): each {"trial", "ref", "overrides" (its own values), "metric", "mode",
+    "value"} for every version whose manifest names the sweep. `spec`: the sweep's id (its folder's name under
+    `<output_root>/.sweeps/`) or that folder."""
+    from pathlib import Path
+
+    key = Path(str(spec).rstrip("/")).name
+    rows = []
+    for stage, name, version, manifest in store.entries():
+        sweep = manifest.get("sweep") or {}
+        if sweep.get("id") != key:
+            continue
+        objective = manifest.get("objective") or {}
+        rows.append(
+            {
+                "trial": int(sweep.get("trial", -1)),
+                "ref": f"{stage}/{name}@v{version:03d}",
+                "dir": sweep.get("dir"),
+                "overrides": dict(o.split("=", 1) for o in manifest.get("overrides") or [] if "=" in o),
+                "metric": objective.get("metric"),
+                "mode": objective.get("mode") or "min",
+                "value": objective.get("value"),
+            }
+        )
+    if not rows:
+        raise LlmctlError(
+            f"sweep {spec!r}: no version in {store.root}/ was published by it; give a sweep's id, the name of its "
+            f"folder under {store.root}/.sweeps/ (each job's manifest records it: `llmctl ckpt show <ref>`)"
+        )
+    return key, sorted(rows, key=lambda r: r["trial"])
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    """The overrides whose values differ between trials (what the sweep searched), in command-line order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+
+
+def best_trial(rows: list[dict]) -> dict | None:
+    """The trial with the best objective (in its mode); None when no trial recorded a value."""
+    scored = [r for r in rows if isinstance(r["value"], (int, float))]
+    if not scored:
+        return None
+    return min(scored, key=lambda r: r["value"] if r["mode"] == "min" else -r["value"])
+
+
+def write_summary(folder, rows: list[dict], best: dict | None) -> tuple:
+    """trials.csv (every trial: number, swept values, objective, version) and best.yaml (the best trial's
+    overrides, objective and version) in `folder`; returns their paths."""
+    import csv
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = swept_keys(rows)
+    table = folder / "trials.csv"
+    with open(table, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["trial", *keys, "metric", "value", "ref"])
+        for r in rows:
+            out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), r["metric"], r["value"], r["ref"]])
+    chosen = folder / "best.yaml"
+    if best is not None:
+        chosen.write_text(
+            yaml.safe_dump(
+                {
+                    "trial": best["trial"],
+                    "ref": best["ref"],
+                    "objective": {"metric": best["metric"], "mode": best["mode"], "value": best["value"]},
+                    "swept": {k: best["overrides"].get(k) for k in keys},
+                    "overrides": [f"{k}={v}" for k, v in best["overrides"].items()],
+                },
+                sort_keys=False,
+            )
+        )
+    return table, chosen if best is not None else None
