@@ -80,7 +80,7 @@ def test_multirun_sweep_writes_one_version_per_job_and_is_read_back_as_one_sweep
     assert {m["config"]["train"]["lr"] for m in manifests} == {3e-4, 1e-3}
     overrides = sorted(o for m in manifests for o in m["overrides"] if o.startswith("train.lr="))
     assert overrides == ["train.lr=0.0003", "train.lr=0.001"]  # each job's own value, not the sweep's list
-    assert "sweep" not in single and [m["sweep"]["trial"] for m in manifests] == [0, 1]
+    assert "sweep" not in single and [m["sweep"]["job"] for m in manifests] == [0, 1]
     (sweep_id,) = {m["sweep"]["id"] for m in manifests}
     losses = {v: m["objective"]["value"] for v, m in zip((2, 3), manifests)}
     assert single["objective"]["value"] < min(losses.values())  # the longer run: best of all, but no trial

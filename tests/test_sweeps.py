@@ -69,3 +69,37 @@ def test_an_optuna_sweep_of_a_fine_tune_finds_the_better_end(bases, reviews, tmp
     best = yaml.safe_load(results.read_text())
     assert best["best_params"] == {"train.max_steps": 60}
     assert best["best_value"] > 0.15  # macro F1 over 5 classes; always one class scores 0.07
+
+
+def test_an_interrupted_optuna_sweep_continues_its_study_and_runs_only_the_missing_trials(corpus, tmp_path):
+    """The study lives in SQLite under the store: the same command again (here asking for 3 trials after 1 ran)
+    continues it — 2 more jobs, the same sweep folder, one sweep of 3 trials for `llmctl ckpt sweep` — and a third
+    start with nothing left runs no job."""
+    import optuna
+    from conftest import run_inprocess, tiny
+
+    from llmctl.core import sweeps
+    from llmctl.core.store import Store
+
+    def sweep(trials: int):
+        args = tiny("clm", corpus, tmp_path, "name=opt", "train.max_steps=2", "train.eval_every=0")
+        return run_inprocess(
+            "pretrain",
+            "-m",
+            *args,
+            "hydra/sweeper=optuna",
+            f"hydra.sweeper.n_trials={trials}",
+            "hydra.sweeper.n_jobs=1",
+            "train.lr=interval(1e-4,1e-3)",
+        )
+
+    store = Store(tmp_path)
+    assert sweep(1)[0] == 0 and store.versions("pretrain", "opt") == [1]
+    assert sweep(3)[0] == 0 and store.versions("pretrain", "opt") == [1, 2, 3]  # 2 more, not 3
+    assert sweep(3)[0] == 0 and store.versions("pretrain", "opt") == [1, 2, 3]  # done: none
+    ids = {store.resolve(f"pretrain/opt@v{v}").manifest["sweep"]["id"] for v in (1, 2, 3)}
+    (study,) = ids
+    key, rows = sweeps.trials(store, study)
+    assert [r["trial"] for r in rows] == [0, 1, 2] and len({r["overrides"]["train.lr"] for r in rows}) == 3
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / '.sweeps' / 'optuna.db'}")
+    assert len(loaded.trials) == 3 and loaded.direction == optuna.study.StudyDirection.MINIMIZE

@@ -381,7 +381,7 @@ def job_overrides() -> tuple[list[str], list[str]]:
 
 def sweep_record() -> dict | None:
     """Under -m: the sweep this job belongs to (its folder under `hydra.sweep.dir`, whose name identifies it), the
-    sweeper and the job's trial number; None for a single run."""
+    sweeper and the job's number in this start of the sweep; None for a single run."""
     if not _multirun():
         return None
     from hydra.core.hydra_config import HydraConfig
@@ -389,7 +389,7 @@ def sweep_record() -> dict | None:
     hc = HydraConfig.get()
     folder = Path(str(hc.sweep.dir)).absolute()
     sweeper = hc.runtime.choices.get("hydra/sweeper") or "basic"
-    return {"id": folder.name, "dir": str(folder), "trial": int(hc.job.num), "sweeper": sweeper}
+    return {"id": folder.name, "dir": str(folder), "job": int(hc.job.num), "sweeper": sweeper}
 
 
 def command_line() -> str:

@@ -8,7 +8,8 @@ default, or `objective_metric` / `objective_mode`), and sets `hydra.sweeper.dire
 direction given on the command line that disagrees is refused in one line; a stage that returns
 nothing to optimise (generate, several checkpoints in eval) refuses an Optuna sweep.
 
-Every job's version records its sweep (`manifest["sweep"]`: the sweep folder's name as its id, the trial number);
+An Optuna study lives in SQLite under the store, so the same command continues an interrupted sweep (`resumable`).
+Every job's version records its sweep (`manifest["sweep"]`: the sweep folder's name as its id, Hydra's job number);
 `trials` reads a sweep back from the store, and `llmctl ckpt sweep` prints it and writes its summary.
 """
 
@@ -51,7 +52,74 @@ def with_direction(stage: str, args: list[str], objective: Callable, config_dir:
         )
     kept = [a for a in args if a.split("=", 1)[0].lstrip("+~") != DIRECTION_KEY]
     at = next(i for i, a in enumerate(kept) if uses_optuna([a])) + 1  # among the overrides, not after a flag
-    return [*kept[:at], f"{DIRECTION_KEY}={want}", *kept[at:]]
+    return resumable(stage, [*kept[:at], f"{DIRECTION_KEY}={want}", *kept[at:]], cfg)
+
+
+STORAGE_KEY, STUDY_KEY, TRIALS_KEY = "hydra.sweeper.storage", "hydra.sweeper.study_name", "hydra.sweeper.n_trials"
+SWEEP_DIR_KEY = "hydra.sweep.dir"
+DEFAULT_TRIALS = 20  # hydra-optuna-sweeper's own default n_trials
+
+
+def resumable(stage: str, args: list[str], cfg) -> list[str]:
+    """An Optuna sweep whose study lives in SQLite under the store (`<output_root>/.sweeps/optuna.db`), named after
+    the stage, the checkpoint name and the command line, with its sweep folder named after the study: the same
+    command run again (after an interruption, or with more `n_trials`) continues that study and runs only the
+    trials still missing (the sweeper itself would run n_trials more on every start). Settings given on the
+    command line are kept."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    root = Path(str(cfg.output_root)).expanduser().absolute() / ".sweeps"
+    added = []  # among the overrides (right after hydra/sweeper=optuna), never after a flag such as --cfg
+    storage = _given(args, STORAGE_KEY)
+    if storage is None:
+        storage = f"sqlite:///{root / 'optuna.db'}"
+        added.append(f"{STORAGE_KEY}={storage}")
+    study = _given(args, STUDY_KEY)
+    if study is None:
+        what = sorted(a for a in args if "=" in a and not a.lstrip("+~").startswith(("hydra.", TRIALS_KEY)))
+        digest = hashlib.sha256("\n".join(what).encode()).hexdigest()[:8]
+        study = f"{stage}-{cfg.get('name') or 'default'}-{digest}"
+        added.append(f"{STUDY_KEY}={study}")
+    if _given(args, SWEEP_DIR_KEY) is None:
+        added.append(f"{SWEEP_DIR_KEY}={root / study}")
+    wanted = int(_given(args, TRIALS_KEY) or DEFAULT_TRIALS)
+    done = 0 if "--cfg" in args or "--info" in args else _completed(storage, study)  # printing: nothing is created
+    if done:
+        left = max(wanted - done, 0)
+        args = [a for a in args if a.split("=", 1)[0].lstrip("+~") != TRIALS_KEY]
+        added.append(f"{TRIALS_KEY}={left}")
+        print(
+            f"llmctl: study {study} ({storage}) has {done} of {wanted} trials done; running {left}"
+            + ("" if left else f" (raise {TRIALS_KEY} for more)"),
+            file=sys.stderr,
+        )
+    if "--cfg" not in args and "--info" not in args:
+        root.mkdir(parents=True, exist_ok=True)
+    at = next(i for i, a in enumerate(args) if uses_optuna([a])) + 1
+    return [*args[:at], *added, *args[at:]]
+
+
+def _given(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") == key]
+    return values[-1] if values else None
+
+
+def _completed(storage: str, study: str) -> int:
+    """Trials of `study` in `storage` that finished (0 when neither exists yet)."""
+    from pathlib import Path
+
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return 0
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        found = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return 0
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in found.trials)
 
 
 def compose_shared(stage: str, args: list[str], config_dir: str):
@@ -89,9 +157,9 @@ def compose_shared(stage: str, args: list[str], config_dir: str):
 # A finished (or interrupted) sweep, read back from the versions its jobs published
 # ---------------------------------------------------------------------------------------------
 def trials(store, spec: str) -> tuple[str, list[dict]]:
-    """(sweep id, its trials by number): each {"trial", "ref", "overrides" (its own values), "metric", "mode",
-    "value"} for every version whose manifest names the sweep. `spec`: the sweep's id (its folder's name under
-    `<output_root>/.sweeps/`) or that folder."""
+    """(sweep id, its trials in the order they finished): each {"trial", "ref", "overrides" (its own values),
+    "metric", "mode", "value"} for every version whose manifest names the sweep. `spec`: the sweep's id (its
+    folder's name under `<output_root>/.sweeps/`) or that folder."""
     from pathlib import Path
 
     key = Path(str(spec).rstrip("/")).name
@@ -103,7 +171,7 @@ def trials(store, spec: str) -> tuple[str, list[dict]]:
         objective = manifest.get("objective") or {}
         rows.append(
             {
-                "trial": int(sweep.get("trial", -1)),
+                "created": manifest.get("created") or "",
                 "ref": f"{stage}/{name}@v{version:03d}",
                 "dir": sweep.get("dir"),
                 "overrides": dict(o.split("=", 1) for o in manifest.get("overrides") or [] if "=" in o),
@@ -117,7 +185,10 @@ def trials(store, spec: str) -> tuple[str, list[dict]]:
             f"sweep {spec!r}: no version in {store.root}/ was published by it; give a sweep's id, the name of its "
             f"folder under {store.root}/.sweeps/ (each job's manifest records it: `llmctl ckpt show <ref>`)"
         )
-    return key, sorted(rows, key=lambda r: r["trial"])
+    rows.sort(key=lambda r: (r["created"], r["ref"]))
+    for number, row in enumerate(rows):  # in the order they finished, across every start of a resumed sweep
+        row["trial"] = number
+    return key, rows
 
 
 def swept_keys(rows: list[dict]) -> list[str]:
