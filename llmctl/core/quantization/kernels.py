@@ -24,8 +24,9 @@ packed kernels take another layout and are not wired yet).
 
 `int8-dynamic` stores the same int8-per-channel tensor and runs it as `DynamicInt8Linear`: each token's activations
 are quantized to int8 on the fly (one scale per row) and multiplied by `aten._int_mm` (int8 × int8 → int32, oneDNN's
-VNNI / AMX kernels). On MiniLM-L6, batch 1, 128 tokens, 2 AVX512-VNNI cores it is 1.8–1.9× fp32, within a few
-percent of torch.ao's deprecated `quantize_dynamic` (fbgemm), which it replaces; torchao's
+VNNI / AMX kernels). On MiniLM-L6, batch 1, 128 tokens, 2 AVX512-VNNI cores it is 1.8–1.85× fp32, ~0.93× the
+speed of torch.ao's deprecated `quantize_dynamic` (fbgemm fuses the row quantization eager ops pay for), which it
+replaces; torchao's
 `Int8DynamicActivationInt8WeightConfig` measured 1.04× eager (it matches only under torch.compile, after ~33 s of
 compiling). A CPU without int8 dot products (AVX2 only) times it against the dequantizing matmul and keeps the faster.
 
