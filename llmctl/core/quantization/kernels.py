@@ -41,6 +41,7 @@ import time
 import torch
 
 from llmctl.core.device import cpu_has_int8_dot, cpu_has_native_bf16
+from llmctl.core.models import tensor_bytes
 
 SMALL_BATCH = 64  # rows at or under which the packed kernel runs; above, dequantize + float matmul (prefill)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
@@ -99,10 +100,9 @@ class PackedLinear(torch.nn.Module):
 
     def kernel_bytes(self) -> int:
         """Bytes a batch-1 step reads: the values in the kernel's layout, their scales, the bias."""
-        values = self.weight.qdata if self.bits == 8 else self.packed
-        scales = self.scales if self.bits == 8 else self.scales_zeros
-        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return values.numel() * values.element_size() + scales.numel() * scales.element_size() + bias
+        if self.bits == 8:
+            return _bytes(self.weight.qdata, self.scales, self.bias)
+        return _bytes(self.packed, self.scales_zeros, self.bias)
 
     def extra_repr(self) -> str:
         kernel = "int8pack" if self.bits == 8 else f"int4pack (groups of {self.group})"
@@ -134,8 +134,7 @@ class DynamicInt8Linear(torch.nn.Module):
 
     def kernel_bytes(self) -> int:
         """Bytes a batch-1 step reads: the int8 values, their scales, the bias."""
-        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return self.weight.qdata.numel() + self.scales.numel() * self.scales.element_size() + bias
+        return _bytes(self.weight.qdata, self.scales, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} → {self.out_features}, _int_mm, int8 activations per row"
@@ -164,15 +163,13 @@ class Int8Embedding(torch.nn.Module):
 
 def index_tables(model, names) -> None:
     """Swap the named embedding tables (their weights already torchao int8 tensors) for row-wise lookups."""
-    modules = dict(model.named_modules())
     for name in names:
-        if not isinstance(modules[name], Int8Embedding):
-            _swap(model, name, Int8Embedding(modules[name]))
+        if not isinstance(table := model.get_submodule(name), Int8Embedding):
+            model.set_submodule(name, Int8Embedding(table))
 
 
-def _swap(model, name: str, module: torch.nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+def _bytes(*tensors) -> int:
+    return sum(tensor_bytes(t) for t in tensors if t is not None)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -223,7 +220,7 @@ def pack(model, record: dict) -> str | None:
         model.llmctl_kernels = why
         return why
     for name, module, bits in found:
-        _swap(model, name, PackedLinear(module, bits=bits, group=group_of(bits), activations=activations))
+        model.set_submodule(name, PackedLinear(module, bits=bits, group=group_of(bits), activations=activations))
     ops = {8: "aten._weight_int8pack_mm", 4: "aten._weight_int4pack_mm_for_cpu"}
     counts = {b: sum(1 for *_, bits in found if bits == b) for b in (4, 8)}
     used = " + ".join(f"{ops[b]} ({n} layers)" for b, n in counts.items() if n)
@@ -242,58 +239,56 @@ def _pack_dynamic(model, record: dict) -> str:
     use, why = _choose_dynamic(found[0][1])
     if use:
         for name, module in found:
-            _swap(model, name, DynamicInt8Linear(module))
+            model.set_submodule(name, DynamicInt8Linear(module))
         why = f"aten._int_mm with int8 activations per row ({len(found)} layers), {why}"
     model.llmctl_kernels = why
     return why
 
 
 def _choose_dynamic(module) -> tuple[bool, str]:
+    """(whether `_int_mm` runs the layers, why)."""
     if cpu_has_int8_dot():
         return True, "the CPU has int8 dot products (VNNI / AMX)"
-    key = ("dynamic", module.in_features, module.out_features)
-    if key not in _CHOSEN:
-        x = torch.randn(16, module.in_features)  # a few rows: between decoding (1) and an encoder's batch (128)
-        dynamic_us, dequant_us = _best_us(DynamicInt8Linear(module), x), _best_us(module, x)
-        _CHOSEN[key] = (
-            (True, f"no int8 dot products, yet faster ({dynamic_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)")
-            if dynamic_us < dequant_us
-            else (
-                False,
-                f"torchao dequantizing matmul with float activations (int8 activations {dynamic_us:.0f} µs vs "
-                f"{dequant_us:.0f} µs on this CPU without int8 dot products)",
-            )
-        )
-    return _CHOSEN[key]
-
-
-_CHOSEN: dict[tuple, tuple] = {}  # one decision per layer shape and process: a model and its reload run alike
+    rows = 16  # a few rows: between decoding (1) and an encoder's batch (128)
+    ours, dequant = _timed(
+        ("dynamic", module.in_features, module.out_features), lambda: DynamicInt8Linear(module), module, rows
+    )
+    if ours < dequant:
+        return True, f"no int8 dot products, yet faster ({ours:.0f} µs vs dequantizing {dequant:.0f} µs)"
+    return False, (
+        f"torchao dequantizing matmul with float activations (int8 activations {ours:.0f} µs vs {dequant:.0f} µs on "
+        "this CPU without int8 dot products)"
+    )
 
 
 def _choose(module, bits: int, group: int | None) -> tuple:
     """(activation dtype for the packed kernels, or None for torchao's dequantizing matmul; why)."""
     if cpu_has_native_bf16():
         return torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
-    key = (bits, group, module.in_features, module.out_features)
+    packed, dequant = _timed(
+        (bits, group, module.in_features, module.out_features),
+        lambda: PackedLinear(module, bits=bits, group=group, activations=torch.float32),
+        module,
+        1,
+    )
+    if packed < dequant:
+        return torch.float32, f"fp32 activations ({packed:.0f} µs vs dequantizing {dequant:.0f} µs)"
+    return None, (
+        f"torchao dequantizing matmul (packed kernel with fp32 activations {packed:.0f} µs vs {dequant:.0f} µs on "
+        "this CPU without native bf16)"
+    )
+
+
+_CHOSEN: dict[tuple, tuple] = {}  # one timing per layer shape and process: a model and its reload run alike
+
+
+def _timed(key: tuple, build, module, rows: int) -> tuple[float, float]:
+    """µs of the kernel `build()` makes and of torchao's dequantizing matmul (`module`) on `rows` random rows,
+    measured once per `key` and process."""
     if key not in _CHOSEN:
-        packed_us, dequant_us = _time_first(module, bits, group)
-        _CHOSEN[key] = (
-            (torch.float32, f"fp32 activations ({packed_us:.0f} µs vs dequantizing {dequant_us:.0f} µs)")
-            if packed_us < dequant_us
-            else (
-                None,
-                f"torchao dequantizing matmul (packed kernel with fp32 activations {packed_us:.0f} µs vs "
-                f"{dequant_us:.0f} µs on this CPU without native bf16)",
-            )
-        )
+        x = torch.randn(rows, module.in_features)
+        _CHOSEN[key] = (_best_us(build(), x), _best_us(module, x))
     return _CHOSEN[key]
-
-
-def _time_first(module, bits: int, group: int | None) -> tuple[float, float]:
-    """Batch-1 µs of the packed kernel (fp32 activations) and of torchao's dequantizing matmul on one layer."""
-    packed = PackedLinear(module, bits=bits, group=group, activations=torch.float32)
-    x = torch.randn(1, module.in_features)
-    return _best_us(packed, x), _best_us(module, x)
 
 
 def _best_us(fn, x: torch.Tensor) -> float:
