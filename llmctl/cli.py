@@ -369,8 +369,7 @@ def ckpt_sweep(
         )
     console = _console()
     console.print(table)
-    folder = Path(rows[0]["dir"]) if rows[0]["dir"] and Path(rows[0]["dir"]).is_dir() else store.root / ".sweeps" / key
-    written = sweeps.write_summary(folder, rows, best)
+    written = sweeps.write_summary(store, key, rows, best, keys)
     if best is not None:
         console.print(f"best: trial {best['trial']} → {best['ref']} ({metric}={best['value']:.4g})")
     console.print(f"[dim]written: {', '.join(str(p) for p in written if p)}[/]")

@@ -249,12 +249,10 @@ class Store:
         sweep = (manifests[max(versions)].get("sweep") or {}).get("id")
         scored = []
         for v, manifest in manifests.items():
-            obj = manifest.get("objective") or {}
             if sweep and (manifest.get("sweep") or {}).get("id") != sweep:
                 continue
-            if isinstance(obj.get("value"), (int, float)):
-                sign = 1.0 if obj.get("mode", "min") == "min" else -1.0
-                scored.append((sign * obj["value"], v))
+            if (rank := objective_rank(manifest.get("objective"))) is not None:
+                scored.append((rank, v))
         if not scored:
             raise LlmctlError(f"{what} {text!r}: no version of {stage}/{name} records an objective metric; use @vN")
         return min(scored)[1]
@@ -466,6 +464,15 @@ def _run_id(entry: str) -> str:
     """The run an entry of `.runs/` belongs to: `<id>`, `<id>.state`, `<id>.lock`, and the hidden leftovers of a
     write that was cut off (`.<id>.state.<random>.tmp`); run ids hold no dots."""
     return entry.lstrip(".").split(".")[0]
+
+
+def objective_rank(objective: dict | None) -> float | None:
+    """A manifest's objective as a number where lower is better (its value, negated when the mode is max); None
+    when it records no value."""
+    value = (objective or {}).get("value")
+    if not isinstance(value, (int, float)):
+        return None
+    return value if (objective or {}).get("mode", "min") == "min" else -value
 
 
 def parent_entry(resolved: Resolved, role: str, sha256: str | None = None) -> dict:

@@ -8,7 +8,7 @@ default, or `objective_metric` / `objective_mode`), and sets `hydra.sweeper.dire
 direction given on the command line that disagrees is refused in one line; a stage that returns
 nothing to optimise (generate, several checkpoints in eval) refuses an Optuna sweep.
 
-An Optuna study lives in SQLite under the store, so the same command continues an interrupted sweep (`resumable`).
+An Optuna study lives in SQLite under the store, so the same command continues an interrupted sweep (`study_settings`).
 Every job's version records its sweep (`manifest["sweep"]`: the sweep folder's name as its id, Hydra's job number);
 `trials` reads a sweep back from the store, and `llmctl ckpt sweep` prints it and writes its summary.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmctl.core.errors import LlmctlError
+from llmctl.core.files import write_text
+from llmctl.core.store import objective_rank
 
 DIRECTION_KEY = "hydra.sweeper.direction"
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
@@ -43,16 +45,17 @@ def with_direction(stage: str, args: list[str], objective: Callable, config_dir:
         )
     metric, mode = found
     want = DIRECTIONS[mode]
-    given = [a.split("=", 1)[1].strip() for a in args if a.split("=", 1)[0].lstrip("+~") == DIRECTION_KEY]
-    if given and given[-1].lower() not in (want, mode):
+    given = _given(args, DIRECTION_KEY)
+    if given and given.lower() not in (want, mode):
         raise LlmctlError(
-            f"{DIRECTION_KEY}={given[-1]} would optimise {metric} the wrong way (llmctl {stage} "
+            f"{DIRECTION_KEY}={given} would optimise {metric} the wrong way (llmctl {stage} "
             f"{'maximises' if mode == 'max' else 'minimises'} it); drop {DIRECTION_KEY} (llmctl sets it from the "
             f"objective) or choose another objective with objective_metric= / objective_mode="
         )
-    kept = [a for a in args if a.split("=", 1)[0].lstrip("+~") != DIRECTION_KEY]
+    added = [f"{DIRECTION_KEY}={want}", *study_settings(stage, args, cfg)]
+    kept = [a for a in args if _key(a) not in {_key(o) for o in added}]  # what llmctl sets replaces what was given
     at = next(i for i, a in enumerate(kept) if uses_optuna([a])) + 1  # among the overrides, not after a flag
-    return resumable(stage, [*kept[:at], f"{DIRECTION_KEY}={want}", *kept[at:]], cfg)
+    return [*kept[:at], *added, *kept[at:]]
 
 
 STORAGE_KEY, STUDY_KEY, TRIALS_KEY = "hydra.sweeper.storage", "hydra.sweeper.study_name", "hydra.sweeper.n_trials"
@@ -60,49 +63,53 @@ SWEEP_DIR_KEY = "hydra.sweep.dir"
 DEFAULT_TRIALS = 20  # hydra-optuna-sweeper's own default n_trials
 
 
-def resumable(stage: str, args: list[str], cfg) -> list[str]:
-    """An Optuna sweep whose study lives in SQLite under the store (`<output_root>/.sweeps/optuna.db`), named after
-    the stage, the checkpoint name and the command line, with its sweep folder named after the study: the same
-    command run again (after an interruption, or with more `n_trials`) continues that study and runs only the
-    trials still missing (the sweeper itself would run n_trials more on every start). Settings given on the
-    command line are kept."""
+def study_settings(stage: str, args: list[str], cfg) -> list[str]:
+    """The overrides that make an Optuna sweep resumable: its study in SQLite under the store
+    (`<output_root>/.sweeps/optuna.db`), named after the stage, the checkpoint name and the command line, and its
+    sweep folder named after the study; the same command run again (after an interruption, or with more
+    `n_trials`) continues that study and runs only the trials still missing (the sweeper itself would run n_trials
+    more on every start). Settings given on the command line are kept."""
     import hashlib
     import sys
     from pathlib import Path
 
     root = Path(str(cfg.output_root)).expanduser().absolute() / ".sweeps"
-    added = []  # among the overrides (right after hydra/sweeper=optuna), never after a flag such as --cfg
+    printing = "--cfg" in args or "--info" in args  # only printing the config: nothing is created or read
+    added = []
     storage = _given(args, STORAGE_KEY)
     if storage is None:
         storage = f"sqlite:///{root / 'optuna.db'}"
         added.append(f"{STORAGE_KEY}={storage}")
     study = _given(args, STUDY_KEY)
     if study is None:
-        what = sorted(a for a in args if "=" in a and not a.lstrip("+~").startswith(("hydra.", TRIALS_KEY)))
+        what = sorted(a for a in args if "=" in a and not _key(a).startswith("hydra."))
         digest = hashlib.sha256("\n".join(what).encode()).hexdigest()[:8]
         study = f"{stage}-{cfg.get('name') or 'default'}-{digest}"
         added.append(f"{STUDY_KEY}={study}")
     if _given(args, SWEEP_DIR_KEY) is None:
         added.append(f"{SWEEP_DIR_KEY}={root / study}")
     wanted = int(_given(args, TRIALS_KEY) or DEFAULT_TRIALS)
-    done = 0 if "--cfg" in args or "--info" in args else _completed(storage, study)  # printing: nothing is created
+    done = 0 if printing else _completed(storage, study)
     if done:
         left = max(wanted - done, 0)
-        args = [a for a in args if a.split("=", 1)[0].lstrip("+~") != TRIALS_KEY]
         added.append(f"{TRIALS_KEY}={left}")
         print(
             f"llmctl: study {study} ({storage}) has {done} of {wanted} trials done; running {left}"
             + ("" if left else f" (raise {TRIALS_KEY} for more)"),
             file=sys.stderr,
         )
-    if "--cfg" not in args and "--info" not in args:
+    if not printing:
         root.mkdir(parents=True, exist_ok=True)
-    at = next(i for i, a in enumerate(args) if uses_optuna([a])) + 1
-    return [*args[:at], *added, *args[at:]]
+    return added
+
+
+def _key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
 
 
 def _given(args: list[str], key: str) -> str | None:
-    values = [a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") == key]
+    """The last value the command line gives `key`, None when it gives none."""
+    values = [a.split("=", 1)[1].strip() for a in args if "=" in a and _key(a) == key]
     return values[-1] if values else None
 
 
@@ -178,6 +185,7 @@ def trials(store, spec: str) -> tuple[str, list[dict]]:
                 "metric": objective.get("metric"),
                 "mode": objective.get("mode") or "min",
                 "value": objective.get("value"),
+                "rank": objective_rank(objective),
             }
         )
     if not rows:
@@ -199,32 +207,33 @@ def swept_keys(rows: list[dict]) -> list[str]:
 
 def best_trial(rows: list[dict]) -> dict | None:
     """The trial with the best objective (in its mode); None when no trial recorded a value."""
-    scored = [r for r in rows if isinstance(r["value"], (int, float))]
-    if not scored:
-        return None
-    return min(scored, key=lambda r: r["value"] if r["mode"] == "min" else -r["value"])
+    scored = [r for r in rows if r["rank"] is not None]
+    return min(scored, key=lambda r: r["rank"]) if scored else None
 
 
-def write_summary(folder, rows: list[dict], best: dict | None) -> tuple:
-    """trials.csv (every trial: number, swept values, objective, version) and best.yaml (the best trial's
-    overrides, objective and version) in `folder`; returns their paths."""
+def write_summary(store, key: str, rows: list[dict], best: dict | None, keys: list[str]) -> tuple:
+    """trials.csv (every trial: number, swept values `keys`, objective, version) and best.yaml (the best trial's
+    overrides, objective and version) beside the sweep (its recorded folder, else `<store>/.sweeps/<key>`), each
+    written whole; returns their paths (None for best.yaml when no trial has a value)."""
     import csv
+    import io
     from pathlib import Path
 
     import yaml
 
-    folder = Path(folder)
+    recorded = rows[0]["dir"]
+    folder = Path(recorded) if recorded and Path(recorded).is_dir() else store.root / ".sweeps" / key
     folder.mkdir(parents=True, exist_ok=True)
-    keys = swept_keys(rows)
-    table = folder / "trials.csv"
-    with open(table, "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["trial", *keys, "metric", "value", "ref"])
-        for r in rows:
-            out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), r["metric"], r["value"], r["ref"]])
+    table, buffer = folder / "trials.csv", io.StringIO()
+    out = csv.writer(buffer)
+    out.writerow(["trial", *keys, "metric", "value", "ref"])
+    for r in rows:
+        out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), r["metric"], r["value"], r["ref"]])
+    write_text(table, buffer.getvalue())
     chosen = folder / "best.yaml"
     if best is not None:
-        chosen.write_text(
+        write_text(
+            chosen,
             yaml.safe_dump(
                 {
                     "trial": best["trial"],
@@ -234,6 +243,6 @@ def write_summary(folder, rows: list[dict], best: dict | None) -> tuple:
                     "overrides": [f"{k}={v}" for k, v in best["overrides"].items()],
                 },
                 sort_keys=False,
-            )
+            ),
         )
     return table, chosen if best is not None else None

@@ -129,8 +129,10 @@ def _bind(host: str, port: int) -> socket.socket:
         if e.errno == errno.EACCES:
             raise LlmctlError(f"port={port}: binding ports below 1024 needs root; set port=8000 or higher") from None
         raise LlmctlError(f"host={host}: cannot listen there ({e.strerror}); set host=127.0.0.1 or 0.0.0.0") from None
-    sock.listen(2048)  # listening before the URL is printed: a client that connects at once waits in the backlog
-    sock.set_inheritable(True)  # until uvicorn accepts, instead of being refused
+    # listening before the URL is printed: a client that connects at once waits in the backlog until uvicorn
+    # accepts, instead of being refused
+    sock.listen(2048)
+    sock.set_inheritable(True)
     return sock
 
 
