@@ -209,7 +209,7 @@ def quantize(
         head_int8=head_int8,
     )
     apply(model, record)
-    record["torchao"] = _torchao_version() if SCHEMES[scheme]["backend"] == "torchao" else None
+    record["torchao"] = _torchao_version()  # every scheme stores torchao tensors now
     kernels.pack(model, record)
     return record
 
