@@ -83,8 +83,12 @@ def run_stage(stage: str, args: list[str]) -> None:
         return module.run(cfg)
 
     def objective(cfg):
-        """What an Optuna sweep of this stage optimises: (metric, "min" | "max"), None when it returns nothing."""
-        return module.objective(checked(cfg)) if hasattr(module, "objective") else None
+        """What an Optuna sweep of this stage optimises: [(metric, "min" | "max"), ...] (the stage's objective, or
+        the config's `objectives`), None when the stage returns nothing."""
+        from llmctl.core.run import resolve_objectives
+
+        found = module.objective(checked(cfg)) if hasattr(module, "objective") else None
+        return None if found is None else resolve_objectives(cfg) or [found]
 
     run_with_hydra(stage, args, job, doc=module.__doc__ or "", objective=objective)
 
@@ -344,8 +348,8 @@ def ckpt_sweep(
     ),
     output_root: str = ROOT_OPT,
 ) -> None:
-    """A sweep's trials (the values each tried, its objective, its version) and the best; writes trials.csv and
-    best.yaml beside the sweep."""
+    """A sweep's trials (the values each tried, its objective(s), its version) and the best, or for several
+    objectives the Pareto front; writes trials.csv and best.yaml (front.yaml and front.png) beside the sweep."""
     from rich.table import Table
 
     from llmctl.core import sweeps
@@ -355,24 +359,51 @@ def ckpt_sweep(
         key, rows = sweeps.trials(store, sweep)
     except LlmctlError as e:
         _fail(e)
-    best = sweeps.best_trial(rows)
     keys = sweeps.swept_keys(rows)
-    metric = rows[0]["metric"]
-    better = "higher" if rows[0]["mode"] == "max" else "lower"
-    table = Table(title=f"sweep {key}: {len(rows)} trials, {metric} ({better} is better)")
-    for col in ("trial", *keys, metric or "objective", "ref", "best"):
-        table.add_column(str(col), no_wrap=col == "ref")
-    for r in rows:
-        value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else "—"
-        table.add_row(
-            str(r["trial"]), *(r["overrides"].get(k, "") for k in keys), value, r["ref"], "★" if r is best else ""
-        )
+    several = sweeps.objectives_of(rows)
     console = _console()
-    console.print(table)
-    written = sweeps.write_summary(store, key, rows, best, keys)
-    if best is not None:
-        console.print(f"best: trial {best['trial']} → {best['ref']} ({metric}={best['value']:.4g})")
-    console.print(f"[dim]written: {', '.join(str(p) for p in written if p)}[/]")
+    if several:
+        front = sweeps.front_trials(rows)
+        said = ", ".join(f"{m} ({'higher' if mode == 'max' else 'lower'} is better)" for m, mode in several)
+        table = Table(title=f"sweep {key}: {len(rows)} trials · {said} · ★ Pareto front")
+        for col in ("trial", *keys, *(m for m, _ in several), "ref", "front"):
+            table.add_column(str(col), no_wrap=col == "ref")
+        for r in rows:
+            values = [_figure(o["value"]) for o in r["objectives"] or []] or ["—"] * len(several)
+            table.add_row(
+                str(r["trial"]),
+                *(r["overrides"].get(k, "") for k in keys),
+                *values,
+                r["ref"],
+                "★" if r in front else "",
+            )
+        console.print(table)
+        console.print(
+            f"Pareto front: {len(front)} of {len(rows)} trials (none of the others beats one of them on every "
+            f"objective): " + ", ".join(f"trial {r['trial']} → {r['ref']}" for r in front)
+        )
+    else:
+        best = sweeps.best_trial(rows)
+        metric = rows[0]["metric"]
+        better = "higher" if rows[0]["mode"] == "max" else "lower"
+        table = Table(title=f"sweep {key}: {len(rows)} trials, {metric} ({better} is better)")
+        for col in ("trial", *keys, metric or "objective", "ref", "best"):
+            table.add_column(str(col), no_wrap=col == "ref")
+        for r in rows:
+            value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else "—"
+            table.add_row(
+                str(r["trial"]), *(r["overrides"].get(k, "") for k in keys), value, r["ref"], "★" if r is best else ""
+            )
+        console.print(table)
+        if best is not None:
+            console.print(f"best: trial {best['trial']} → {best['ref']} ({metric}={best['value']:.4g})")
+    written = sweeps.write_summary(store, key, rows, keys)
+    console.print(f"[dim]written: {', '.join(str(p) for p in written)}[/]")
+
+
+def _figure(value: float) -> str:
+    """A sweep's objective value as a table shows it: counts and bytes whole (with separators), others to 4 figures."""
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 @ckpt_app.command("runs")

@@ -165,6 +165,26 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "method.r=0": (lambda w: _ft(w, "method=lora", "method.r=0"), ["method.r=0"]),
     "method.dropout=1": (lambda w: _ft(w, "method=lora", "method.dropout=1"), ["method.dropout=1"]),
     "objective_mode=up": (lambda w: _pre(w, "objective_mode=up"), ["objective_mode=up", "min", "max"]),
+    "objectives: an unknown cost figure": (
+        lambda w: _ft(w, "objectives=[eval/accuracy,cost/speed]"),
+        ["cost/speed", "cost/latency_ms_p50"],
+    ),
+    "objectives: a cost figure the wrong way": (
+        lambda w: _ft(w, "objectives=[cost/latency_ms_p50:max]"),
+        ["cost/latency_ms_p50:max", "wrong way", "lower is better"],
+    ),
+    "objectives: a metric without a mode": (
+        lambda w: _ft(w, "objectives=[eval/odd]"),
+        ["eval/odd", "eval/odd:max or eval/odd:min"],
+    ),
+    "objectives: a metric the run does not report": (
+        lambda w: _ft(w, "objectives=[eval/accuracy,eval/nothing:max]", "train.max_steps=2"),
+        ["eval/nothing", "eval/accuracy"],
+    ),
+    "objectives: cost with cost=off": (
+        lambda w: _pr(_at(w, w.published), "init_from=finetune/c", "cost=off", "objectives=[cost/size_bytes]"),
+        ["cost/size_bytes", "cost=off"],
+    ),
     # config groups a stage does not take, keys and presets that do not exist
     "pretrain method=full": (
         lambda w: _pre(w, "method=full"),

@@ -103,3 +103,74 @@ def test_an_interrupted_optuna_sweep_continues_its_study_and_runs_only_the_missi
     assert [r["trial"] for r in rows] == [0, 1, 2] and len({r["overrides"]["train.lr"] for r in rows}) == 3
     loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / '.sweeps' / 'optuna.db'}")
     assert len(loaded.trials) == 3 and loaded.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+def test_a_prune_sweep_of_accuracy_and_size_is_a_multi_objective_study_with_its_pareto_front(bases, reviews, tmp_path):
+    """objectives=[eval/accuracy,cost/parameters]: Optuna gets a two-direction study (accuracy up, parameters
+    down) and each job's two values; every version records them; `llmctl ckpt sweep` marks exactly the trials
+    no other beats on both, writes front.yaml / front.png, and @best refuses to pick one of them."""
+    import optuna
+    from conftest import run_inprocess
+
+    from llmctl.core.store import Store
+
+    code, err = run_inprocess("finetune", *cls_args(bases, reviews, tmp_path, "name=c"))
+    assert code == 0, err
+    code, err = run_inprocess(
+        "prune",
+        "-m",
+        "init_from=finetune/c",
+        "name=p",
+        "method=structured",
+        "precision=fp32",
+        f"output_root={tmp_path}",
+        "cost.runs=2",
+        "cost.warmup=1",
+        "cost.throughput_runs=1",
+        "cost.seq_len=16",
+        "hydra/sweeper=optuna",
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=1",
+        "prune.heads=1",
+        "prune.ffn=choice(0.25,0.5,0.75)",
+        "objectives=[eval/accuracy,cost/parameters]",
+    )
+    assert code == 0, err
+    store = Store(tmp_path)
+    manifests = [store.resolve(f"prune/p@v{v}").manifest for v in store.versions("prune", "p")]
+    assert len(manifests) == 3
+    for m in manifests:
+        assert [o["metric"] for o in m["objectives"]] == ["eval/accuracy", "cost/parameters"]
+        assert m["objectives"][1]["value"] == m["compare"]["after"]["cost"]["parameters"]
+        assert m["objectives"][0]["value"] == m["metrics"]["eval/accuracy"]
+    by_amount = sorted(manifests, key=lambda m: m["prune"]["ffn"])
+    assert [m["objectives"][1]["value"] for m in by_amount] == sorted(
+        (m["objectives"][1]["value"] for m in by_amount), reverse=True
+    )  # more cut, fewer parameters
+    (study,) = {m["sweep"]["id"] for m in manifests}
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / '.sweeps' / 'optuna.db'}")
+    assert loaded.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert sorted(tuple(t.values) for t in loaded.trials) == sorted(
+        tuple(o["value"] for o in m["objectives"]) for m in manifests
+    )
+
+    out = run_cli("ckpt", "sweep", study, "--output-root", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    points = {
+        f"prune/p@v{v:03d}": (m["objectives"][0]["value"], m["objectives"][1]["value"])
+        for v, m in zip(store.versions("prune", "p"), manifests, strict=True)
+    }
+    on_front = {  # by definition: no other trial at least as accurate and as small, and better in one
+        ref
+        for ref, (acc, n) in points.items()
+        if not any(a >= acc and k <= n and (a > acc or k < n) for other, (a, k) in points.items() if other != ref)
+    }
+    front = yaml.safe_load((tmp_path / ".sweeps" / study / "front.yaml").read_text())
+    assert {t["ref"] for t in front["front"]} == on_front
+    assert front["objectives"] == {"eval/accuracy": "maximize", "cost/parameters": "minimize"}
+    assert (tmp_path / ".sweeps" / study / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Pareto front" in out.stdout and all(ref in out.stdout for ref in on_front)
+
+    refused = run_cli("eval", "ckpt=prune/p@best", f"output_root={tmp_path}")
+    assert refused.returncode == 2 and "Pareto front" in refused.stderr, refused.stderr

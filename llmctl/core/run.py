@@ -27,6 +27,7 @@ from pathlib import Path
 from llmctl.core.config import command_line, job_overrides, preset_name, sweep_record, to_container
 from llmctl.core.device import broadcast_str, seed_everything, setup_runtime
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.cost import MODES, cost_settings, measure_cost
 from llmctl.core.files import disk_space
 from llmctl.core.loading import artifact_record
 from llmctl.core.manifest import read_manifest
@@ -134,6 +135,7 @@ def start(
     from rich.console import Console
 
     quiet_libraries()
+    resolve_objectives(cfg)  # a bad objectives list is one line before any work
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
     rt = setup_runtime(cfg.device, cfg.precision)
     stream = sys.stderr if stderr else sys.stdout
@@ -320,6 +322,17 @@ def name_from(spec) -> str:
 
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "latency", "size", "memory", "error")
 HIGHER_IS_BETTER = ("accuracy", "f1", "precision", "recall", "throughput")
+COST = "cost/"  # objectives=[..., cost/<figure>]: a figure measure_cost reports for the published model
+
+
+def _mode_from_name(metric: str) -> str | None:
+    """min for a metric whose name says lower is better (a loss), max for one that says higher is (an accuracy)."""
+    name = metric.rsplit("/", 1)[-1]
+    if any(word in name for word in LOWER_IS_BETTER):
+        return "min"
+    if any(word in name for word in HIGHER_IS_BETTER):
+        return "max"
+    return None
 
 
 def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
@@ -331,15 +344,83 @@ def resolve_objective(cfg, default: tuple[str, str]) -> tuple[str, str]:
         return metric, str(mode)
     if metric == default[0]:
         return metric, default[1]
-    name = metric.rsplit("/", 1)[-1]
-    if any(word in name for word in LOWER_IS_BETTER):
-        return metric, "min"
-    if any(word in name for word in HIGHER_IS_BETTER):
-        return metric, "max"
+    if found := _mode_from_name(metric):
+        return metric, found
     raise LlmctlError(
         f"objective_metric={metric}: set objective_mode=min or objective_mode=max (llmctl cannot tell "
         f"from its name which way is better)"
     )
+
+
+def resolve_objectives(cfg) -> list[tuple[str, str]] | None:
+    """`objectives=[eval/accuracy,cost/latency_ms_p50]`: the metrics a run returns together (a multi-objective
+    sweep), each (metric, mode). `cost/<figure>` is a figure `measure_cost` reports, in its own mode (a latency is
+    minimised); any other metric is one the stage reports, in the mode its name says, or as written
+    (`eval/odd:max`). None when `objectives` is not set. Every problem is one line, before any work."""
+    given = cfg.get("objectives")
+    if not given:
+        return None
+    chosen: list[tuple[str, str]] = []
+    for item in [given] if isinstance(given, str) else list(given):
+        metric, _, mode = str(item).strip().partition(":")
+        if metric.startswith(COST):
+            figure = metric[len(COST) :]
+            if figure not in MODES:
+                raise LlmctlError(
+                    f"objectives: {metric} is not a cost figure llmctl measures; use one of "
+                    f"{', '.join(COST + k for k in MODES)}"
+                )
+            if mode and mode != MODES[figure]:
+                better = "lower" if MODES[figure] == "min" else "higher"
+                raise LlmctlError(
+                    f"objectives: {item} would optimise {metric} the wrong way ({better} is better); write {metric}"
+                )
+            if "cost" in cfg and not cfg.cost.get("enabled", True):
+                raise LlmctlError(
+                    f"objectives: {metric} needs cost figures, which cost=off turns off; drop one of them"
+                )
+            mode = MODES[figure]
+        if mode not in ("", "min", "max"):
+            raise LlmctlError(f"objectives: {item}: the mode after ':' is min or max")
+        mode = mode or _mode_from_name(metric)
+        if mode is None:
+            raise LlmctlError(
+                f"objectives: llmctl cannot tell from its name whether {metric} is better higher or lower; "
+                f"write {metric}:max or {metric}:min"
+            )
+        if metric in [m for m, _ in chosen]:
+            raise LlmctlError(f"objectives: {metric} is named twice; name each metric once")
+        chosen.append((metric, mode))
+    return chosen
+
+
+def objective_values(chosen: list[tuple[str, str]], metrics: dict, cost: dict | None) -> list[dict]:
+    """{"metric", "mode", "value"} for each of `chosen` (resolve_objectives): `cost/<figure>` from `cost`, any
+    other metric from `metrics`; a metric the run did not report is one line naming those it did."""
+    out = []
+    for metric, mode in chosen:
+        source = (cost or {}) if metric.startswith(COST) else metrics
+        value = source.get(metric[len(COST) :] if metric.startswith(COST) else metric)
+        if not isinstance(value, (int, float)):
+            known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k)
+            raise LlmctlError(
+                f"objectives: {metric} is not a figure this run reports (metrics: {known or 'none'}; cost: "
+                f"cost/<figure>); name one of them"
+            )
+        out.append({"metric": metric, "mode": mode, "value": float(value)})
+    return out
+
+
+def result(published: Resolved | None):
+    """What a stage returns to a sweeper for the version it published: its objective's value, or the values of
+    `objectives` (a tuple: a multi-objective Optuna study); None on non-zero ranks."""
+    if published is None:
+        return None
+    several = published.manifest.get("objectives")
+    if several:
+        values = tuple(o["value"] for o in several)
+        return values if len(values) > 1 else values[0]
+    return published.manifest["objective"]["value"]
 
 
 def save_dtype(run: StageRun) -> str:
@@ -392,6 +473,9 @@ def publish(
 
     if not run.rt.is_main:
         return None
+    chosen = resolve_objectives(run.cfg)
+    if chosen:  # a metric the run does not report fails here, before anything is saved
+        objective_values([o for o in chosen if not o[0].startswith(COST)], metrics, None)
     folder = run.run_dir
     dtype = save_dtype(run)
     with disk_space(folder, weight_bytes(model), "saving the checkpoint"):
@@ -430,13 +514,23 @@ def publish(
         **(extra or {}),
         **(after_save(folder) if after_save is not None else {}),
     }
-    result = run.store.publish(folder, run.stage, run.name, manifest)
+    if chosen:
+        manifest["objectives"] = objective_values(chosen, metrics, _cost_of(run, model, folder, manifest))
+    published = run.store.publish(folder, run.stage, run.name, manifest)
     shutil.rmtree(run.state_dir, ignore_errors=True)
     if run.lock is not None:
         run.lock.release(remove=True)
         run.lock = None
     if os.environ.get(RESULT_FILE_ENV):
-        Path(os.environ[RESULT_FILE_ENV]).write_text(
-            json.dumps({"ref": result.ref, "objective": manifest["objective"]["value"]})
-        )
-    return result
+        Path(os.environ[RESULT_FILE_ENV]).write_text(json.dumps({"ref": published.ref, "objective": result(published)}))
+    return published
+
+
+def _cost_of(run: StageRun, model, folder: Path, manifest: dict) -> dict:
+    """The published model's cost figures: those its stage measured on the saved folder (the last entry of its
+    before / after `compare`), else measured now with the config's `cost` settings (recorded as `cost`)."""
+    compare = manifest.get("compare") or {}
+    if compare and (found := list(compare.values())[-1].get("cost")):
+        return found
+    manifest["cost"] = measure_cost(model, folder, run.rt, **(cost_settings(run.cfg.get("cost")) or {}))
+    return manifest["cost"]

@@ -145,6 +145,7 @@ class Common(Section):
     offline: bool = False
     objective_metric: str | None = None
     objective_mode: Literal["min", "max"] | None = None
+    objectives: list[str] | None = None
 
     @field_validator("device")
     @classmethod

@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llmctl import STAGES
+from llmctl.core import pareto
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import TMP_SUFFIX, fsync_tree, remove, write_json, write_text
 from llmctl.core.manifest import MANIFEST, read_manifest
@@ -247,6 +248,16 @@ class Store:
         share the name."""
         manifests = {v: read_manifest(self.name_dir(stage, name) / version_dirname(v)) or {} for v in versions}
         sweep = (manifests[max(versions)].get("sweep") or {}).get("id")
+        if sweep and len(manifests[max(versions)].get("objectives") or []) > 1:
+            members = {v: m for v, m in manifests.items() if (m.get("sweep") or {}).get("id") == sweep}
+            picked = pareto.front([pareto.ranks(m.get("objectives")) for m in members.values()])
+            on_front = ", ".join(f"@v{list(members)[i]}" for i in picked)
+            metrics = ", ".join(o["metric"] for o in manifests[max(versions)]["objectives"])
+            raise LlmctlError(
+                f"{what} {text!r}: {stage}/{name}'s newest versions come from a sweep of several objectives "
+                f"({metrics}), which has no single best; "
+                f"its Pareto front is {on_front or 'empty'}: pick one (llmctl ckpt sweep {sweep} shows them)"
+            )
         scored = []
         for v, manifest in manifests.items():
             if sweep and (manifest.get("sweep") or {}).get("id") != sweep:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from llmctl.core import pareto
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import write_text
 from llmctl.core.store import objective_rank
@@ -30,8 +31,9 @@ def uses_optuna(args: list[str]) -> bool:
 
 
 def with_direction(stage: str, args: list[str], objective: Callable, config_dir: str) -> list[str]:
-    """`args` with `hydra.sweeper.direction` set from the stage's objective when they ask for an Optuna sweep
-    (unchanged otherwise). `objective(cfg)` returns (metric, "min" | "max"), or None for no objective."""
+    """`args` with `hydra.sweeper.direction` set from the stage's objective(s) when they ask for an Optuna sweep
+    (unchanged otherwise). `objective(cfg)` returns [(metric, "min" | "max"), ...] (several: a multi-objective
+    study, whose direction is a list), or None for no objective."""
     if not uses_optuna(args):
         return args
     cfg = compose_shared(stage, args, config_dir)
@@ -43,19 +45,48 @@ def with_direction(stage: str, args: list[str], objective: Callable, config_dir:
             f"llmctl {stage} returns no objective here, so an Optuna sweep has nothing to optimise; "
             f"sweep a stage that trains or judges one checkpoint, or drop hydra/sweeper=optuna (a plain -m grid runs)"
         )
-    metric, mode = found
-    want = DIRECTIONS[mode]
+    want = [DIRECTIONS[mode] for _, mode in found]
     given = _given(args, DIRECTION_KEY)
-    if given and given.lower() not in (want, mode):
-        raise LlmctlError(
-            f"{DIRECTION_KEY}={given} would optimise {metric} the wrong way (llmctl {stage} "
-            f"{'maximises' if mode == 'max' else 'minimises'} it); drop {DIRECTION_KEY} (llmctl sets it from the "
-            f"objective) or choose another objective with objective_metric= / objective_mode="
-        )
-    added = [f"{DIRECTION_KEY}={want}", *study_settings(stage, args, cfg)]
+    if given:
+        named = [d.strip().lower() for d in given.strip("[]").split(",")]
+        for (metric, mode), said in zip(found, named, strict=False):
+            if said not in (DIRECTIONS[mode], mode):
+                raise LlmctlError(
+                    f"{DIRECTION_KEY}={given} would optimise {metric} the wrong way (llmctl {stage} "
+                    f"{'maximises' if mode == 'max' else 'minimises'} it); drop {DIRECTION_KEY} (llmctl sets it from "
+                    f"the objective) or choose another objective with objective_metric= / objective_mode= / objectives="
+                )
+        if len(named) != len(want):
+            raise LlmctlError(
+                f"{DIRECTION_KEY}={given} names {len(named)} direction(s) for {len(want)} objective(s) "
+                f"({', '.join(m for m, _ in found)}); drop {DIRECTION_KEY} (llmctl sets it from the objectives)"
+            )
+    direction = want[0] if len(want) == 1 else "[" + ",".join(want) + "]"
+    added = [f"{DIRECTION_KEY}={direction}", *study_settings(stage, args, cfg), *_one_at_a_time(args, found)]
     kept = [a for a in args if _key(a) not in {_key(o) for o in added}]  # what llmctl sets replaces what was given
     at = next(i for i, a in enumerate(kept) if uses_optuna([a])) + 1  # among the overrides, not after a flag
     return [*kept[:at], *added, *kept[at:]]
+
+
+def _one_at_a_time(args: list[str], found: list[tuple[str, str]]) -> list[str]:
+    """Timed cost objectives (latency, throughput, decode speed, peak memory) are measured one job at a time: jobs
+    running side by side slow each other, so their figures would not compare. A parallel launcher is held to one
+    job (said on stderr)."""
+    import sys
+
+    from llmctl.core.evaluation.cost import TIMED
+
+    timed = [m for m, _ in found if m.startswith("cost/") and m.removeprefix("cost/").startswith(TIMED)]
+    launcher = next((a.split("=", 1)[1] for a in args if _key(a) == "hydra/launcher"), None)
+    if not timed or launcher in (None, "basic"):
+        return []
+    setting = "hydra.launcher.array_parallelism=1" if launcher.startswith("submitit") else "hydra.launcher.n_jobs=1"
+    print(
+        f"llmctl: note: {', '.join(timed)} is timed, so the {launcher} launcher runs one job at a time "
+        f"({setting}): jobs side by side would slow each other and their figures would not compare",
+        file=sys.stderr,
+    )
+    return [setting]
 
 
 STORAGE_KEY, STUDY_KEY, TRIALS_KEY = "hydra.sweeper.storage", "hydra.sweeper.study_name", "hydra.sweeper.n_trials"
@@ -186,6 +217,7 @@ def trials(store, spec: str) -> tuple[str, list[dict]]:
                 "mode": objective.get("mode") or "min",
                 "value": objective.get("value"),
                 "rank": objective_rank(objective),
+                "objectives": manifest.get("objectives") or None,  # a multi-objective sweep's values
             }
         )
     if not rows:
@@ -211,10 +243,24 @@ def best_trial(rows: list[dict]) -> dict | None:
     return min(scored, key=lambda r: r["rank"]) if scored else None
 
 
-def write_summary(store, key: str, rows: list[dict], best: dict | None, keys: list[str]) -> tuple:
-    """trials.csv (every trial: number, swept values `keys`, objective, version) and best.yaml (the best trial's
-    overrides, objective and version) beside the sweep (its recorded folder, else `<store>/.sweeps/<key>`), each
-    written whole; returns their paths (None for best.yaml when no trial has a value)."""
+def objectives_of(rows: list[dict]) -> list[tuple[str, str]] | None:
+    """[(metric, mode)] of a sweep of several objectives (from its trials' manifests); None for one objective."""
+    several = next((r["objectives"] for r in rows if r["objectives"]), None)
+    return [(o["metric"], o["mode"]) for o in several] if several and len(several) > 1 else None
+
+
+def front_trials(rows: list[dict]) -> list[dict]:
+    """The trials on the Pareto front of a multi-objective sweep (none beats them on every objective), ordered by
+    their first objective, best first."""
+    on = [rows[i] for i in pareto.front([pareto.ranks(r["objectives"]) for r in rows])]
+    return sorted(on, key=lambda r: pareto.ranks(r["objectives"])[0])
+
+
+def write_summary(store, key: str, rows: list[dict], keys: list[str]) -> list:
+    """Beside the sweep (its recorded folder, else `<store>/.sweeps/<key>`), each written whole: trials.csv (every
+    trial: number, swept values `keys`, objective(s), version); for one objective best.yaml (the best trial's
+    overrides, objective and version); for several, front.yaml (the Pareto front's trials) and front.png (every
+    trial on the first two objectives, the front joined). Returns the paths written."""
     import csv
     import io
     from pathlib import Path
@@ -224,25 +270,93 @@ def write_summary(store, key: str, rows: list[dict], best: dict | None, keys: li
     recorded = rows[0]["dir"]
     folder = Path(recorded) if recorded and Path(recorded).is_dir() else store.root / ".sweeps" / key
     folder.mkdir(parents=True, exist_ok=True)
+    several = objectives_of(rows)
     table, buffer = folder / "trials.csv", io.StringIO()
     out = csv.writer(buffer)
-    out.writerow(["trial", *keys, "metric", "value", "ref"])
-    for r in rows:
-        out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), r["metric"], r["value"], r["ref"]])
+    if several:
+        out.writerow(["trial", *keys, *(m for m, _ in several), "front", "ref"])
+        on = {id(r) for r in front_trials(rows)}
+        for r in rows:
+            values = [o["value"] for o in r["objectives"] or []] or [""] * len(several)
+            out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), *values, id(r) in on, r["ref"]])
+    else:
+        out.writerow(["trial", *keys, "metric", "value", "ref"])
+        for r in rows:
+            out.writerow([r["trial"], *(r["overrides"].get(k, "") for k in keys), r["metric"], r["value"], r["ref"]])
     write_text(table, buffer.getvalue())
-    chosen = folder / "best.yaml"
-    if best is not None:
-        write_text(
-            chosen,
-            yaml.safe_dump(
-                {
-                    "trial": best["trial"],
-                    "ref": best["ref"],
-                    "objective": {"metric": best["metric"], "mode": best["mode"], "value": best["value"]},
-                    "swept": {k: best["overrides"].get(k) for k in keys},
-                    "overrides": [f"{k}={v}" for k, v in best["overrides"].items()],
-                },
-                sort_keys=False,
+    written = [table]
+
+    def summary(r: dict) -> dict:
+        return {
+            "trial": r["trial"],
+            "ref": r["ref"],
+            **(
+                {"objectives": {o["metric"]: o["value"] for o in r["objectives"]}}
+                if several
+                else {"objective": {"metric": r["metric"], "mode": r["mode"], "value": r["value"]}}
             ),
+            "swept": {k: r["overrides"].get(k) for k in keys},
+            "overrides": [f"{k}={v}" for k, v in r["overrides"].items()],
+        }
+
+    if several:
+        front = front_trials(rows)
+        chosen = folder / "front.yaml"
+        directions = {m: ("maximize" if mode == "max" else "minimize") for m, mode in several}
+        write_text(
+            chosen, yaml.safe_dump({"objectives": directions, "front": [summary(r) for r in front]}, sort_keys=False)
         )
-    return table, chosen if best is not None else None
+        written += [chosen, plot_front(folder / "front.png", key, rows, front, several, keys)]
+    elif (best := best_trial(rows)) is not None:
+        chosen = folder / "best.yaml"
+        write_text(chosen, yaml.safe_dump(summary(best), sort_keys=False))
+        written.append(chosen)
+    return written
+
+
+def plot_front(path, key: str, rows: list[dict], front: list[dict], several: list[tuple[str, str]], keys: list[str]):
+    """front.png: every trial on the first two objectives (each axis saying which way is better), the Pareto front
+    joined in red, each point labelled with its trial number and swept values; written whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmctl.core.files import atomic_path
+
+    (mx, modex), (my, modey) = several[:2]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    scored = [r for r in rows if r["objectives"]]
+    ax.scatter(
+        [r["objectives"][0]["value"] for r in scored],
+        [r["objectives"][1]["value"] for r in scored],
+        color="0.6",
+        label="trials",
+    )
+    ax.plot(
+        [r["objectives"][0]["value"] for r in front],
+        [r["objectives"][1]["value"] for r in front],
+        "o-",
+        color="tab:red",
+        label="Pareto front",
+    )
+    for r in scored:
+        swept = ", ".join(f"{k.rsplit('.', 1)[-1]}={r['overrides'].get(k)}" for k in keys)
+        ax.annotate(
+            f"{r['trial']}: {swept}" if swept else str(r["trial"]),
+            (r["objectives"][0]["value"], r["objectives"][1]["value"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(f"{mx} ({'higher' if modex == 'max' else 'lower'} is better)")
+    ax.set_ylabel(f"{my} ({'higher' if modey == 'max' else 'lower'} is better)")
+    more = f" (first two of {len(several)} objectives)" if len(several) > 2 else ""
+    ax.set_title(f"sweep {key}: {len(rows)} trials{more}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

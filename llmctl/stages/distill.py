@@ -154,7 +154,7 @@ def run(cfg) -> float | None:
             task=task_record(prepared, data, max_seq_len=length, objective=select, stage="distill", method="distill"),
             extra={"distill": settings},
         )
-        return published.manifest["objective"]["value"] if published else None
+        return stage_run.result(published)
 
 
 def objective(cfg) -> tuple[str, str]:

@@ -98,7 +98,21 @@ def run(cfg) -> float | None:
         if report_dir is not None:
             written = report.write_report(report_dir, judged_all)
             run.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
-        return judged_all[0]["primary"]["value"] if len(judged_all) == 1 else None
+        return _result(cfg, judged_all)
+
+
+def _result(cfg, judged_all: list[dict]):
+    """What a sweep of one checkpoint's eval gets: its primary metric, or the values of `objectives` (its metrics
+    as eval/<metric>, its cost figures as cost/<figure>); None for several checkpoints."""
+    if len(judged_all) != 1:
+        return None
+    record = judged_all[0]
+    chosen = stage_run.resolve_objectives(cfg)
+    if not chosen:
+        return record["primary"]["value"]
+    metrics = {f"eval/{k}": v for k, v in record.get("metrics", {}).items()}
+    values = tuple(o["value"] for o in stage_run.objective_values(chosen, metrics, record.get("cost")))
+    return values if len(values) > 1 else values[0]
 
 
 def objective(cfg) -> tuple[str, str] | None:

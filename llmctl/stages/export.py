@@ -162,7 +162,7 @@ def run(cfg) -> float | None:
                 }
             },
         )
-        return published.manifest["objective"]["value"] if published else None
+        return stage_run.result(published)
 
 
 def _float_source(run, source, quantization, fmt: str):

@@ -159,7 +159,7 @@ def run(cfg) -> float | None:
             from llmctl.core.metrics import format_ner_table
 
             run.print(format_ner_table(metrics, "test"))
-        return published.manifest["objective"]["value"]
+        return stage_run.result(published)
 
 
 def _loss(run, cfg, prepared):

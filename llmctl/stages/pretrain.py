@@ -126,7 +126,7 @@ def run(cfg) -> float | None:
             f"{metrics.get('eval/perplexity', float('nan')):.2f}"
             f" · unigram baseline loss {baseline:.4f} · {metrics['train/tokens_per_s']:,.0f} tokens/s"
         )
-        return result.manifest["objective"]["value"]
+        return stage_run.result(result)
 
 
 def objective(cfg) -> tuple[str, str]:

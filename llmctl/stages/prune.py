@@ -129,7 +129,7 @@ def run(cfg) -> float | None:
             task=task_record(prepared, data, max_seq_len=on.length, objective=select, stage="prune", method=method),
             extra={"prune": settings},
         )
-        return published.manifest["objective"]["value"] if published else None
+        return stage_run.result(published)
 
 
 def objective(cfg) -> tuple[str, str]:

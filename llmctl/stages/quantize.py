@@ -174,7 +174,7 @@ def run(cfg) -> float | None:
             artifact=artifact_record(model, qrecord),
             save_weights=lambda folder, dtype: quantization.save(model, qrecord, folder, dtype=dtype),
         )
-        return published.manifest["objective"]["value"] if published else None
+        return stage_run.result(published)
 
 
 def objective(cfg) -> tuple[str, str]:

@@ -27,6 +27,20 @@ from llmctl.core.families import max_positions
 from llmctl.core.models import count_parameters, tensor_bytes, tied_copy, weight_bytes
 from llmctl.core.store import weight_files
 
+# The figures `measure_cost` reports that a run can optimise (objectives=[..., cost/<name>]), and which way is better
+MODES = {
+    "parameters": "min",
+    "non_embedding_parameters": "min",
+    "size_bytes": "min",
+    "latency_ms_p50": "min",
+    "latency_ms_p90": "min",
+    "throughput_seq_per_s": "max",
+    "throughput_tokens_per_s": "max",
+    "peak_memory_bytes": "min",
+    "ttft_ms": "min",  # causal LMs
+    "decode_tokens_per_s": "max",  # causal LMs
+}
+TIMED = ("latency", "throughput", "ttft", "decode", "peak_memory")  # figures another job running alongside disturbs
 SETTINGS = (
     "seq_len",
     "batch_size",
