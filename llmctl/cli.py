@@ -344,7 +344,9 @@ def ckpt_rm(
 @ckpt_app.command("sweep")
 def ckpt_sweep(
     sweep: str = typer.Argument(
-        ..., help="A sweep's id: its folder's name under <output-root>/.sweeps/ (or that folder)."
+        ...,
+        help="A sweep's id (its folder's name under <output-root>/.sweeps/), that folder, or a checkpoint reference "
+        "(finetune/bbc: the sweep its newest version came from).",
     ),
     output_root: str = ROOT_OPT,
 ) -> None:

@@ -96,6 +96,10 @@ def test_multirun_sweep_writes_one_version_per_job_and_is_read_back_as_one_sweep
     assert best["ref"] == store.resolve("pretrain/sweep@best").ref and set(best["swept"]) == {"train.lr"}
     missing = run_cli("ckpt", "sweep", "no-such-sweep", "--output-root", str(tmp_path))
     assert missing.returncode == 2 and "no version" in missing.stderr and missing.stderr.count("\n") == 1
+    by_ref = run_cli("ckpt", "sweep", "pretrain/sweep@v002", "--output-root", str(tmp_path))  # its version names it
+    assert by_ref.returncode == 0 and by_ref.stdout == out.stdout, by_ref.stderr
+    alone = run_cli("ckpt", "sweep", "pretrain/sweep@v001", "--output-root", str(tmp_path))
+    assert alone.returncode == 2 and "was not made by a sweep" in alone.stderr, alone.stderr
 
 
 def test_the_optuna_sweeper_logs_no_alembic_set_up_and_no_colour(corpus, tmp_path):

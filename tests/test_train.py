@@ -120,8 +120,16 @@ def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews,
 
 
 def _keeper(tmp_path, mode="min", patience=2):
+    from safetensors.torch import load_model, save_model
+
     return BestKeeper(
-        "eval/loss", mode, patience, tmp_path / "best.safetensors", Runtime(device=None, precision="fp32", reason="")
+        "eval/loss",
+        mode,
+        patience,
+        tmp_path / "best.safetensors",
+        Runtime(device=None, precision="fp32", reason=""),
+        save=lambda model, path: save_model(model, str(path)),
+        load=lambda model, path: load_model(model, str(path)),
     )
 
 
@@ -225,6 +233,76 @@ def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, 
     with torch.no_grad():
         again = task.evaluate(loaded.model.eval())
     assert again["eval/loss"] == pytest.approx(at_best["eval/loss"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 on 2 CPU processes (gloo)
+# ---------------------------------------------------------------------------------------------
+NO_DROPOUT = ("++model.config.resid_pdrop=0", "++model.config.embd_pdrop=0", "++model.config.attn_pdrop=0")
+
+
+def test_fsdp_on_two_processes_follows_one_process_and_resumes_where_it_stopped(corpus, tmp_path):
+    """strategy=fsdp: 2 processes with half the batch each follow the one-process loss curve (dropout off, so the
+    only difference is the order of float sums), publish one HF checkpoint gathered whole, and a run stopped by
+    a signal saves each rank's shards and, resumed, ends on exactly the weights of a run never stopped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def args(name, *extra):
+        return tiny(
+            "clm",
+            corpus,
+            tmp_path,
+            f"name={name}",
+            "device=cpu",
+            "train.eval_every=0",
+            *NO_DROPOUT,
+            *extra,
+            "train.eval_batches=null",
+        )
+
+    code, err = run_inprocess("pretrain", *args("one", "train.max_steps=8", "train.batch_size=8"))
+    assert code == 0, err
+    out = _torchrun(
+        "-m", "llmctl", "pretrain", *args("fsdp", "train.max_steps=8", "train.batch_size=4", "strategy=fsdp")
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = Store(tmp_path)
+    one, sharded = store.resolve("pretrain/one"), store.resolve("pretrain/fsdp")
+    assert sharded.manifest["runtime"]["world_size"] == 2 and sharded.manifest["runtime"]["strategy"] == "fsdp"
+    losses = [[r["loss"] for r in metrics_log(res.path) if "loss" in r] for res in (one, sharded)]
+    assert len(losses[0]) == len(losses[1]) == 8 and losses[0][-1] < losses[0][0] - 0.1  # it learned
+    assert losses[1] == pytest.approx(losses[0], abs=2e-4)
+    assert sharded.manifest["metrics"]["eval/loss"] == pytest.approx(one.manifest["metrics"]["eval/loss"], abs=2e-4)
+    a = AutoModelForCausalLM.from_pretrained(one.path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(sharded.path).state_dict()  # the whole model, as one process saves it
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+    long = ("train.max_steps=80", "train.batch_size=4", "strategy=fsdp", "train.save_every=5", "train.log_every=10")
+    out = _torchrun("-m", "llmctl", "pretrain", *args("straight", *long))
+    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "llmctl", "pretrain", *args("stopped", *long)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    runs = tmp_path / "pretrain" / "stopped"
+    deadline = time.time() + 240
+    while not list(runs.rglob("trainer_state.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the agent and both workers, as a scheduler's stop does
+    _, err = proc.communicate(timeout=240)
+    assert "resume=auto" in err.decode(), err.decode()[-3000:]
+    (state,) = [p.parent for p in runs.rglob("trainer_state.json")]
+    assert {p.name for p in state.iterdir()} >= {"model-rank0.safetensors", "model-rank1.safetensors"}
+    stopped_at = json.loads((state / "trainer_state.json").read_text())["step"]
+    assert 0 < stopped_at < 80
+    out = _torchrun("-m", "llmctl", "pretrain", *args("stopped", *long), "resume=auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = store.resolve("pretrain/stopped")
+    assert resumed.manifest["resumed"]["from_step"] == stopped_at
+    assert weights_sha256(resumed.path) == weights_sha256(store.resolve("pretrain/straight").path)
 
 
 @pytest.mark.parametrize("preset", ["gpt-tiny", "bert-base"])  # (bert-tiny sets 0.98 for its lr of 3e-3)

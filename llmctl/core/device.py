@@ -30,6 +30,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # how several processes share training: ddp (whole model each) | fsdp (FSDP2, sharded)
 
     @property
     def is_main(self) -> bool:
@@ -39,13 +40,18 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Training shards parameters, gradients and optimizer state over the processes (FSDP2)."""
+        return self.distributed and self.strategy == "fsdp"
+
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
     def describe(self) -> str:
-        procs = f" · {self.world_size} processes (DDP)" if self.distributed else ""
+        procs = f" · {self.world_size} processes ({self.strategy.upper()})" if self.distributed else ""
         return f"device {self.device} · precision {self.precision} ({self.reason}){procs}"
 
     def record(self) -> dict:
@@ -54,6 +60,7 @@ class Runtime:
             "precision": self.precision,
             "precision_reason": self.reason,
             "world_size": self.world_size,
+            **({"strategy": self.strategy} if self.distributed else {}),
             "cpu_bf16": cpu_has_native_bf16(),
         }
 
@@ -96,8 +103,12 @@ def torchrun_command(stage: str, ids: list[int], overrides: list[str], config_di
     return cmd + list(overrides)
 
 
-def setup_runtime(device_cfg, precision_cfg: str) -> Runtime:
-    """Resolve device and precision, and join the process group when launched by torchrun."""
+def setup_runtime(device_cfg, precision_cfg: str, strategy: str = "ddp", timeout_min: float = 60) -> Runtime:
+    """Resolve device and precision, and join the process group when launched by torchrun; a collective waits
+    `timeout_min` minutes for the other processes (rank 0 evaluates or writes alone meanwhile) before the run
+    fails (NCCL's own default, 10 minutes, is shorter than a long evaluation)."""
+    import datetime
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     spec = device_spec(
@@ -112,9 +123,17 @@ def setup_runtime(device_cfg, precision_cfg: str) -> Runtime:
         torch.cuda.set_device(device)
     precision, reason = _choose_precision(str(precision_cfg), device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=float(timeout_min))
+        )
     return Runtime(
-        device=device, precision=precision, reason=reason, rank=rank, world_size=world_size, local_rank=local_rank
+        device=device,
+        precision=precision,
+        reason=reason,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        strategy=str(strategy),
     )
 
 

@@ -156,7 +156,10 @@ def weight_bytes(model) -> int:
 
 
 def tensor_bytes(t) -> int:
-    """Bytes one tensor holds at its real width (a quantized tensor subclass: the inner tensors it flattens to)."""
+    """Bytes one tensor holds at its real width (a quantized tensor subclass: the inner tensors it flattens to; a
+    DTensor, FSDP's sharded parameter: this process's shard)."""
+    if hasattr(t, "device_mesh") and hasattr(t, "to_local"):
+        return tensor_bytes(t.to_local())
     if hasattr(t, "__tensor_flatten__"):  # a wrapper tensor subclass (torchao's quantized weights)
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)

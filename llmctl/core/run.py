@@ -69,6 +69,7 @@ RESUME_ADJUSTABLE = (
     "train.log_every",
     "train.save_every",
     "train.num_workers",
+    "dist_timeout_min",
     "patience",
     "sft.num_samples",
     "sft.max_new_tokens",
@@ -137,7 +138,7 @@ def start(
     quiet_libraries()
     resolve_objectives(cfg)  # a bad objectives list is one line before any work
     name = check_name(str(cfg.name or default_name or preset_name(default=stage)))
-    rt = setup_runtime(cfg.device, cfg.precision)
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.get("strategy") or "ddp", cfg.get("dist_timeout_min") or 60)
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and "COLUMNS" not in os.environ  # logs and CI: tables are not squeezed into 80 columns
     console = Console(highlight=False, width=160 if piped else None, stderr=stderr) if rt.is_main else None

@@ -146,6 +146,8 @@ class Common(Section):
     objective_metric: str | None = None
     objective_mode: Literal["min", "max"] | None = None
     objectives: list[str] | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout_min: float = Field(default=60, gt=0)
 
     @field_validator("device")
     @classmethod

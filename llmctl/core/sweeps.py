@@ -20,7 +20,7 @@ from collections.abc import Callable
 from llmctl.core import pareto
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import write_text
-from llmctl.core.store import objective_rank
+from llmctl.core.store import objective_rank, parse_ref
 
 DIRECTION_KEY = "hydra.sweeper.direction"
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
@@ -197,10 +197,16 @@ def compose_shared(stage: str, args: list[str], config_dir: str):
 def trials(store, spec: str) -> tuple[str, list[dict]]:
     """(sweep id, its trials in the order they finished): each {"trial", "ref", "overrides" (its own values),
     "metric", "mode", "value"} for every version whose manifest names the sweep. `spec`: the sweep's id (its
-    folder's name under `<output_root>/.sweeps/`) or that folder."""
+    folder's name under `<output_root>/.sweeps/`), that folder, or a checkpoint reference (finetune/bbc: the sweep
+    its newest version came from)."""
     from pathlib import Path
 
     key = Path(str(spec).rstrip("/")).name
+    if parse_ref(spec) and not (store.root / ".sweeps" / key).is_dir():
+        resolved = store.resolve(spec)
+        key = (resolved.manifest.get("sweep") or {}).get("id")
+        if not key:
+            raise LlmctlError(f"sweep {spec!r}: {resolved.ref} was not made by a sweep (its manifest names none)")
     rows = []
     for stage, name, version, manifest in store.entries():
         sweep = manifest.get("sweep") or {}

@@ -39,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from llmctl.core import sharding
 from llmctl.core.device import Runtime, all_ranks_sum, barrier, broadcast_floats, rank_seed, seed_everything
 from llmctl.core.errors import Interrupted, LlmctlError
 from llmctl.core.files import atomic_path, commit, disk_space, remove
@@ -128,8 +129,11 @@ class BestKeeper:
     holds the same record and takes the same decisions; only rank 0 writes the weights file. A tie
     goes to the later, longer-trained weights."""
 
-    def __init__(self, metric: str, mode: str, patience: int, path: Path, rt: Runtime):
+    def __init__(self, metric: str, mode: str, patience: int, path: Path, rt: Runtime, *, save=None, load=None):
+        """`save(model, path)` / `load(model, path)` write and read the weights file (every rank calls them; by
+        default rank 0 saves the module and every rank loads it; FSDP gathers and scatters through the Trainer)."""
         self.metric, self.mode, self.patience, self.path, self.rt = metric, mode, int(patience), Path(path), rt
+        self._save, self._load = save or self._save_whole, load or self._load_whole
         self.step: int | None = None
         self.value: float | None = None
         self.metrics: dict = {}
@@ -141,20 +145,17 @@ class BestKeeper:
             self.bad_evals += 1
             return False
         self.step, self.value, self.metrics, self.bad_evals = step, value, metrics, 0
-        if self.rt.is_main:
-            # a new inode each time: a saved state's hard link keeps the previous best
-            with atomic_path(self.path, need=weight_bytes(unwrap(model)), what="the best weights so far") as tmp:
-                save_model(unwrap(model), str(tmp))
+        self._save(model, self.path)
         return True
 
     @property
     def should_stop(self) -> bool:
         return bool(self.patience) and self.bad_evals >= self.patience
 
-    def restore(self, model, device) -> None:
+    def restore(self, model) -> None:
         """Load the best weights into `model` on every rank (rank 0 wrote them before the barrier)."""
         barrier(self.rt)
-        load_model(unwrap(model), str(self.path), device=str(device))
+        self._load(model, self.path)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "value": self.value, "metrics": self.metrics, "bad_evals": self.bad_evals}
@@ -201,11 +202,19 @@ class Trainer:
         self.run_dir, self.state_dir, self.identity = Path(run_dir), Path(state_dir), identity or {}
         self.lr = float(lr if lr is not None else cfg.lr)
         self.train_data, self.collate, self.evaluate, self.loss_fn = train_data, collate, evaluate, loss_fn
-        self.best = BestKeeper(*select, patience, self.run_dir / BEST, rt) if select else None
-        self.model = model.to(rt.device)
-        if rt.distributed:  # DDP broadcasts rank 0's weights: every rank starts from the same model
+        self.plain = model  # the caller's module: trained in place, or (FSDP) given the trained weights at the end
+        if rt.sharded:  # FSDP2: a sharded copy is trained (rank 0's weights are every rank's start, as with DDP)
+            self.model = sharding.shard(model, rt)
+        else:
+            self.model = model.to(rt.device)
+        if rt.distributed and not rt.sharded:  # DDP broadcasts rank 0's weights: every rank starts from the same model
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.best = (
+            BestKeeper(*select, patience, self.run_dir / BEST, rt, save=self._save_weights, load=self._load_weights)
+            if select
+            else None
+        )
         seed_everything(rank_seed(self.seed, rt.rank))  # masking and dropout differ per rank
         self.per_rank_batch = int(cfg.batch_size)
         self.per_epoch = len(train_data) // (self.per_rank_batch * rt.world_size)
@@ -220,6 +229,26 @@ class Trainer:
         self.sink: MetricSink | None = None
         self._last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
         self._stop_signal: int | None = None
+
+    # ---- the weights as one file (the best so far) ---------------------------------------------
+    def _save_weights(self, model, path: Path) -> None:
+        """Every rank calls it; rank 0 writes `path` (FSDP: the shards gathered into the caller's module first)."""
+        if self.rt.sharded:
+            sharding.gather_into(model, self.plain, self.rt)
+        if self.rt.is_main:
+            whole = self.plain if self.rt.sharded else unwrap(model)
+            # a new inode each time: a saved state's hard link keeps the previous best
+            with atomic_path(path, need=weight_bytes(whole), what="the best weights so far") as tmp:
+                save_model(whole, str(tmp))
+
+    def _load_weights(self, model, path: Path) -> None:
+        """Every rank loads `path` (FSDP: rank 0 reads it into the caller's module and scatters the shards)."""
+        if not self.rt.sharded:
+            load_model(unwrap(model), str(path), device=str(self.rt.device))
+            return
+        if self.rt.is_main:
+            load_model(self.plain, str(path), device=str(self.rt.device))
+        sharding.scatter_from(model, self.plain, self.rt)
 
     # ---- setup --------------------------------------------------------------------------------
     def _optimizer(self):
@@ -331,7 +360,7 @@ class Trainer:
             evaluated_here = self._last_eval is not None and self._last_eval[0] == self.step  # e.g. early stopping
             final = self._last_eval[1] if evaluated_here else self._run_eval()
             if self.best is not None and self.best.step is not None and self.best.step != self.step:
-                self.best.restore(self.model, self.rt.device)
+                self.best.restore(self.model)
                 final = dict(self.best.metrics)
                 self._print(
                     f"restored the best weights: step {self.best.step}, {self.best.metric} {self.best.value:.4f}"
@@ -339,6 +368,8 @@ class Trainer:
             barrier(self.rt)  # every rank has loaded the best weights before rank 0 removes the file
             if self.rt.is_main:
                 (self.run_dir / BEST).unlink(missing_ok=True)
+            if self.rt.sharded:  # the caller's module (rank 0) receives the trained weights whole
+                sharding.gather_into(self.model, self.plain, self.rt)
         finally:
             self._restore_signals(old_handlers)
             self.sink.close()
@@ -363,7 +394,10 @@ class Trainer:
         for k in range(accum):
             batch = {key: v.to(rt.device, non_blocking=True) for key, v in next(batches).items()}
             self.micro += 1
-            sync = contextlib.nullcontext() if not rt.distributed or k == accum - 1 else model.no_sync()
+            last = k == accum - 1
+            if rt.sharded:  # FSDP2: gradients reduce-scattered on the last micro-batch only
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if not rt.distributed or rt.sharded or last else model.no_sync()
             with sync:
                 with rt.autocast():
                     loss = self.loss_fn(model, batch)
@@ -402,8 +436,10 @@ class Trainer:
         if self.evaluate is None:
             return {}
         metrics = {}
-        if self.rt.is_main:
+        if self.rt.sharded:  # every rank holds only its shards: the forward passes are collective
             metrics = evaluate_model(self.model, self.evaluate, self.rt, self.seed)
+        if self.rt.is_main:
+            metrics = metrics or evaluate_model(self.model, self.evaluate, self.rt, self.seed)
             self.sink.log({"step": self.step, **metrics})
             shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k.count("/") == 1)
             self._print(f"[dim]step {self.step:>6}[/] {shown}")
@@ -483,6 +519,8 @@ class Trainer:
                     tmp.mkdir(parents=True)
                 barrier(self.rt)
                 _save_rng(tmp / f"rng-rank{self.rt.rank}.safetensors")
+                if self.rt.sharded:  # each rank its own slices of the weights and the optimizer state
+                    sharding.save_local(self.model, self.optimizer, tmp, self.rt.rank)
                 barrier(self.rt)
                 if self.rt.is_main:
                     self._write_state(tmp)
@@ -494,15 +532,16 @@ class Trainer:
         barrier(self.rt)
 
     def _write_state(self, folder: Path) -> None:
-        save_model(unwrap(self.model), str(folder / "model.safetensors"))
-        opt = self.optimizer.state_dict()
-        tensors = {
-            f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-            for pid, st in opt["state"].items()
-            for k, v in st.items()
-        }
-        meta = {"param_groups": json.dumps(opt["param_groups"])}
-        save_file(tensors, str(folder / "optimizer.safetensors"), metadata=meta)
+        if not self.rt.sharded:  # (FSDP: every rank wrote its own slices)
+            save_model(unwrap(self.model), str(folder / "model.safetensors"))
+            opt = self.optimizer.state_dict()
+            tensors = {
+                f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+                for pid, st in opt["state"].items()
+                for k, v in st.items()
+            }
+            meta = {"param_groups": json.dumps(opt["param_groups"])}
+            save_file(tensors, str(folder / "optimizer.safetensors"), metadata=meta)
         if self.best is not None and (self.run_dir / BEST).is_file():
             os.link(self.run_dir / BEST, folder / BEST)  # the best weights as of this step, whatever is written later
         state = {
@@ -519,15 +558,18 @@ class Trainer:
     def load_state(self, folder: Path) -> None:
         folder = Path(folder)
         state = json.loads((folder / TRAINER_STATE).read_text())
-        load_model(unwrap(self.model), str(folder / "model.safetensors"), device=str(self.rt.device))
-        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as fh:
-            groups = json.loads(fh.metadata()["param_groups"])
-        flat = load_file(str(folder / "optimizer.safetensors"), device=str(self.rt.device))
-        opt_state: dict[int, dict] = {}
-        for key, value in flat.items():
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = value.cpu() if name == "step" else value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if self.rt.sharded:
+            sharding.load_local(self.model, self.optimizer, folder, self.rt.rank)
+        else:
+            load_model(unwrap(self.model), str(folder / "model.safetensors"), device=str(self.rt.device))
+            with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as fh:
+                groups = json.loads(fh.metadata()["param_groups"])
+            flat = load_file(str(folder / "optimizer.safetensors"), device=str(self.rt.device))
+            opt_state: dict[int, dict] = {}
+            for key, value in flat.items():
+                pid, name = key.split(".", 1)
+                opt_state.setdefault(int(pid), {})[name] = value.cpu() if name == "step" else value
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         _load_rng(folder / f"rng-rank{self.rt.rank}.safetensors")
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]

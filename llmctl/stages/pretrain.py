@@ -79,9 +79,10 @@ def run(cfg) -> float | None:
         )
         run.print(_describe_model(run, model))
         trained, loss_fn = model, default_loss
-        if objective != "clm" and cfg.mlm_sparse_head:
+        wrap = not run.rt.sharded  # FSDP shards the HF model's own forward; the loss wrappers reach around it
+        if wrap and objective != "clm" and cfg.mlm_sparse_head:
             trained, loss_fn = SparseMLM(model), module_loss  # same loss, vocabulary projection on masked tokens only
-        elif objective == "clm" and cfg.clm_chunked_loss and chunked_loss_supported(model):
+        elif wrap and objective == "clm" and cfg.clm_chunked_loss and chunked_loss_supported(model):
             trained, loss_fn = ChunkedCausalLM(model), module_loss  # same loss, logits never held whole
         trainer = Trainer(
             trained,
@@ -233,7 +234,7 @@ def _setup_model(run, cfg, source, family: str, objective: str, tokenizer):
 def _describe_model(run, model) -> str:
     """The model line, once the run folder is chosen: where its weights come from (a resumed run's state holds
     them, whatever the model was built from)."""
-    if run.resume_state is not None:
+    if run.resumed:  # (rank 0 checked the interrupted run; the other ranks print nothing)
         origin = f"weights from the interrupted run's state ({run.resumed['run']}, step {run.resumed['from_step']})"
     else:
         origin = f"from {run.parents[0]['ref']}" if run.parents else "random init"
