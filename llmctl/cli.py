@@ -374,7 +374,7 @@ def ckpt_sweep(
             values = [_figure(o["value"]) for o in r["objectives"] or []] or ["—"] * len(several)
             table.add_row(
                 str(r["trial"]),
-                *(r["overrides"].get(k, "") for k in keys),
+                *(sweeps.shown(r["overrides"].get(k, "")) for k in keys),
                 *values,
                 r["ref"],
                 "★" if r in front else "",
@@ -394,7 +394,11 @@ def ckpt_sweep(
         for r in rows:
             value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else "—"
             table.add_row(
-                str(r["trial"]), *(r["overrides"].get(k, "") for k in keys), value, r["ref"], "★" if r is best else ""
+                str(r["trial"]),
+                *(sweeps.shown(r["overrides"].get(k, "")) for k in keys),
+                value,
+                r["ref"],
+                "★" if r is best else "",
             )
         console.print(table)
         if best is not None:

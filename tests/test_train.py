@@ -197,6 +197,26 @@ def test_torchrun_two_processes_on_cpu_write_one_checkpoint(corpus, tmp_path):
     assert m["metrics"]["train/tokens"] == 6 * 8 * 2 * 32  # steps × per-rank batch × ranks × tokens
 
 
+def test_torchrun_trains_distill_prune_recovery_and_qat_on_two_processes(bases, reviews, tmp_path):
+    """Every training stage runs under torchrun: each publishes one version trained by 2 processes over the
+    steps asked, judged by rank 0 alone (its before / after both measured, none while another rank timed)."""
+    code, err = run_inprocess("finetune", *cls_args(bases, reviews, tmp_path, "name=c", "train.max_steps=40"))
+    assert code == 0, err
+    common = ("device=cpu", "precision=fp32", f"output_root={tmp_path}", "train.max_steps=6", "train.batch_size=4")
+    common += ("train.eval_every=3", "cost.runs=2", "cost.warmup=1", "cost.throughput_runs=1", "cost.seq_len=16")
+    for stage, args in (
+        ("distill", ["teacher=finetune/c", "student.num_layers=1", "name=d"]),
+        ("prune", ["init_from=finetune/c", "method=structured", "prune.heads=1", "recover=true", "name=p"]),
+        ("quantize", ["init_from=finetune/c", "method=qat", "name=q"]),
+    ):
+        out = _torchrun("-m", "llmctl", stage, *args, *common)
+        assert out.returncode == 0, out.stderr[-3000:]
+        m = Store(tmp_path).resolve(f"{stage}/{args[-1].split('=')[1]}").manifest
+        assert m["runtime"]["world_size"] == 2 and m["metrics"]["train/steps"] == 6, stage
+        before, after = m["compare"].values()
+        assert before["primary"]["value"] is not None and after["cost"]["latency_ms_p50"] > 0, stage
+
+
 def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, tmp_path):
     # every rank must restore the same best weights (rank 0 writes them; the others wait, then load)
     args = cls_args(

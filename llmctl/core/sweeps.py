@@ -243,6 +243,15 @@ def swept_keys(rows: list[dict]) -> list[str]:
     return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
 
 
+def shown(value) -> str:
+    """A swept value as tables and plots show it: a float to 4 significant figures (the CSV and YAML keep it whole)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if number.is_integer() or len(str(value)) <= 7 else f"{number:.4g}"
+
+
 def best_trial(rows: list[dict]) -> dict | None:
     """The trial with the best objective (in its mode); None when no trial recorded a value."""
     scored = [r for r in rows if r["rank"] is not None]
@@ -347,7 +356,7 @@ def plot_front(path, key: str, rows: list[dict], front: list[dict], several: lis
         label="Pareto front",
     )
     for r in scored:
-        swept = ", ".join(f"{k.rsplit('.', 1)[-1]}={r['overrides'].get(k)}" for k in keys)
+        swept = ", ".join(f"{k.rsplit('.', 1)[-1]}={shown(r['overrides'].get(k))}" for k in keys)
         ax.annotate(
             f"{r['trial']}: {swept}" if swept else str(r["trial"]),
             (r["objectives"][0]["value"], r["objectives"][1]["value"]),

@@ -90,8 +90,11 @@ def run(cfg) -> float | None:
             base=cfg.method.get("base"),
             head_int8=settings["head_int8"],
         )
-        if run.rt.distributed:
-            raise LlmctlError("quantize runs in one process; drop the multi-device setting (device=cpu or one GPU)")
+        if run.rt.distributed and method != "qat":
+            raise LlmctlError(
+                f"quantize method={method} runs in one process (only method=qat trains); drop the multi-process "
+                f"setting (torchrun, device=[0,1])"
+            )
         source = resolve_source(run.store, cfg.init_from, what="init_from")
         on = load_on_task(run, cfg, source, what="init_from", stage="quantize")
         loaded, kind, task, data, prepared = on.loaded, on.kind, on.task, on.data, on.prepared
@@ -119,7 +122,7 @@ def run(cfg) -> float | None:
                 "stage": "quantize",
                 "task": task,
                 "data_fingerprint": data.fingerprint,
-                "world_size": 1,
+                "world_size": run.rt.world_size,
                 "model": loaded.sha256,
                 "tokenizer": tokenizer_hash(tok),
                 "method": method,
@@ -129,6 +132,8 @@ def run(cfg) -> float | None:
             qrecord = quantization.prepare_qat(model, scheme, **settings)
             trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
             qrecord = quantization.finish_qat(model, qrecord)
+            if not run.rt.is_main:  # rank 0 judges and publishes
+                return None
         else:
             outliers = None
             if scheme == "int8-dynamic" and q.calibration_batches:  # layers too peaked for int8 activations stay fp32

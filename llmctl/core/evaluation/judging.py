@@ -243,7 +243,8 @@ class BeforeAfter:
         names: tuple[str, str] = ("before", "after"),
     ):
         self.prepared, self.split, self.rt, self.seed, self.cost, self.names = prepared, split, rt, seed, cost, names
-        self.before = {"ref": ref, **self._judge(model, folder)}
+        # rank 0 alone judges (under torchrun the other ranks would time their copies on the same cores meanwhile)
+        self.before = {"ref": ref, **self._judge(model, folder)} if rt.is_main else None
         self.after: dict | None = None
 
     @classmethod
