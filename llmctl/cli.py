@@ -72,9 +72,18 @@ def run_stage(stage: str, args: list[str]) -> None:
         return cfg
 
     def job(cfg):
-        from llmctl.core.device import gpu_ids
+        import torch
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from llmctl.core.device import gpu_ids, join_scheduler_tasks, parallel_job_device
 
         checked(cfg)
+        join_scheduler_tasks()  # a task of a multi-task submitit job becomes a torchrun-style rank
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:  # parallel sweep jobs: a GPU each
+            launcher = hydra_cfg.runtime.choices.get("hydra/launcher")
+            cfg.device = parallel_job_device(cfg.device, launcher, int(hydra_cfg.job.num), torch.cuda.device_count())
         if cfg.get("offline"):  # (set by a preset or config file: read after the libraries loaded)
             offline.go_offline()
         ids = gpu_ids(cfg.device)

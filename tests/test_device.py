@@ -76,3 +76,14 @@ def test_torchrun_command_runs_llmctl_on_every_gpu():
         "finetune",
         "task=ner",
     ]
+
+
+def test_parallel_sweep_jobs_each_take_their_own_gpu():
+    from llmctl.core.device import parallel_job_device
+
+    assert [parallel_job_device("auto", "joblib", n, 4) for n in range(6)] == [f"cuda:{n % 4}" for n in range(6)]
+    assert parallel_job_device("cuda", "joblib", 3, 2) == "cuda:1"
+    assert parallel_job_device("cuda:1", "joblib", 0, 4) == "cuda:1"  # a GPU named by the user is kept
+    assert parallel_job_device("cpu", "joblib", 1, 4) == "cpu"
+    assert parallel_job_device("auto", "basic", 1, 4) == "auto"  # jobs one after another share nothing
+    assert parallel_job_device("auto", "joblib", 1, 1) == "auto"  # one GPU (or none): nothing to spread

@@ -325,6 +325,34 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_where_it_stopped(
     assert weights_sha256(resumed.path) == weights_sha256(store.resolve("pretrain/straight").path)
 
 
+def test_submitit_tasks_form_one_process_group_and_a_requeued_job_resumes_its_run(corpus, tmp_path):
+    """hydra/launcher=submitit_local with 2 tasks (Slurm's path without Slurm): the tasks become ranks 0 and 1 of
+    one run; the time-limit warning (USR2, sent here as submitit's local executor and Slurm send it) saves the
+    state, submitit requeues the job, and the requeued job continues that run to the end: one version."""
+    args = tiny("clm", corpus, tmp_path, "name=s", "device=cpu", "train.eval_every=0", "train.log_every=50")
+    args += ["train.max_steps=300", "train.batch_size=4", "train.save_every=5"]
+    cmd = [sys.executable, "-m", "llmctl", "pretrain", "-m", *args]
+    cmd += ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list(tmp_path.rglob("trainer_state.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    tasks = subprocess.run(["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True)
+    assert len(tasks.stdout.split()) == 2, tasks
+    for pid in tasks.stdout.split():
+        os.kill(int(pid), signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    store = Store(tmp_path)
+    assert store.versions("pretrain", "s") == [1]
+    m = store.resolve("pretrain/s").manifest
+    assert m["runtime"]["world_size"] == 2 and m["metrics"]["train/steps"] == 300
+    assert 0 < m["resumed"]["from_step"] < 300  # stopped by the warning, continued by the requeued job
+    logs = "".join(p.read_text() for p in tmp_path.rglob("*_0_log.out"))
+    assert "Requeued job" in logs and "requeued scheduler job" in logs
+
+
 @pytest.mark.parametrize("preset", ["gpt-tiny", "bert-base"])  # (bert-tiny sets 0.98 for its lr of 3e-3)
 def test_the_default_pretraining_optimizer_is_the_hf_trainers(preset, tmp_path):
     """What a user leaves unset in `llmctl pretrain` (AdamW betas and eps, which tensors decay) is what the

@@ -41,6 +41,12 @@ def run_with_hydra(
     _check_config_dirs(args)
     args = model_shorthand(stage, quote_free_text(args))
 
+    printing = [a for a in args if a in ("--cfg", "-c", "--info", "-i")]
+    if printing and {"-m", "--multirun"} & set(args):  # Hydra raises a bare ValueError
+        raise LlmctlError(
+            f"{printing[0]} prints one job's config and -m runs a sweep: drop -m to see the config (sweep overrides "
+            f"such as a=1,2 print as given)"
+        )
     if "--hydra-help" in args:  # Hydra's own help (its flags), unchanged
         args = [a if a != "--hydra-help" else "--help" for a in args]
     elif "--help" in args or "-h" in args:

@@ -74,6 +74,38 @@ def cpu_has_int8_dot() -> bool:
     return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def scheduler_job() -> str | None:
+    """The id of the scheduler job this process runs in (Slurm or submitit's local executor, through submitit; a
+    requeued job keeps it), None outside one."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    import submitit
+
+    return str(submitit.JobEnvironment().job_id)
+
+
+def join_scheduler_tasks() -> None:
+    """Under the submitit launcher a job runs once per task (`hydra.launcher.tasks_per_node`, `nodes`): the task's
+    place (Slurm's SLURM_* variables, or the local executor's) is exported as torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK and MASTER_ADDR / MASTER_PORT (submitit's TorchDistributedEnvironment), so the tasks form one
+    process group exactly as torchrun's processes do. Nothing changes outside submitit or under torchrun."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # GPU by LOCAL_RANK
+
+
+def parallel_job_device(device_cfg, launcher: str | None, job_num: int, gpus: int):
+    """`device` for one job of a sweep whose launcher runs jobs side by side (joblib): with device auto or cuda on
+    a machine of several GPUs, each job takes its own (job number modulo the GPUs) instead of all on cuda:0; any
+    other launcher or device is kept as given."""
+    if launcher != "joblib" or gpus < 2 or str(device_cfg) not in ("auto", "cuda"):
+        return device_cfg
+    return f"cuda:{job_num % gpus}"
+
+
 def gpu_ids(device_cfg) -> list[int] | None:
     """The GPU ids of a list-valued `device` ([0,1]), else None."""
     if isinstance(device_cfg, (list, tuple)) or type(device_cfg).__name__ == "ListConfig":

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from llmctl.core.config import command_line, job_overrides, preset_name, sweep_record, to_container
-from llmctl.core.device import broadcast_str, seed_everything, setup_runtime
+from llmctl.core.device import broadcast_str, scheduler_job, seed_everything, setup_runtime
 from llmctl.core.errors import LlmctlError
 from llmctl.core.evaluation.cost import MODES, cost_settings, measure_cost
 from llmctl.core.files import disk_space
@@ -183,6 +183,8 @@ def open_run_dir(run: StageRun, identity: dict) -> None:
                 chosen = _take_newest_free_run(run)
             elif resume:
                 chosen = _take_named_run(run, Path(str(resume)))
+            elif job := scheduler_job():  # a requeued scheduler job continues the run it was stopped in
+                chosen = _take_requeued_run(run, job)
             if chosen is not None:
                 _check_identity(run, chosen, identity)
             else:
@@ -209,6 +211,18 @@ def _take_newest_free_run(run: StageRun) -> Path | None:
             return candidate
         run.print(f"resume=auto: {candidate.name} belongs to a live process (pid {lock.holder()}); leaving it alone")
     run.print(f"resume=auto: no free interrupted run of {run.stage}/{run.name}; starting fresh")
+    return None
+
+
+def _take_requeued_run(run: StageRun, job: str) -> Path | None:
+    """The interrupted run this scheduler job saved before it was stopped (a time limit, a preemption), if any."""
+    for candidate in run.store.resumable_runs(run.stage, run.name):
+        if read_state(state_dir(candidate)).get("scheduler_job") == job:
+            lock = RunLock(candidate)
+            if lock.try_acquire():
+                run.lock = lock
+                run.print(f"requeued scheduler job {job}: continuing its run {candidate.name}")
+                return candidate
     return None
 
 

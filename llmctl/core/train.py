@@ -40,7 +40,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmctl.core import sharding
-from llmctl.core.device import Runtime, all_ranks_sum, barrier, broadcast_floats, rank_seed, seed_everything
+from llmctl.core.device import (
+    Runtime,
+    all_ranks_sum,
+    barrier,
+    broadcast_floats,
+    rank_seed,
+    scheduler_job,
+    seed_everything,
+)
 from llmctl.core.errors import Interrupted, LlmctlError
 from llmctl.core.files import atomic_path, commit, disk_space, remove
 from llmctl.core.models import weight_bytes
@@ -353,6 +361,7 @@ class Trainer:
                         self.save_state()
                     if stop:
                         self.save_state()
+                        self._hand_on_scheduler_signal(old_handlers)  # submitit requeues the job (which resumes)
                         raise Interrupted(
                             f"stopped by a signal at step {self.step}/{max_steps}; "
                             f"state saved in {self.state_dir}; continue with resume=auto"
@@ -497,7 +506,16 @@ class Trainer:
         def handler(signum, frame):
             self._stop_signal = signum
 
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGUSR2: the scheduler's warning before a time limit (Slurm --signal, submitit's signal_delay_s)
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+
+    def _hand_on_scheduler_signal(self, old) -> None:
+        """A time-limit warning (SIGUSR2) caught while submitit runs the job goes on, once the state is saved, to
+        submitit's own handler: it requeues the job (rank 0 exits there), and the requeued job resumes this run."""
+        previous = (old or {}).get(signal.SIGUSR2)
+        if self._stop_signal == signal.SIGUSR2 and callable(previous):
+            self._restore_signals(old)
+            previous(signal.SIGUSR2, None)
 
     @staticmethod
     def _restore_signals(old) -> None:
@@ -551,6 +569,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "scheduler": self.scheduler.state_dict(),
             "identity": self.identity,
+            "scheduler_job": scheduler_job(),  # a requeue of this scheduler job continues this run (core.run)
             "best": self.best.state_dict() if self.best is not None else None,
         }
         (folder / TRAINER_STATE).write_text(json.dumps(state, default=str))
