@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,17 @@ def cls_args(bases, reviews, out, *extra):
         f"output_root={out}",
         *extra,
     ]
+
+
+def stop_at(monkeypatch, step: int) -> None:
+    """Send this process SIGTERM when the training loop reaches `step`, as a scheduler would."""
+    from llmctl.core.train import Trainer
+
+    real = Trainer._optimizer_step
+
+    def step_then_signal(self, batches, accum):
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches, accum)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)

@@ -165,6 +165,11 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     "method.r=0": (lambda w: _ft(w, "method=lora", "method.r=0"), ["method.r=0"]),
     "method.dropout=1": (lambda w: _ft(w, "method=lora", "method.dropout=1"), ["method.dropout=1"]),
     "objective_mode=up": (lambda w: _pre(w, "objective_mode=up"), ["objective_mode=up", "min", "max"]),
+    "streaming a built-in corpus": (
+        lambda w: ["pretrain", "conf=gpt-tiny", "data=bbc-news", "data.streaming=true", f"output_root={w.out}"],
+        ["data.streaming=true", "data.source=bbc-news", "data.train=<files>"],
+    ),
+    "streaming a fine-tune's data": (lambda w: _ft(w, "data.streaming=true"), ["data.streaming=true", "pretrain"]),
     "-m with --cfg": (lambda w: ["pretrain", "-m", "--cfg", "job", f"output_root={w.out}"], ["--cfg", "drop -m"]),
     "objectives: an unknown cost figure": (
         lambda w: _ft(w, "objectives=[eval/accuracy,cost/speed]"),

@@ -1,6 +1,8 @@
 """`llmctl pretrain` end to end on tiny models: losses fall, checkpoints reload, lineage, bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,3 +224,90 @@ def test_the_chunked_causal_loss_trains_the_model_the_hf_loss_trains(corpus, tmp
     assert len(train["true"]) == 16 and train["true"][-1] < train["true"][0] - 0.2  # it learns
     assert train["true"] == pytest.approx(train["false"], abs=1e-4)
     assert evals["true"] == pytest.approx(evals["false"], abs=1e-4)
+
+
+def _one_file_corpus(corpus, folder, repeat: int = 1):
+    """The corpus's documents as one text file, a document per line (`repeat` times over, each copy numbered)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [" ".join(p.read_text().split()) for p in sorted(corpus.iterdir())]
+    path = folder / "corpus.txt"
+    with open(path, "w") as fh:
+        for k in range(repeat):
+            fh.writelines(f"{k} {line}\n" for line in lines)
+    return path
+
+
+def test_a_streamed_corpus_trains_on_the_fly_and_a_resume_continues_at_its_position(corpus, tmp_path, monkeypatch):
+    """data.streaming=true: the corpus is read as a stream (validation held out from its start), tokenized and
+    packed as training reads it; a run stopped at step 6 and resumed ends on exactly the weights of a run never
+    stopped (the resumed stream skips what was already read)."""
+    from conftest import stop_at
+
+    from llmctl.core.store import weights_sha256
+
+    text = _one_file_corpus(corpus, tmp_path / "data", repeat=3)
+
+    def args(root, *extra):
+        return tiny("clm", corpus, root, "name=s", f"data.train={text}", "data.streaming=true", *extra)
+
+    extra = ("data.streaming_validation=20", "train.max_steps=12", "train.save_every=3", "train.eval_every=0")
+    code, err = run_inprocess("pretrain", *args(tmp_path / "straight", *extra))
+    assert code == 0, err
+    straight = Store(tmp_path / "straight").resolve("pretrain/s")
+    m = straight.manifest
+    assert m["data"]["streamed"] is True and m["data"]["examples"] == {"train": "streamed", "validation": 20}
+    losses = [r["loss"] for r in metrics_log(straight.path) if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.1
+
+    stop_at(monkeypatch, 6)
+    code, err = run_inprocess("pretrain", *args(tmp_path / "stopped", *extra))
+    assert code == 143 and "resume=auto" in err
+    monkeypatch.undo()
+    code, err = run_inprocess("pretrain", *args(tmp_path / "stopped", *extra), "resume=auto")
+    assert code == 0, err
+    resumed = Store(tmp_path / "stopped").resolve("pretrain/s")
+    assert resumed.manifest["resumed"]["from_step"] in (6, 7)
+    assert weights_sha256(resumed.path) == weights_sha256(straight.path)
+
+
+def _peak_rss_mb(*args: str) -> float:
+    """Peak resident memory (MiB) of `llmctl <args>` run alone in a fresh process."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "code = subprocess.run([sys.executable, '-m', 'llmctl', *sys.argv[1:]]).returncode; "
+        "assert code == 0, code; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def test_a_streamed_corpus_far_larger_than_its_run_reads_costs_no_more_memory(corpus, tmp_path):
+    """Peak memory of a streamed run does not grow with the corpus: a ~200 MB corpus costs what a ~20 MB one does
+    (each read 1 MiB at a time; a run that loaded them, as data.streaming=false does, would hold them whole)."""
+    block = _one_file_corpus(corpus, tmp_path / "block", repeat=3).read_text()
+
+    def corpus_of(mib: int):
+        path = tmp_path / f"{mib}" / "corpus.txt"
+        path.parent.mkdir()
+        with open(path, "w") as fh:  # the documents again and again, each copy numbered
+            for k in range(mib * 2**20 // len(block) + 1):
+                fh.write(block.replace("\n", f" {k}\n"))
+        return path
+
+    def peak(path):
+        return _peak_rss_mb(
+            "pretrain",
+            *tiny("clm", corpus, tmp_path, f"name=c{path.parent.name}", f"data.train={path}", "data.streaming=true"),
+            "data.streaming_validation=20",
+            "train.max_steps=4",
+            "train.eval_every=0",
+        )
+
+    medium, big = corpus_of(20), corpus_of(200)
+    medium_peak, big_peak = peak(medium), peak(big)
+    print(
+        f"peak RSS: a {medium.stat().st_size / 2**20:.0f} MiB corpus {medium_peak:.0f} MiB, "
+        f"a {big.stat().st_size / 2**20:.0f} MiB corpus {big_peak:.0f} MiB"
+    )
+    assert big_peak < medium_peak + 40, (medium_peak, big_peak)  # 180 MB more corpus, not more memory

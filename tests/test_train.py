@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cls_args, metrics_log, run_cli, run_inprocess, tiny
+from conftest import REPO, cls_args, metrics_log, run_cli, run_inprocess, stop_at, tiny
 
 from llmctl.core.device import Runtime
 from llmctl.core.store import Store, weights_sha256
@@ -70,18 +70,6 @@ def test_sigterm_then_resume_auto_continues_the_same_curve(corpus, tmp_path):
     assert not list(runs.glob("*.state"))  # the resumable state is gone once the version is published
 
 
-def _stop_at(monkeypatch, step: int) -> None:
-    """Send this process SIGTERM when the loop reaches `step`, as a scheduler would."""
-    real = Trainer._optimizer_step
-
-    def step_then_signal(self, batches, accum):
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, batches, accum)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)
-
-
 def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews, tmp_path, monkeypatch):
     # Selecting the *highest* validation loss makes an early evaluation the best and later ones worse,
     # so the run stops early and restores weights older than its last step. Stopped just after that
@@ -106,7 +94,7 @@ def test_resume_keeps_the_best_checkpoint_and_the_patience_count(bases, reviews,
     best, last = straight.manifest["metrics"]["train/best_step"], straight.manifest["metrics"]["train/steps"]
     assert best < last < 60  # the best is not the last, and early stopping ended the run
 
-    _stop_at(monkeypatch, best + 1)  # interrupted right after the best evaluation
+    stop_at(monkeypatch, best + 1)  # interrupted right after the best evaluation
     code, err = run_inprocess("finetune", *args, "output_root=" + str(tmp_path / "stopped"))
     assert code == 143 and "resume=auto" in err
     monkeypatch.undo()

@@ -71,6 +71,7 @@ class Data:
     fingerprint: str
     config: dict  # the data config with absolute paths: enough to load the same data again from anywhere
     dropped: dict = field(default_factory=dict)  # split → exact duplicates dropped (data.dedupe)
+    streamed: bool = False  # data.streaming: the train split is a datasets IterableDataset, read as it is used
 
     def __getitem__(self, split: str):
         return self.splits[split]
@@ -82,7 +83,8 @@ class Data:
         return {
             "source": self.config.get("train") or self.config.get("source"),
             "fingerprint": self.fingerprint,
-            "examples": {k: len(v) for k, v in self.splits.items()},
+            "examples": {k: examples_in(v) for k, v in self.splits.items()},
+            **({"streamed": True} if self.streamed else {}),
             "duplicates_dropped": self.dropped,
             "config": self.config,
         }
@@ -91,9 +93,14 @@ class Data:
         dropped = sum(self.dropped.values())
         return (
             f"data {self.fingerprint[:12]} · "
-            + " / ".join(f"{len(v)} {k}" for k, v in self.splits.items())
+            + " / ".join(f"{examples_in(v)} {k}" for k, v in self.splits.items())
             + (f" · {dropped} exact duplicate{'s' * (dropped != 1)} dropped" if dropped else "")
         )
+
+
+def examples_in(split) -> int | str:
+    """Examples in a split; "streamed" for one read as a stream (its length is not known ahead)."""
+    return len(split) if hasattr(split, "__len__") else "streamed"
 
 
 def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = None) -> Data:
@@ -103,6 +110,8 @@ def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = No
     from datasets import DatasetDict
 
     cache_dir = str(cache_dir) if cache_dir else None
+    if data_cfg.get("streaming"):
+        return stream_data(data_cfg, task=task, cache_dir=cache_dir)
 
     if data_cfg.get("train"):
         dsd = _load_local_splits(data_cfg, task, cache_dir)
@@ -129,6 +138,75 @@ def load_data(data_cfg, *, task: str = "text", cache_dir: str | Path | None = No
             )
     dsd = DatasetDict({k: dsd[k] for k in ("train", "validation", "test") if k in dsd})
     return Data(splits=dsd, fingerprint=fingerprint(dsd), config=absolute_config(data_cfg), dropped=dropped)
+
+
+def stream_data(data_cfg, *, task: str, cache_dir: str | None = None) -> Data:
+    """data.streaming=true (pretraining corpora larger than memory): the train split is a `datasets` stream of
+    data.train's files (one file: a document per line; several: a document per paragraph, so no file is held
+    whole) or of a hub dataset's train split, read as training consumes it. Validation is data.validation, else
+    the stream's first `data.streaming_validation` documents (held out: the train stream starts after them).
+    No dedupe or split_ratio: they need the whole corpus. The fingerprint hashes the files' paths, sizes and
+    modification times (a hub dataset: its id and configuration) and the validation text."""
+    from datasets import Dataset, load_dataset
+
+    if task != "text":
+        raise LlmctlError("data.streaming=true is for pretraining corpora (llmctl pretrain); drop data.streaming")
+    source = data_cfg.get("source")
+    if data_cfg.get("train"):
+        files = _expand(data_cfg.train, "train")
+        fmt = _format_of(files, "train")
+        encoding = str(data_cfg.get("encoding") or "utf-8")
+        if fmt != "parquet":
+            for f in files:
+                check_text_file(f, "train", encoding)
+        # text read 1 MiB at a time (datasets' default, 10 MiB, held ~80 MB more at once)
+        options = (
+            {"sample_by": "paragraph" if len(files) > 1 else "line", "chunksize": 1 << 20} if fmt == "text" else {}
+        )
+        if fmt != "parquet":
+            options["encoding"] = encoding
+        stream = load_dataset(fmt, data_files=files, split="train", streaming=True, **options)
+        stamp = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+        where = "data.train"
+    elif source in BUILTIN or not source:
+        raise LlmctlError(
+            f"data.streaming=true reads data.train files or a hub dataset, not data.source={source}; give "
+            f"data.train=<files> or drop data.streaming"
+        )
+    else:
+        try:
+            stream = load_dataset(str(source), data_cfg.get("config_name"), split="train", streaming=True)
+        except Exception as e:  # network, unknown id, ...
+            raise LlmctlError(
+                f"data.source={source!r}: streaming it from the hub failed ({type(e).__name__}: "
+                f"{first_line(str(e), 160)})"
+            ) from None
+        stamp, where = [str(source), data_cfg.get("config_name")], f"data.source={source}"
+    column = str(data_cfg.get("text_column") or "text")
+    if column != "text":
+        stream = stream.rename_column(column, "text")
+    stream = stream.select_columns(["text"]).filter(lambda t: bool(t and t.strip()), input_columns="text")
+    if data_cfg.get("validation"):
+        validation = _read_files(_expand(data_cfg.validation, "validation"), "validation", data_cfg, task, cache_dir)
+        train = stream
+    else:
+        held = int(data_cfg.get("streaming_validation") or 200)
+        validation = Dataset.from_list(list(stream.take(held)))
+        train = stream.skip(held)
+        if len(validation) < held:
+            raise LlmctlError(
+                f"{where}: the stream holds only {len(validation)} documents, all of them needed to hold out "
+                f"data.streaming_validation={held} for validation; lower it, give data.validation, or drop "
+                f"data.streaming (a corpus this small fits in memory)"
+            )
+    digest = hashlib.sha256(json.dumps(stamp).encode())
+    digest.update(json.dumps(validation["text"][:]).encode())
+    return Data(
+        splits={"train": train, "validation": validation},
+        fingerprint=digest.hexdigest(),
+        config=absolute_config(data_cfg),
+        streamed=True,
+    )
 
 
 def absolute_config(data_cfg) -> dict:
@@ -586,6 +664,26 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
 
     from llmctl.core.tokenizer import tokenizer_hash
 
+    builder = {"clm": _pack_clm, "mlm": _pack_mlm, "mlm+nsp": _pack_nsp}[objective]
+    kwargs = {"tok": tokenizer, "length": max_seq_len, "seed": seed}
+    streamed = {k: v for k, v in dsd.items() if not hasattr(v, "__len__")}  # data.streaming: packed as it is read
+    if streamed:
+        held = pack_for_lm(
+            {k: v for k, v in dsd.items() if k not in streamed},
+            tokenizer,
+            objective=objective,
+            max_seq_len=max_seq_len,
+            seed=seed,
+            cache_root=cache_root,
+            data_fp=data_fp,
+        )
+        packed = {
+            k: v.map(
+                builder, batched=True, batch_size=1000, with_indices=True, remove_columns=["text"], fn_kwargs=kwargs
+            )
+            for k, v in streamed.items()
+        }
+        return {**packed, **{k: held[k] for k in held}}
     key_src = json.dumps(
         {
             "v": PACKING_VERSION,
@@ -594,6 +692,7 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
             "objective": objective,
             "len": max_seq_len,
             "seed": seed if objective == "mlm+nsp" else None,
+            "splits": sorted(dsd),
         },
         sort_keys=True,
     )
@@ -601,7 +700,6 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
     cache = Path(cache_root) / "packed" / key
     if (cache / "dataset_dict.json").is_file():
         return load_from_disk(str(cache))
-    builder = {"clm": _pack_clm, "mlm": _pack_mlm, "mlm+nsp": _pack_nsp}[objective]
     packed = DatasetDict()
     for split, ds in dsd.items():
         rows = ds.map(
@@ -610,7 +708,7 @@ def pack_for_lm(dsd, tokenizer, *, objective: str, max_seq_len: int, seed: int, 
             batch_size=1000,
             with_indices=True,
             remove_columns=ds.column_names,
-            fn_kwargs={"tok": tokenizer, "length": max_seq_len, "seed": seed},
+            fn_kwargs=kwargs,
             desc=f"packing {split}",
             load_from_cache_file=False,
         )  # llmctl caches the packed result itself (below)

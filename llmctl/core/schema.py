@@ -68,6 +68,9 @@ class Data(Section):
     split_seed: NonNegInt
     max_docs: int | None = Field(default=None, ge=1)
     dedupe: bool = True
+    streaming: bool = False
+    streaming_validation: int = Field(default=200, ge=1)
+    streaming_sample: int = Field(default=10000, ge=1)
     encoding: str = "utf-8"
     max_seq_len: int = Field(ge=8)
 

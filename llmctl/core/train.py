@@ -58,6 +58,7 @@ LossFn = Callable[
     [torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict]"
 ]  # a loss, or (loss, {term: tensor}) to log
 BEST = "best.safetensors"
+STREAM_SHUFFLE_BUFFER = 1000  # data.streaming: packed sequences shuffled within a window of this many
 
 
 def default_loss(model, batch) -> torch.Tensor:
@@ -225,7 +226,8 @@ class Trainer:
         )
         seed_everything(rank_seed(self.seed, rt.rank))  # masking and dropout differ per rank
         self.per_rank_batch = int(cfg.batch_size)
-        self.per_epoch = len(train_data) // (self.per_rank_batch * rt.world_size)
+        self.streamed = not hasattr(train_data, "__len__")  # data.streaming: read as training goes (`_streamed`)
+        self.per_epoch = None if self.streamed else len(train_data) // (self.per_rank_batch * rt.world_size)
         if self.per_epoch == 0:
             raise LlmctlError(
                 f"train.batch_size={cfg.batch_size} × {rt.world_size} process(es) is larger than the "
@@ -298,6 +300,9 @@ class Trainer:
     def _micro_batches(self):
         from torch.utils.data import DataLoader
 
+        if self.streamed:
+            yield from self._streamed()
+            return
         while True:
             epoch, offset = divmod(self.micro, self.per_epoch)
             # its own generator: creating an iterator must not draw from the global RNG (dropout, masking),
@@ -310,6 +315,41 @@ class Trainer:
                 generator=torch.Generator().manual_seed(rank_seed(self.seed, self.rt.rank) + epoch),
             )
             yield from loader
+
+    def _streamed(self):
+        """Micro-batches of a streamed train split (data.streaming): each rank reads its own part of the stream
+        (`split_dataset_by_node`), through a seeded shuffle buffer reseeded every pass; a resumed run skips the
+        micro-batches its state counts (re-reading the stream up to there), so it sees what an uninterrupted run
+        would have seen next."""
+        from datasets.distributed import split_dataset_by_node
+        from torch.utils.data import DataLoader
+
+        stream = self.train_data.shuffle(seed=self.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+        if self.rt.distributed:
+            stream = split_dataset_by_node(stream, rank=self.rt.rank, world_size=self.rt.world_size)
+        skip, epoch = self.micro, 0
+        while True:
+            stream.set_epoch(epoch)
+            loader = DataLoader(  # its own generator: an iterator drawing from the global RNG would move dropout's
+                stream,
+                batch_size=self.per_rank_batch,
+                collate_fn=self.collate,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(rank_seed(self.seed, self.rt.rank) + epoch),
+            )
+            seen = 0
+            for batch in loader:
+                seen += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            if seen == 0:
+                raise LlmctlError(
+                    f"the training stream holds fewer than train.batch_size={self.per_rank_batch} sequences per "
+                    f"process; lower train.batch_size or add data"
+                )
+            epoch += 1
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, resume_state: Path | None = None) -> dict:

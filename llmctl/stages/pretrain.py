@@ -27,7 +27,7 @@ from pydantic import Field
 
 from llmctl.core import run as stage_run
 from llmctl.core import schema
-from llmctl.core.data import load_data, unigram_loss
+from llmctl.core.data import examples_in, load_data, unigram_loss
 from llmctl.core.device import barrier
 from llmctl.core.errors import LlmctlError
 from llmctl.core.families import max_positions
@@ -115,7 +115,7 @@ def run(cfg) -> float | None:
                 max_seq_len=int(cfg.data.max_seq_len),
                 objective=stage_run.resolve_objective(cfg, OBJECTIVE[objective]),
                 stage="pretrain",
-                packed_sequences={k: len(v) for k, v in prepared.splits.items()},
+                packed_sequences={k: examples_in(v) for k, v in prepared.splits.items()},
                 loss=getattr(trained, "name", LossModule.name),
             ),
         )
@@ -171,7 +171,7 @@ def _setup_data(run, cfg, source, family: str, objective: str):
                 tok = load_tokenizer(source.path)
             else:
                 tok = train_tokenizer(
-                    data["train"]["text"],
+                    _tokenizer_texts(data, cfg),
                     family=family,
                     vocab_size=int(cfg.tokenizer.vocab_size),
                     lowercase=bool(cfg.tokenizer.lowercase),
@@ -195,7 +195,7 @@ def _setup_data(run, cfg, source, family: str, objective: str):
         barrier(run.rt)
     run.print(
         f"{data.summary()} → "
-        + " / ".join(f"{len(v)} {k}" for k, v in result[2].splits.items())
+        + " / ".join(f"{examples_in(v)} {k}" for k, v in result[2].splits.items())
         + f" sequences of ≤{max_len} tokens · vocab {len(result[1])}"
     )
     return result
@@ -241,13 +241,26 @@ def _describe_model(run, model) -> str:
     return f"model {type(model).__name__} · {count_parameters(model)[0] / 1e6:.2f} M parameters · {origin}"
 
 
+def _tokenizer_texts(data, cfg):
+    """The texts a new tokenizer learns from: the train split, or (data.streaming) its first data.streaming_sample
+    documents."""
+    if not data.streamed:
+        return data["train"]["text"]
+    return [row["text"] for row in data["train"].take(int(cfg.data.streaming_sample))]
+
+
 def _unigram_baseline(prepared, tokenizer, objective: str, cfg) -> float:
-    """Loss of an add-one unigram model fit on the training tokens, on the evaluated validation tokens."""
+    """Loss of an add-one unigram model fit on the training tokens (at most 20,000 sequences; a stream's first
+    ones), on the evaluated validation tokens."""
     train = prepared.splits["train"]
     scored = evaluated_rows(prepared.splits["validation"], cfg.train.get("eval_batches"), int(cfg.train.batch_size))
     ignore = set() if objective == "clm" else set(tokenizer.all_special_ids)
+    if not hasattr(train, "__len__"):  # data.streaming
+        fitted = [row["input_ids"].tolist() for row in train.take(20000)]
+    else:
+        fitted = train.select(range(min(20000, len(train)))).with_format(None)["input_ids"][:]
     return unigram_loss(
-        train.select(range(min(20000, len(train)))).with_format(None)["input_ids"][:],
+        fitted,
         scored.with_format(None)["input_ids"][:],
         len(tokenizer),
         ignore,

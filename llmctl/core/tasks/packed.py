@@ -41,7 +41,8 @@ def prepare_packed(task, data, tokenizer, *, max_seq_len, batch_size, seed, cach
         seed=seed,
         cache_root=Path(cache_root or ".cache"),
         data_fp=data.fingerprint,
-    ).with_format("torch")
+    )
+    packed = {k: v.with_format("torch") for k, v in packed.items()}  # (a streamed train split stays a stream)
     collate = (
         collate_packed_clm
         if task == "clm"
