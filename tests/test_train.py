@@ -269,26 +269,22 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_where_it_stopped(
             "train.eval_batches=null",
         )
 
-    code, err = run_inprocess("pretrain", *args("one", "train.max_steps=8", "train.batch_size=8"))
+    long = ("train.max_steps=40", "train.batch_size=4", "strategy=fsdp", "train.save_every=5")
+    code, err = run_inprocess("pretrain", *args("one", "train.max_steps=40", "train.batch_size=8"))
     assert code == 0, err
-    out = _torchrun(
-        "-m", "llmctl", "pretrain", *args("fsdp", "train.max_steps=8", "train.batch_size=4", "strategy=fsdp")
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    store = Store(tmp_path)
-    one, sharded = store.resolve("pretrain/one"), store.resolve("pretrain/fsdp")
-    assert sharded.manifest["runtime"]["world_size"] == 2 and sharded.manifest["runtime"]["strategy"] == "fsdp"
-    losses = [[r["loss"] for r in metrics_log(res.path) if "loss" in r] for res in (one, sharded)]
-    assert len(losses[0]) == len(losses[1]) == 8 and losses[0][-1] < losses[0][0] - 0.1  # it learned
-    assert losses[1] == pytest.approx(losses[0], abs=2e-4)
-    assert sharded.manifest["metrics"]["eval/loss"] == pytest.approx(one.manifest["metrics"]["eval/loss"], abs=2e-4)
-    a = AutoModelForCausalLM.from_pretrained(one.path).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(sharded.path).state_dict()  # the whole model, as one process saves it
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-
-    long = ("train.max_steps=80", "train.batch_size=4", "strategy=fsdp", "train.save_every=5", "train.log_every=10")
     out = _torchrun("-m", "llmctl", "pretrain", *args("straight", *long))
     assert out.returncode == 0, out.stderr[-3000:]
+    store = Store(tmp_path)
+    one, sharded = store.resolve("pretrain/one"), store.resolve("pretrain/straight")
+    assert sharded.manifest["runtime"]["world_size"] == 2 and sharded.manifest["runtime"]["strategy"] == "fsdp"
+    losses = [[r["loss"] for r in metrics_log(res.path) if "loss" in r] for res in (one, sharded)]
+    assert len(losses[0]) == len(losses[1]) == 40 and losses[0][-1] < losses[0][0] - 0.5  # it learned
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3)
+    assert sharded.manifest["metrics"]["eval/loss"] == pytest.approx(one.manifest["metrics"]["eval/loss"], abs=1e-3)
+    a = AutoModelForCausalLM.from_pretrained(one.path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(sharded.path).state_dict()  # the whole model, as one process saves it
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd += ["-m", "llmctl", "pretrain", *args("stopped", *long)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -305,7 +301,7 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_where_it_stopped(
     (state,) = [p.parent for p in runs.rglob("trainer_state.json")]
     assert {p.name for p in state.iterdir()} >= {"model-rank0.safetensors", "model-rank1.safetensors"}
     stopped_at = json.loads((state / "trainer_state.json").read_text())["step"]
-    assert 0 < stopped_at < 80
+    assert 0 < stopped_at < 40
     out = _torchrun("-m", "llmctl", "pretrain", *args("stopped", *long), "resume=auto")
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = store.resolve("pretrain/stopped")
