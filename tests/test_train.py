@@ -205,8 +205,10 @@ def test_torchrun_trains_distill_prune_recovery_and_qat_on_two_processes(bases, 
         assert before["primary"]["value"] is not None and after["cost"]["latency_ms_p50"] > 0, stage
 
 
-def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, tmp_path):
-    # every rank must restore the same best weights (rank 0 writes them; the others wait, then load)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(strategy, bases, reviews, tmp_path):
+    # every rank must restore the same best weights (rank 0 writes them; the others wait, then load; under FSDP
+    # the best is gathered whole to be written and scattered back into every rank's shards)
     args = cls_args(
         bases,
         reviews,
@@ -220,6 +222,7 @@ def test_ddp_finetune_restores_a_best_step_that_is_not_the_last(bases, reviews, 
         "train.lr=3e-3",
         "objective_metric=eval/loss",
         "objective_mode=max",
+        f"strategy={strategy}",
     )
     out = _torchrun("-m", "llmctl", "finetune", *args)
     assert out.returncode == 0, out.stderr[-3000:]

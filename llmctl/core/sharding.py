@@ -48,10 +48,22 @@ def _full_options(**kwargs):
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
+def _resharded(sharded):
+    """`sharded` with every unit's parameters back in their shards: the root unit keeps its parameters whole
+    after a forward pass (FSDP2's default), and the state-dict functions expect them sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in sharded.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return sharded
+
+
 def gather_into(sharded, plain, rt) -> None:
     """Load the full weights of `sharded` into `plain` on rank 0 (kept on `rt.device`); every rank calls it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    _resharded(sharded)
     full = get_model_state_dict(sharded, options=_full_options(cpu_offload=True))  # rank 0 receives, others {}
     if rt.is_main:
         plain.load_state_dict(full)
@@ -63,7 +75,7 @@ def scatter_from(sharded, plain, rt) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = plain.state_dict() if rt.is_main else {}
-    set_model_state_dict(sharded, state, options=_full_options(broadcast_from_rank0=True))
+    set_model_state_dict(_resharded(sharded), state, options=_full_options(broadcast_from_rank0=True))
 
 
 def _local(t):
@@ -74,6 +86,7 @@ def _local(t):
 
 def save_local(sharded, optimizer, folder: Path, rank: int) -> None:
     """This rank's slices of the weights and the optimizer state, as safetensors in `folder`."""
+    _resharded(sharded)  # (after an evaluation the root unit holds its parameters whole)
     tensors = {name: _local(p) for name, p in sharded.named_parameters()}
     tensors.update({f"buffer.{name}": _local(b) for name, b in sharded.named_buffers()})
     save_file(tensors, str(folder / f"model-rank{rank}.safetensors"))
@@ -95,6 +108,7 @@ def load_local(sharded, optimizer, folder: Path, rank: int) -> None:
     from torch.distributed.tensor import DTensor
 
     saved = load_file(str(folder / f"model-rank{rank}.safetensors"))
+    _resharded(sharded)
     with torch.no_grad():
         for name, p in sharded.named_parameters():
             (p.to_local() if isinstance(p, DTensor) else p).copy_(saved[name])
