@@ -272,8 +272,11 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_where_it_stopped(
             "train.eval_batches=null",
         )
 
-    long = ("train.max_steps=40", "train.batch_size=4", "strategy=fsdp", "train.save_every=5")
-    code, err = run_inprocess("pretrain", *args("one", "train.max_steps=40", "train.batch_size=8"))
+    # states saved right after evaluations (every 5 steps): the root unit then holds its parameters whole
+    long = ("train.max_steps=40", "train.batch_size=4", "strategy=fsdp", "train.save_every=5", "train.eval_every=5")
+    code, err = run_inprocess(
+        "pretrain", *args("one", "train.max_steps=40", "train.batch_size=8", "train.eval_every=5")
+    )
     assert code == 0, err
     out = _torchrun("-m", "llmctl", "pretrain", *args("straight", *long))
     assert out.returncode == 0, out.stderr[-3000:]
