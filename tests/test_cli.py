@@ -213,7 +213,7 @@ def test_stage_help_lists_only_its_own_groups_and_every_knob_with_its_comment():
     assert (
         "method: layers, magnitude (default), structured" in run_cli("prune", "--help").stdout
     )  # one group, each stage its own options
-    assert "method: int4-weight, int8-dynamic (default), int8-weight, qat" in run_cli("quantize", "--help").stdout
+    assert "method: auto, int4-weight, int8-dynamic (default), int8-weight, qat" in run_cli("quantize", "--help").stdout
     out = run_cli("finetune", "--cfg", "job", "method=lora")
     assert "r: 8  # adapter rank" in out.stdout and "lr: 0.001  # learning rate for LoRA" in out.stdout
 

@@ -345,3 +345,26 @@ def test_an_int8_output_layer_needs_a_weight_only_scheme_and_an_output_layer():
         q.quantize(_llama(), "int8-dynamic", **{**SETTINGS, "head_int8": True})
     with pytest.raises(LlmctlError, match="no output layer"):
         q.quantize(_bert(), "int8-weight", **{**SETTINGS, "head_int8": True})
+
+
+def _row(value, size, speed=None, latency=None):
+    cost = {"size_bytes": size, **({"decode_tokens_per_s": speed} if speed else {}), "latency_ms_p50": latency or 10.0}
+    return {"judged": {"primary": {"metric": "perplexity", "mode": "min", "value": value}, "cost": cost}}
+
+
+def test_auto_picks_by_goal_within_the_quality_budget():
+    from llmctl.core.quantization.choice import choose
+
+    ref = {**_row(10.0, 400, speed=10), "split": "validation", "scored": 8}["judged"]
+    rows = [_row(10.1, 100, speed=20), _row(10.3, 60, speed=30), _row(13.0, 40, speed=40)]  # +1 %, +3 %, +30 %
+    assert choose(rows, ref, goal="speed", max_drop=0.05)[0] == 1  # the fastest within 5 %, not the +30 % one
+    assert choose(rows, ref, goal="size", max_drop=0.05)[0] == 1
+    assert choose(rows, ref, goal="size", max_drop=0.5)[0] == 2
+    assert choose(rows, ref, goal="quality", max_drop=0.05)[0] == 0
+    pick, why = choose(rows, ref, goal="speed", max_drop=0.001)
+    assert pick == 0 and "no candidate keeps" in why  # nothing within budget: the best quality, said
+    encoder = [_row(0.9, 100, latency=5.0), _row(0.9, 90, latency=3.0)]  # no decode figure: latency, lower is better
+    for r in encoder:
+        r["judged"]["primary"].update(metric="accuracy", mode="max")
+    eref = {"primary": {"metric": "accuracy", "mode": "max", "value": 0.91}, "cost": {"latency_ms_p50": 8.0}}
+    assert choose(encoder, eref, goal="speed", max_drop=0.05)[0] == 1

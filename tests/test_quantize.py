@@ -34,6 +34,8 @@ def _quantize(root, *extra):
         "cost.warmup=1",
         "cost.throughput_runs=1",
         "cost.seq_len=32",
+        "cost.decode_tokens=8",
+        "cost.decode_runs=1",
         *extra,
     )
     assert code == 0, err
@@ -190,3 +192,35 @@ def test_a_pruned_bert_with_fewer_heads_quantizes_and_reloads_with_its_shapes(wo
     )
     ids = torch.randint(5, parent.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(loaded, ids), _logits(parent, ids))
+
+
+def test_method_auto_measures_every_candidate_and_publishes_the_goals_pick(world, bases, capfd):
+    res = _quantize(
+        world, f"init_from={bases['gpt']}", "method=auto", "quantize.goal=size", "quantize.max_drop=10", "name=gauto"
+    )
+    m = res.manifest
+    auto = m["quantize"]["auto"]
+    rows = {r["method"]: r for r in auto["candidates"]}
+    assert set(rows) == {
+        "unquantized",
+        "int8-dynamic",
+        "int8-weight",
+        "int8-weight + int8 head",
+        "int4-weight",
+        "int4-weight + int8 head",
+    }
+    smallest = min((r for k, r in rows.items() if k != "unquantized"), key=lambda r: r["size_bytes"])
+    assert auto["picked"] == smallest["method"]  # budget 10×: size alone decides
+    assert smallest["method"].startswith("int4-weight") and smallest["size_bytes"] < rows["int8-weight"]["size_bytes"]
+    q = m["artifact"]["quantization"]
+    assert m["quantize"]["method"] == q["scheme"] == "int4-weight"
+    assert bool(q.get("head_int8")) == bool(m["quantize"]["head_int8"]) == smallest["method"].endswith("int8 head")
+    assert all(r["decode_tokens_per_s"] > 0 and r["perplexity"] > 1 for r in rows.values())
+    # the published folder is the picked candidate: it reloads and scores what the table measured for it
+    assert m["compare"]["after"]["metrics"]["perplexity"] == pytest.approx(smallest["perplexity"], rel=0.05)
+    assert f"method=auto picked {smallest['method']}:" in " ".join(capfd.readouterr().out.split())
+    best = _quantize(
+        world, f"init_from={bases['gpt']}", "method=auto", "quantize.goal=quality", "cost=off", "name=gbest"
+    )
+    rows = best.manifest["quantize"]["auto"]["candidates"][1:]
+    assert best.manifest["quantize"]["auto"]["picked"] == min(rows, key=lambda r: r["perplexity"])["method"]

@@ -4,6 +4,7 @@
     llmctl quantize init_from=finetune/bbc method=int8-weight
     llmctl quantize init_from=finetune/smollm2-chat method=int4-weight quantize.group_size=32
     llmctl quantize init_from=finetune/bbc method=qat train.max_steps=200
+    llmctl quantize init_from=finetune/smollm2-chat method=auto quantize.goal=size
     llmctl eval 'ckpt=[finetune/bbc,quantize/bbc]'
 
 Methods (core/quantization.py, one adapter over the kernels measured fastest on CPU):
@@ -14,6 +15,10 @@ Methods (core/quantization.py, one adapter over the kernels measured fastest on 
 - `int8-weight` / `int4-weight`: weight-only, stored in torchao's portable layout; decoding runs torch's packed
   int8 / int4 kernels built at load (core/quantization/kernels.py): smaller and faster at batch 1.
   `quantize.group_size` sets the int4 groups (default 32).
+- `auto`: quantize a copy with each method the device runs (and, for a decoder, each weight-only one with an
+  int8 output layer), judge them all like the original on validation, print the table, and publish the one
+  `quantize.goal` picks: `speed` (decode tokens/s, or batch-1 latency) or `size` among those within
+  `quantize.max_drop` of the original's primary metric, or `quality`. The manifest keeps the table and why.
 - `qat`: fake-quantize toward `method.base` (int4-weight by default), train on the checkpoint's own
   task and data with the shared loop (`train.*`), convert: the result loads like a PTQ artifact.
 Embedding tables are stored as int8 rows too (`quantize.embeddings`); the task head and
@@ -37,16 +42,18 @@ from pydantic import Field
 from llmctl.core import quantization, schema
 from llmctl.core import run as stage_run
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.cost import cost_settings
 from llmctl.core.evaluation.judging import BeforeAfter, task_metrics
 from llmctl.core.finetuning import finetune
 from llmctl.core.loading import artifact_record, resolve_source
+from llmctl.core.quantization import choice
 from llmctl.core.tasks import OBJECTIVE, task_record
 from llmctl.core.tasks.checkpoint import checkpoint_objective, load_on_task
 from llmctl.core.tokenizer import tokenizer_hash
 
 
 class Method(schema.Section):
-    name: Literal["int8-dynamic", "int8-weight", "int4-weight", "qat"]
+    name: Literal["int8-dynamic", "int8-weight", "int4-weight", "qat", "auto"]
     base: Literal["int4-weight", "int8-weight"] | None = None
 
 
@@ -58,6 +65,8 @@ class Quantize(schema.Section):
     embeddings: bool
     calibration_batches: int = Field(ge=0)
     outlier_ratio: float = Field(gt=1)
+    goal: Literal["speed", "size", "quality"] = "speed"
+    max_drop: float = Field(default=0.05, ge=0)
 
 
 class Config(schema.CheckpointStageConfig):
@@ -83,12 +92,18 @@ def run(cfg) -> float | None:
     }
     with stage_run.start("quantize", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
-        scheme = quantization.check(
-            method,
-            device=run.rt.device,
-            group_size=settings["group_size"],
-            base=cfg.method.get("base"),
-            head_int8=settings["head_int8"],
+        # method=auto: measure the candidates, pick by quantize.goal (core/quantization/choice.py)
+        auto, picked = method == "auto", None
+        scheme = (
+            method
+            if auto
+            else quantization.check(
+                method,
+                device=run.rt.device,
+                group_size=settings["group_size"],
+                base=cfg.method.get("base"),
+                head_int8=settings["head_int8"],
+            )
         )
         if run.rt.distributed and method != "qat":
             raise LlmctlError(
@@ -100,7 +115,7 @@ def run(cfg) -> float | None:
         loaded, kind, task, data, prepared = on.loaded, on.kind, on.task, on.data, on.prepared
         model, tok = loaded.model, loaded.tokenizer
         run.parents.append(loaded.parent("init"))
-        what = quantization.SCHEMES[scheme]["what"]
+        what = f"goal={q.goal}" if auto else quantization.SCHEMES[scheme]["what"]
         run.print(f"{type(model).__name__} from {source.ref} · {task} · {data.summary()} · {scheme} ({what})")
         # a bad skip pattern or nothing to quantize fails here, before the slow judging and the run folder
         group = settings["group_size"] if settings["group_size"] is not None else quantization.DEFAULT_GROUP.get(scheme)
@@ -135,15 +150,31 @@ def run(cfg) -> float | None:
             if not run.rt.is_main:  # rank 0 judges and publishes
                 return None
         else:
-            outliers = None
-            if scheme == "int8-dynamic" and q.calibration_batches:  # layers too peaked for int8 activations stay fp32
-                outliers = quantization.activation_outliers(
+
+            def outliers(m):  # int8-dynamic: Linears whose inputs are too peaked for int8 activations stay fp32
+                if not q.calibration_batches:
+                    return None
+                batches = prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
+                return quantization.activation_outliers(m, batches, chosen["linear"], ratio=float(q.outlier_ratio))
+
+            trained = {}
+            if auto:
+                model, qrecord, picked = choice.auto(
                     model,
-                    prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches)),
-                    chosen["linear"],
-                    ratio=float(q.outlier_ratio),
+                    on,
+                    run,
+                    settings=settings,
+                    goal=str(q.goal),
+                    max_drop=float(q.max_drop),
+                    cost=cost_settings(cfg.get("cost")),
+                    seed=int(cfg.seed),
+                    outliers=outliers,
                 )
-            trained, qrecord = {}, quantization.quantize(model, scheme, method=method, outliers=outliers, **settings)
+                method = qrecord["method"]
+                settings.update(group_size=qrecord["group_size"], head_int8=bool(qrecord.get("head_int8")))
+            else:
+                found = outliers(model) if scheme == "int8-dynamic" else None
+                qrecord = quantization.quantize(model, scheme, method=method, outliers=found, **settings)
         metrics = {**trained, **task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own
         run.print(
             f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
@@ -174,6 +205,7 @@ def run(cfg) -> float | None:
                     "base": cfg.method.get("base"),
                     "calibration_batches": int(q.calibration_batches),
                     "outlier_ratio": float(q.outlier_ratio),
+                    **({"auto": picked} if picked else {}),
                 }
             },
             artifact=artifact_record(model, qrecord),

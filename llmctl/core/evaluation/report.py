@@ -49,12 +49,12 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
                 if d.get("metric") is not None
                 else "—",
                 f"{_count(c.get('parameters'))} ({_count(c.get('non_embedding_parameters'))})" if c else "—",
-                _bytes(c.get("size_bytes")),
+                size_text(c.get("size_bytes")),
                 f"{d['size_bytes_ratio']:.2f}×" if "size_bytes_ratio" in d else "—",
                 latency,
                 _num(c.get("throughput_seq_per_s")),
                 *([_decode(c), _num(c.get("ttft_ms"))] if decodes else []),
-                _bytes(c.get("peak_memory_bytes")),
+                size_text(c.get("peak_memory_bytes")),
             ]
         )
     return headers, rows
@@ -112,7 +112,7 @@ def _count(n) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def _bytes(n) -> str:
+def size_text(n) -> str:
     if n is None:
         return "—"
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,198 @@
+"""method=auto: quantize copies of the checkpoint with each candidate method, measure them, and pick by the user's goal.
+
+    rows = measure_candidates(model, candidates(model, device, settings), judge_copy)
+    pick, why = choose(rows, reference, goal="speed", max_drop=0.05)
+
+Every candidate is judged the same way as the unquantized reference (eval's code: the task's primary metric on
+validation, cost figures on the saved folder), so the table compares like with like. The goals:
+- `speed`: the fastest candidate whose primary metric stays within `max_drop` (relative) of the reference's —
+  batch-1 decode tokens/s for a model that generates, batch-1 latency otherwise;
+- `size`: the smallest on disk within the same budget;
+- `quality`: the best primary metric (the smaller artifact on a tie).
+When no candidate stays within the budget, the best-quality one is picked and the line says so.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from llmctl.core.errors import LlmctlError
+from llmctl.core.quantization.schemes import check
+
+GOALS = ("speed", "size", "quality")
+BASE_METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
+
+
+def candidates(model, device, *, group_size: int | None, keep_head: bool) -> tuple[list[dict], list[str]]:
+    """The methods worth measuring for this model on this device: [{"method", "head_int8"}], and one line per
+    method left out (the device has no kernel for it). A model that generates also tries its output layer as
+    int8 beside each weight-only scheme (the largest single table of a small decoder)."""
+    decoder = bool(getattr(model, "can_generate", lambda: False)())
+    out, left = [], []
+    for method in BASE_METHODS:
+        heads = [False, True] if decoder and keep_head and method != "int8-dynamic" else [False]
+        for head in heads:
+            try:
+                check(method, device=device, group_size=group_size if method == "int4-weight" else None, head_int8=head)
+            except LlmctlError as e:
+                left.append(f"{method}: {e}")
+                break
+            out.append({"method": method, "head_int8": head})
+    return out, left
+
+
+def label(candidate: dict) -> str:
+    return candidate["method"] + (" + int8 head" if candidate.get("head_int8") else "")
+
+
+def speed_key(cost: dict) -> tuple[str, str]:
+    """(figure, mode) that measures speed for this model: decode tokens/s where it was measured, else latency."""
+    return ("decode_tokens_per_s", "max") if cost.get("decode_tokens_per_s") else ("latency_ms_p50", "min")
+
+
+def relative_drop(value: float | None, reference: float | None, mode: str) -> float | None:
+    """How much worse `value` is than `reference`, as a share of it (negative = better)."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return (reference - value) / abs(reference) if mode == "max" else (value - reference) / abs(reference)
+
+
+def measure_candidates(model, found: list[dict], quantize_and_judge) -> list[dict]:
+    """Each candidate applied to its own deep copy of `model` by `quantize_and_judge(copy, candidate)`, which
+    returns (judged, record) — judged as core.evaluation.judging.judge returns it. Rows keep the copy, so the
+    chosen one is published without quantizing again."""
+    rows = []
+    for candidate in found:
+        twin = copy.deepcopy(model)
+        judged, record = quantize_and_judge(twin, candidate)
+        rows.append({**candidate, "label": label(candidate), "judged": judged, "record": record, "model": twin})
+    return rows
+
+
+def choose(rows: list[dict], reference: dict, *, goal: str, max_drop: float) -> tuple[int, str]:
+    """Index of the row `goal` picks, and why, in one line. `reference`: the unquantized model judged alike."""
+    if goal not in GOALS:
+        raise LlmctlError(f"quantize.goal={goal}: choose one of {', '.join(GOALS)}")
+    if not rows:
+        raise LlmctlError("method=auto: no quantization method runs on this device for this model")
+    name, mode = reference["primary"]["metric"], reference["primary"]["mode"]
+    base = reference["primary"]["value"]
+    drops = [relative_drop(r["judged"]["primary"]["value"], base, mode) for r in rows]
+
+    def quality(i: int):
+        d = drops[i]
+        return (d is None, d if d is not None else 0.0, _cost(rows[i], "size_bytes") or 0)
+
+    best_quality = min(range(len(rows)), key=quality)
+    if goal == "quality":
+        return best_quality, f"goal=quality: the best {name} of the candidates"
+    within = [i for i, d in enumerate(drops) if d is not None and d <= max_drop]
+    budget = f"{name} within {100 * max_drop:g} % of the unquantized model's (quantize.max_drop)"
+    if not within:
+        return best_quality, f"goal={goal}: no candidate keeps {budget}; picked the best {name} instead"
+    if goal == "size":
+        pick = min(within, key=lambda i: (_cost(rows[i], "size_bytes") or float("inf"), quality(i)))
+        return pick, f"goal=size: the smallest on disk with {budget}"
+    figure, figure_mode = speed_key(reference.get("cost") or {})
+    sign = -1 if figure_mode == "max" else 1
+    pick = min(within, key=lambda i: sign * (_cost(rows[i], figure) or (float("inf") * sign)))
+    what = "decode tokens/s at batch 1" if figure == "decode_tokens_per_s" else "batch-1 latency"
+    return pick, f"goal=speed: the fastest {what} with {budget}"
+
+
+def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers):
+    """method=auto end to end: the unquantized model and every candidate judged alike on validation, the table
+    printed, the goal's pick returned as (quantized model, its record, what the manifest keeps).
+    `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point)."""
+    import tempfile
+    from pathlib import Path
+
+    from llmctl.core.evaluation.judging import judge
+    from llmctl.core.quantization.schemes import quantize
+    from llmctl.core.quantization.serialization import save
+
+    if goal not in GOALS:
+        raise LlmctlError(f"quantize.goal={goal}: choose one of {', '.join(GOALS)}")
+    if cost is None and goal != "quality":
+        raise LlmctlError(
+            f"method=auto quantize.goal={goal} compares measured cost figures; drop cost=off or set "
+            "quantize.goal=quality"
+        )
+    found, left = candidates(model, run.rt.device, group_size=settings["group_size"], keep_head=settings["keep_head"])
+    for line in left:
+        run.print(f"[dim]method=auto leaves out {line}[/]")
+
+    def judged(m, folder: Path) -> dict:
+        return judge(m, on.prepared, "validation", rt=run.rt, seed=seed, folder=folder, cost=cost, capped=True)
+
+    def quantize_and_judge(twin, candidate: dict):
+        method = candidate["method"]
+        own = {**settings, "head_int8": candidate["head_int8"]}
+        if method != "int4-weight":  # quantize.group_size is the int4 candidate's; int8 scales per channel
+            own["group_size"] = None
+        outliers_ = outliers(twin) if method == "int8-dynamic" else None
+        record = quantize(twin, method, method=method, outliers=outliers_, **own)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(twin, record, Path(tmp))
+            return judged(twin, Path(tmp)), record
+
+    reference = judged(model, on.source.path)
+    rows = measure_candidates(model, found, quantize_and_judge)
+    pick, why = choose(rows, reference, goal=goal, max_drop=max_drop)
+    run.print(table(rows, reference, pick))
+    run.print(f"method=auto picked {rows[pick]['label']}: {why}")
+    name = reference["primary"]["metric"]
+    figure, _ = speed_key(reference.get("cost") or {})
+    kept = {
+        "goal": goal,
+        "max_drop": max_drop,
+        "picked": rows[pick]["label"],
+        "why": why,
+        "split": "validation",
+        "candidates": [
+            {
+                "method": r["label"],
+                name: r["judged"]["primary"]["value"],
+                **{k: _cost(r, k) for k in ("size_bytes", figure)},
+            }
+            for r in [{"label": "unquantized", "judged": reference}, *rows]
+        ],
+    }
+    return rows[pick]["model"], rows[pick]["record"], kept
+
+
+def _cost(row: dict, key: str):
+    return (row["judged"].get("cost") or {}).get(key)
+
+
+def table(rows: list[dict], reference: dict, pick: int):
+    """A rich table: the reference and every candidate — primary metric and its change, size, speed."""
+    from rich.table import Table
+
+    from llmctl.core.evaluation.report import size_text
+
+    name = reference["primary"]["metric"]
+    cost = reference.get("cost") or {}
+    figure, _ = speed_key(cost)
+    speed_title = "decode tok/s" if figure == "decode_tokens_per_s" else "latency p50 ms"
+    t = Table(title=f"method=auto · candidates measured on {reference['split']} ({reference['scored']} examples)")
+    for col in ("method", name, "change", "size", speed_title, ""):
+        t.add_column(col, justify="left" if col in ("method", "") else "right")
+
+    def add(label_: str, judged: dict, mark: str) -> None:
+        value, ref = judged["primary"]["value"], reference["primary"]["value"]
+        change = "" if value is None or not ref or judged is reference else f"{100 * (value - ref) / abs(ref):+.1f} %"
+        c = judged.get("cost") or {}
+        t.add_row(
+            label_,
+            "—" if value is None else f"{value:.4f}",
+            change,
+            "—" if not c.get("size_bytes") else size_text(c["size_bytes"]),
+            "—" if not c.get(figure) else f"{c[figure]:.1f}",
+            mark,
+        )
+
+    add("unquantized", reference, "")
+    for i, row in enumerate(rows):
+        add(row["label"], row["judged"], "← picked" if i == pick else "")
+    return t
