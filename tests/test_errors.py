@@ -410,6 +410,10 @@ CASES = {  # id → (the command line, fragments the error line must hold)
         lambda w: _qz(_at(w, w.published), "init_from=finetune/c", "method=int4-weight", "quantize.group_size=4096"),
         ["quantize.group_size=4096 divides the input width of no Linear layer", "quantize.group_size=32"],
     ),
+    "quantize method=auto for speed without cost figures": (
+        lambda w: _qz(w, "init_from=x", "method=auto", "cost=off"),
+        ["method=auto quantize.goal=speed", "cost=off", "quantize.goal=quality"],
+    ),
     "quantize an int8 output layer beside int8 activations": (
         lambda w: _qz(w, "init_from=x", "quantize.head_int8=true"),
         ["quantize.head_int8", "method=int8-dynamic", "choose method=int8-weight or int4-weight"],
@@ -420,7 +424,7 @@ CASES = {  # id → (the command line, fragments the error line must hold)
     ),
     "quantize a method that does not exist": (
         lambda w: _qz(w, "init_from=x", "method=int9"),
-        ["unknown preset method=int9", "available: int4-weight, int8-dynamic, int8-weight, qat ("],
+        ["unknown preset method=int9", "available: auto, int4-weight, int8-dynamic, int8-weight, qat ("],
     ),
     "distill distill.temperature=1e30": (
         lambda w: _ds(w, "teacher=x", "distill.temperature=1e30"),

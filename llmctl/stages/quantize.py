@@ -94,6 +94,8 @@ def run(cfg) -> float | None:
         # ---- what and how: every unsupported combination is refused before anything loads ----
         # method=auto: measure the candidates, pick by quantize.goal (core/quantization/choice.py)
         auto, picked = method == "auto", None
+        if auto:
+            choice.check_goal(str(q.goal), cost_settings(cfg.get("cost")))
         scheme = (
             method
             if auto

@@ -15,9 +15,14 @@ When no candidate stays within the budget, the best-quality one is picked and th
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.quantization.schemes import check
+from llmctl.core.evaluation.judging import judge
+from llmctl.core.evaluation.report import size_text
+from llmctl.core.quantization.schemes import check, quantize
+from llmctl.core.quantization.serialization import save
 
 GOALS = ("speed", "size", "quality")
 BASE_METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
@@ -100,17 +105,8 @@ def choose(rows: list[dict], reference: dict, *, goal: str, max_drop: float) -> 
     return pick, f"goal=speed: the fastest {what} with {budget}"
 
 
-def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers):
-    """method=auto end to end: the unquantized model and every candidate judged alike on validation, the table
-    printed, the goal's pick returned as (quantized model, its record, what the manifest keeps).
-    `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point)."""
-    import tempfile
-    from pathlib import Path
-
-    from llmctl.core.evaluation.judging import judge
-    from llmctl.core.quantization.schemes import quantize
-    from llmctl.core.quantization.serialization import save
-
+def check_goal(goal: str, cost: dict | None) -> None:
+    """One line for a goal that cannot be measured (before anything loads)."""
     if goal not in GOALS:
         raise LlmctlError(f"quantize.goal={goal}: choose one of {', '.join(GOALS)}")
     if cost is None and goal != "quality":
@@ -118,6 +114,13 @@ def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: di
             f"method=auto quantize.goal={goal} compares measured cost figures; drop cost=off or set "
             "quantize.goal=quality"
         )
+
+
+def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers):
+    """method=auto end to end: the unquantized model and every candidate judged alike on validation, the table
+    printed, the goal's pick returned as (quantized model, its record, what the manifest keeps).
+    `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point)."""
+    check_goal(goal, cost)
     found, left = candidates(model, run.rt.device, group_size=settings["group_size"], keep_head=settings["keep_head"])
     for line in left:
         run.print(f"[dim]method=auto leaves out {line}[/]")
@@ -168,8 +171,6 @@ def _cost(row: dict, key: str):
 def table(rows: list[dict], reference: dict, pick: int):
     """A rich table: the reference and every candidate — primary metric and its change, size, speed."""
     from rich.table import Table
-
-    from llmctl.core.evaluation.report import size_text
 
     name = reference["primary"]["metric"]
     cost = reference.get("cost") or {}
