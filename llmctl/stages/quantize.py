@@ -161,7 +161,7 @@ def run(cfg) -> float | None:
 
             trained = {}
             if auto:
-                model, qrecord, picked = choice.auto(
+                qrecord, picked = choice.auto(
                     model,
                     on,
                     run,

@@ -1,7 +1,8 @@
 """method=auto: quantize copies of the checkpoint with each candidate method, measure them, and pick by the user's goal.
 
-    rows = measure_candidates(model, candidates(model, device, settings), judge_copy)
-    pick, why = choose(rows, reference, goal="speed", max_drop=0.05)
+    record, kept = auto(model, on, run, settings=settings, goal="speed", max_drop=0.05, cost=cost, seed=0,
+                        outliers=calibrate)     # model quantized in place with the pick; kept: the table, why
+    pick, why = choose(rows, reference, goal="speed", max_drop=0.05)   # the rule alone, on judged rows
 
 Every candidate is judged the same way as the unquantized reference (eval's code: the task's primary metric on
 validation, cost figures on the saved folder), so the table compares like with like. The goals:
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from llmctl.core.errors import LlmctlError
+from llmctl.core.evaluation.cost import MODES
 from llmctl.core.evaluation.judging import judge
 from llmctl.core.evaluation.report import size_text
 from llmctl.core.quantization.schemes import check, quantize
@@ -50,9 +52,9 @@ def label(candidate: dict) -> str:
     return candidate["method"] + (" + int8 head" if candidate.get("head_int8") else "")
 
 
-def speed_key(cost: dict) -> tuple[str, str]:
-    """(figure, mode) that measures speed for this model: decode tokens/s where it was measured, else latency."""
-    return ("decode_tokens_per_s", "max") if cost.get("decode_tokens_per_s") else ("latency_ms_p50", "min")
+def speed_figure(cost: dict) -> str:
+    """The cost figure that measures speed for this model: decode tokens/s where it was measured, else latency."""
+    return "decode_tokens_per_s" if cost.get("decode_tokens_per_s") else "latency_ms_p50"
 
 
 def relative_drop(value: float | None, reference: float | None, mode: str) -> float | None:
@@ -62,22 +64,9 @@ def relative_drop(value: float | None, reference: float | None, mode: str) -> fl
     return (reference - value) / abs(reference) if mode == "max" else (value - reference) / abs(reference)
 
 
-def measure_candidates(model, found: list[dict], quantize_and_judge) -> list[dict]:
-    """Each candidate applied to its own deep copy of `model` by `quantize_and_judge(copy, candidate)`, which
-    returns (judged, record) — judged as core.evaluation.judging.judge returns it. Rows keep the copy, so the
-    chosen one is published without quantizing again."""
-    rows = []
-    for candidate in found:
-        twin = copy.deepcopy(model)
-        judged, record = quantize_and_judge(twin, candidate)
-        rows.append({**candidate, "label": label(candidate), "judged": judged, "record": record, "model": twin})
-    return rows
-
-
 def choose(rows: list[dict], reference: dict, *, goal: str, max_drop: float) -> tuple[int, str]:
-    """Index of the row `goal` picks, and why, in one line. `reference`: the unquantized model judged alike."""
-    if goal not in GOALS:
-        raise LlmctlError(f"quantize.goal={goal}: choose one of {', '.join(GOALS)}")
+    """Index of the row `goal` picks, and why, in one line. rows: [{"judged": …}], each judged as
+    core.evaluation.judging.judge returns it; `reference`: the unquantized model judged alike."""
     if not rows:
         raise LlmctlError("method=auto: no quantization method runs on this device for this model")
     name, mode = reference["primary"]["metric"], reference["primary"]["mode"]
@@ -98,8 +87,8 @@ def choose(rows: list[dict], reference: dict, *, goal: str, max_drop: float) -> 
     if goal == "size":
         pick = min(within, key=lambda i: (_cost(rows[i], "size_bytes") or float("inf"), quality(i)))
         return pick, f"goal=size: the smallest on disk with {budget}"
-    figure, figure_mode = speed_key(reference.get("cost") or {})
-    sign = -1 if figure_mode == "max" else 1
+    figure = speed_figure(reference.get("cost") or {})
+    sign = -1 if MODES[figure] == "max" else 1
     pick = min(within, key=lambda i: sign * (_cost(rows[i], figure) or (float("inf") * sign)))
     what = "decode tokens/s at batch 1" if figure == "decode_tokens_per_s" else "batch-1 latency"
     return pick, f"goal=speed: the fastest {what} with {budget}"
@@ -118,7 +107,7 @@ def check_goal(goal: str, cost: dict | None) -> None:
 
 def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers):
     """method=auto end to end: the unquantized model and every candidate judged alike on validation, the table
-    printed, the goal's pick returned as (quantized model, its record, what the manifest keeps).
+    printed, `model` quantized in place with the goal's pick; returns (its record, what the manifest keeps).
     `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point)."""
     check_goal(goal, cost)
     found, left = candidates(model, run.rt.device, group_size=settings["group_size"], keep_head=settings["keep_head"])
@@ -128,24 +117,28 @@ def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: di
     def judged(m, folder: Path) -> dict:
         return judge(m, on.prepared, "validation", rt=run.rt, seed=seed, folder=folder, cost=cost, capped=True)
 
-    def quantize_and_judge(twin, candidate: dict):
+    def quantize_as(m, candidate: dict) -> dict:
         method = candidate["method"]
         own = {**settings, "head_int8": candidate["head_int8"]}
         if method != "int4-weight":  # quantize.group_size is the int4 candidate's; int8 scales per channel
             own["group_size"] = None
-        outliers_ = outliers(twin) if method == "int8-dynamic" else None
-        record = quantize(twin, method, method=method, outliers=outliers_, **own)
-        with tempfile.TemporaryDirectory() as tmp:
-            save(twin, record, Path(tmp))
-            return judged(twin, Path(tmp)), record
+        return quantize(m, method, method=method, outliers=outliers(m) if method == "int8-dynamic" else None, **own)
 
     reference = judged(model, on.source.path)
-    rows = measure_candidates(model, found, quantize_and_judge)
+    rows = []
+    for candidate in found:  # each on its own copy, dropped once judged (only figures are kept)
+        twin = copy.deepcopy(model)
+        record = quantize_as(twin, candidate)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(twin, record, Path(tmp))
+            rows.append({**candidate, "label": label(candidate), "judged": judged(twin, Path(tmp))})
+        del twin
     pick, why = choose(rows, reference, goal=goal, max_drop=max_drop)
     run.print(table(rows, reference, pick))
     run.print(f"method=auto picked {rows[pick]['label']}: {why}")
+    record = quantize_as(model, rows[pick])  # the same deterministic quantization, now of the model itself
     name = reference["primary"]["metric"]
-    figure, _ = speed_key(reference.get("cost") or {})
+    figure = speed_figure(reference.get("cost") or {})
     kept = {
         "goal": goal,
         "max_drop": max_drop,
@@ -161,7 +154,7 @@ def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: di
             for r in [{"label": "unquantized", "judged": reference}, *rows]
         ],
     }
-    return rows[pick]["model"], rows[pick]["record"], kept
+    return record, kept
 
 
 def _cost(row: dict, key: str):
@@ -174,7 +167,7 @@ def table(rows: list[dict], reference: dict, pick: int):
 
     name = reference["primary"]["metric"]
     cost = reference.get("cost") or {}
-    figure, _ = speed_key(cost)
+    figure = speed_figure(cost)
     speed_title = "decode tok/s" if figure == "decode_tokens_per_s" else "latency p50 ms"
     t = Table(title=f"method=auto · candidates measured on {reference['split']} ({reference['scored']} examples)")
     for col in ("method", name, "change", "size", speed_title, ""):
