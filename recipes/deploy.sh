@@ -19,7 +19,7 @@ llmctl finetune model=smollm2-135m task=sft method=lora data=tiny-instruct train
   name=smollm2-chat
 llmctl quantize init_from=finetune/smollm2-chat method=int4-weight quantize.group_size=32 name=smollm2-chat-int4
 for t in f16 q8_0; do llmctl export ckpt=finetune/smollm2-chat format=gguf gguf.type=$t name=smollm2-chat-$t; done
-llmctl export ckpt=quantize/smollm2-chat-int4 format=gguf name=smollm2-chat-q4_0   # int4 groups of 32 → Q4_0 blocks
+llmctl export ckpt=quantize/smollm2-chat-int4 format=gguf name=smollm2-chat-q4   # int4 groups of 32 → Q4_1 blocks
 llmctl generate ckpt=export/smollm2-chat-q8_0 prompt="Give me three tips for sleeping well." chat=true max_new_tokens=80
 # ---- an OpenAI-compatible server
 python benchmarks/serve_load.py --ckpt finetune/smollm2-chat

@@ -174,7 +174,8 @@ def test_a_llama_as_gguf_reloads_with_its_logits_tokenizer_and_chat_template(lla
     assert gap < tolerance * max(1.0, float(expected.abs().max())), gap
 
 
-def test_a_gpt2_as_gguf_and_an_int4_llama_as_q4_0_blocks(bases, llama, corpus, tmp_path):
+@pytest.mark.parametrize("zero_point, blocks", [("true", "q4_1"), ("false", "q4_0")], ids=["min-max", "symmetric"])
+def test_a_gpt2_as_gguf_and_an_int4_llama_as_its_own_4bit_blocks(bases, llama, corpus, tmp_path, zero_point, blocks):
     data = ["data=files", f"data.train={corpus}", "data.max_seq_len=32"]
     gpt = _export(tmp_path, f"ckpt={bases['gpt']}", "format=gguf", "gguf.type=f16", "name=g", *data)
     assert (
@@ -186,6 +187,7 @@ def test_a_gpt2_as_gguf_and_an_int4_llama_as_q4_0_blocks(bases, llama, corpus, t
         f"init_from={llama}",
         "method=int4-weight",
         "quantize.group_size=32",
+        f"quantize.zero_point={zero_point}",
         "name=l4",
         "precision=fp32",
         f"output_root={tmp_path}",
@@ -193,18 +195,18 @@ def test_a_gpt2_as_gguf_and_an_int4_llama_as_q4_0_blocks(bases, llama, corpus, t
         *data,
     )
     assert code == 0, err
-    res = _export(tmp_path, "ckpt=quantize/l4", "format=gguf", "name=l4", *data)  # gguf.type=auto → q4_0
+    res = _export(tmp_path, "ckpt=quantize/l4", "format=gguf", "name=l4", *data)  # gguf.type=auto → its blocks
     m = res.manifest
-    assert m["artifact"]["type"] == "q4_0" and m["artifact"]["q4_0_tensors_from_int4"] == 14  # 7 Linears × 2 layers
+    assert m["artifact"]["type"] == blocks and m["artifact"]["tensors_from_int4"] == 14  # 7 Linears × 2 layers
     reader = gguf.GGUFReader(str(res.path / m["artifact"]["file"]))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.1.ffn_down.weight"] == "Q4_0"
+    assert kinds["blk.0.attn_q.weight"] == blocks.upper() and kinds["blk.1.ffn_down.weight"] == blocks.upper()
     # the blocks are the checkpoint's own: the reloaded file computes what the int4 model computes
     int4 = load_checkpoint(Store(tmp_path), "quantize/l4", kind="causal-lm").model.eval()
     again = AutoModelForCausalLM.from_pretrained(res.path, gguf_file=m["artifact"]["file"], dtype=torch.float32)
     ids = torch.tensor([AutoTokenizer.from_pretrained(llama)("The coach said the team")["input_ids"]])
     with torch.inference_mode():
         a, b = int4(ids).logits, again.eval()(ids).logits
-    assert (a - b).abs().max() < 0.02 * a.abs().max()  # fp16 scales in a Q4_0 block: close, not bit-equal
+    assert (a - b).abs().max() < 0.02 * a.abs().max()  # fp16 scales in a 4-bit block: close, not bit-equal
     parity = m["export"]["parity"]
     assert abs(parity["perplexity_delta"]) < 0.01 * parity["source_perplexity"]

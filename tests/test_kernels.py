@@ -184,3 +184,26 @@ def test_an_int8_table_looks_up_the_rows_it_holds():
     with torch.inference_mode():
         assert torch.equal(table(ids), holder[0].weight.dequantize()[ids])
     assert table.padding_idx == 0 and table.embedding_dim == 40
+
+
+@pytest.mark.parametrize("rows", [3, SMALL_BATCH + 1], ids=["kernel", "prefill"])
+def test_float_zero_points_far_from_zero_compute_the_stored_weights(rows):
+    """Min–max int4 groups (float zero points) whose values sit far from 0 have zero points in the hundreds: the
+    kernel (its zeros formed in fp32) and the prefill path (q − zero point in the activation dtype) both compute
+    the stored weights to the rounding of their activations."""
+    from llmctl.core.quantization.schemes import minmax_int4
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    weight = 3.0 + 0.02 * torch.randn(96, 128)  # every group far from 0, a narrow range
+    linear.weight = torch.nn.Parameter(minmax_int4(weight, 32), requires_grad=False)
+    assert linear.weight.zero_point.abs().min() > 100
+    w = linear.weight.dequantize()
+    assert (w - weight).abs().max() < 0.02  # within half a step of the float weights
+    for activations in (torch.float32, torch.bfloat16):
+        packed = PackedLinear(linear, bits=4, group=32, activations=activations)
+        x = torch.randn(rows, 128)
+        with torch.inference_mode():
+            expected = torch.nn.functional.linear(x, w, linear.bias)
+            got = packed(x)
+        assert (got - expected).abs().max() < TOLERANCE[activations] * expected.abs().max()

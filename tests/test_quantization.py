@@ -368,3 +368,32 @@ def test_auto_picks_by_goal_within_the_quality_budget():
         r["judged"]["primary"].update(metric="accuracy", mode="max")
     eref = {"primary": {"metric": "accuracy", "mode": "max", "value": 0.91}, "cost": {"latency_ms_p50": 8.0}}
     assert choose(encoder, eref, goal="speed", max_drop=0.05)[0] == 1
+
+
+def _on_a_4bit_grid(out: int, width: int, group: int = 32, seed: int = 0) -> torch.Tensor:
+    """Weights as a GGUF Q4_1 model de-quantized holds them: each group d · q + m, q in 0..15, using its range."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, width // group, group), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its whole range, as a min–max quantizer leaves it
+    d = 0.01 + 0.02 * torch.rand(out, width // group, 1, generator=g)
+    m = 0.2 * torch.randn(out, width // group, 1, generator=g)
+    return (d * q + m).reshape(out, width)
+
+
+def test_int4_groups_span_their_own_range_and_weights_on_such_a_grid_stay_exact():
+    """Default int4 groups take a float zero point (min–max): weights already on a 4-bit grid (a model
+    de-quantized from GGUF Q4_1, as the packaged SmolLM2) come back exactly; symmetric groups round them again."""
+    from llmctl.core.quantization.schemes import minmax_int4
+
+    w = _on_a_4bit_grid(128, 64)  # up_proj: intermediate × hidden
+    exact = minmax_int4(w, 32)
+    assert exact.zero_point.dtype == torch.float32
+    assert (exact.dequantize() - w).abs().max() < 1e-5 * w.abs().max()
+    for zero_point, bound in ((True, 1e-5), (False, None)):
+        model = _llama()
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.copy_(w)
+        record = q.quantize(model, "int4-weight", **{**SETTINGS, "zero_point": zero_point})
+        assert record["zero_point"] is zero_point
+        err = (model.model.layers[0].mlp.up_proj.weight.dequantize() - w).abs().max() / w.abs().max()
+        assert err < bound if bound else err > 0.01

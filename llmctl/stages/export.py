@@ -4,19 +4,19 @@ export/<name>/vNNN.
     llmctl export ckpt=finetune/bbc format=onnx                          # an encoder → ONNX (ONNX Runtime)
     llmctl export ckpt=quantize/bbc format=onnx                          # int8-dynamic: its float parent → ORT int8
     llmctl export ckpt=finetune/smollm2-chat format=gguf gguf.type=q8_0  # a Llama / GPT-2 causal LM → GGUF
-    llmctl export ckpt=quantize/smollm2-chat-int4 format=gguf            # int4 groups of 32 → Q4_0 blocks as they are
+    llmctl export ckpt=quantize/smollm2-chat-int4 format=gguf            # int4 groups of 32 → their own Q4_1 blocks
     llmctl eval 'ckpt=[finetune/bbc,quantize/bbc,export/bbc]'            # an export judged like any checkpoint
 
-`format=onnx` takes encoders (classification, NER, the base encoder; a head-pruned BERT too) through
-transformers' own exporter (`torch.onnx` dynamo) with dynamic batch and sequence axes; a checkpoint quantized
-int8 is exported from its float parent and quantized with ONNX Runtime's
-dynamic int8. `format=gguf` takes Llama-layout and GPT-2 causal LMs through the `gguf` package's writer (f32, f16,
-bf16, q8_0, q4_0; an int4-weight checkpoint in symmetric groups of 32 maps onto Q4_0 blocks without
-re-quantizing), tokenizer, special tokens and chat template included. Every export is checked on the checkpoint's
-own evaluation split at shapes it was not traced at: max |Δlogit| (ONNX) or the perplexity delta after reloading
-the file with transformers' GGUF reader (GGUF), and the task metric and cost of source and export side by side,
-recorded in the manifest and printed as one table. The export is a version like any other: `ckpt list / show /
-lineage` show it and `eval` judges it by reference.
+`format=onnx` takes encoders (classification, NER, the base encoder; a head-pruned BERT too) through transformers'
+own exporter (`torch.onnx` dynamo) with dynamic batch and sequence axes; a checkpoint quantized int8 is exported
+from its float parent and quantized with ONNX Runtime's dynamic int8. `format=gguf` takes Llama-layout and GPT-2
+causal LMs through the `gguf` package's writer (f32, f16, bf16, q8_0, q4_0, q4_1; an int4-weight checkpoint in
+groups of 32 maps onto Q4_1 blocks (min–max groups) or Q4_0 ones (symmetric) without re-quantizing), tokenizer,
+special tokens and chat template included. Every export is checked on the checkpoint's own evaluation split at
+shapes it was not traced at: max |Δlogit| (ONNX) or the perplexity delta after reloading the file with transformers'
+GGUF reader (GGUF), and the task metric and cost of source and export side by side, recorded in the manifest and
+printed as one table. The export is a version like any other: `ckpt list / show / lineage` show it and `eval` judges
+it by reference.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Onnx(schema.Section):
 
 
 class Gguf(schema.Section):
-    type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0"]
+    type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 
 
 class Config(schema.StageConfig):
@@ -118,7 +118,7 @@ def run(cfg) -> float | None:
             artifact = {"format": "onnx", "dtype": "int8" if int8 else "float32", **record}
         else:
             gtype = gguf.choose_type(str(cfg.gguf.type), quantization)
-            int4 = reference if quantization and gtype == "q4_0" else None
+            int4 = reference if quantization and gtype in gguf.INT4 else None
             record = gguf.export_gguf(on.loaded.model, tok, run.run_dir, gtype, int4_model=int4)
             exported = gguf.load(run.run_dir, record["file"])
             parity = {}

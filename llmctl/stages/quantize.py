@@ -65,6 +65,8 @@ class Quantize(schema.Section):
     embeddings: bool
     calibration_batches: int = Field(ge=0)
     outlier_ratio: float = Field(gt=1)
+    zero_point: bool = True
+    error_rank: int = Field(default=16, ge=0)
     goal: Literal["speed", "size", "quality"] = "speed"
     max_drop: float = Field(default=0.05, ge=0)
 
@@ -89,6 +91,8 @@ def run(cfg) -> float | None:
         "keep_head": bool(q.keep_head),
         "embeddings": bool(q.embeddings),
         "head_int8": bool(q.head_int8),
+        "zero_point": bool(q.zero_point),
+        "error_rank": int(q.error_rank),
     }
     with stage_run.start("quantize", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
@@ -146,7 +150,8 @@ def run(cfg) -> float | None:
             },
         )
         if method == "qat":
-            qrecord = quantization.prepare_qat(model, scheme, **settings)
+            qat = {k: v for k, v in settings.items() if k not in ("zero_point", "error_rank")}  # symmetric groups
+            qrecord = quantization.prepare_qat(model, scheme, **qat)
             trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
             qrecord = quantization.finish_qat(model, qrecord)
             if not run.rt.is_main:  # rank 0 judges and publishes
@@ -158,6 +163,12 @@ def run(cfg) -> float | None:
                     return None
                 batches = prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
                 return quantization.activation_outliers(m, batches, chosen["linear"], ratio=float(q.outlier_ratio))
+
+            def input_scales(m):  # int4 error correction: each Linear's input RMS per channel on the same batches
+                if not (q.error_rank and q.calibration_batches):
+                    return None
+                batches = prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
+                return quantization.input_rms(m, batches, chosen["linear"])
 
             trained = {}
             if auto:
@@ -171,16 +182,26 @@ def run(cfg) -> float | None:
                     cost=cost_settings(cfg.get("cost")),
                     seed=int(cfg.seed),
                     outliers=outliers,
+                    input_scales=input_scales,
                 )
                 method = qrecord["method"]
                 settings.update(group_size=qrecord["group_size"], head_int8=bool(qrecord.get("head_int8")))
             else:
                 found = outliers(model) if scheme == "int8-dynamic" else None
-                qrecord = quantization.quantize(model, scheme, method=method, outliers=found, **settings)
+                scales = input_scales(model) if scheme == "int4-weight" else None
+                qrecord = quantization.quantize(
+                    model, scheme, method=method, outliers=found, input_scales=scales, **settings
+                )
         metrics = {**trained, **task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own
         run.print(
             f"quantized ({method}): {len(qrecord['linear'])} linear layers → {qrecord['bits']}-bit"
             + (f" in groups of {qrecord['group_size']}" if qrecord.get("group_size") else "")
+            + (", symmetric" if qrecord.get("zero_point") is False else "")
+            + (
+                f", {len(qrecord['lowrank'])} of them with a rank-{qrecord['lowrank_rank']} error correction"
+                if qrecord.get("lowrank")
+                else ""
+            )
             + (f", {len(qrecord['embeddings'])} embedding tables → int8 rows" if qrecord["embeddings"] else "")
             + (f", output layer {', '.join(qrecord['head_int8'])} → int8" if qrecord.get("head_int8") else "")
             + (f"; kept in floating point: {', '.join(qrecord['kept'])}" if qrecord["kept"] else "")

@@ -5,10 +5,12 @@
 
 Layouts: Llama (and Mistral, as llama.cpp does) with its q / k weights permuted the way llama.cpp's converter does
 (transformers' reader undoes it), Qwen2 (biases, no permute), GPT-2 (Conv1D weights transposed to (out, in)).
-Types: f32, f16, bf16, q8_0 and q4_0 for 2-D weights whose rows split into 32-value blocks (others stay f16);
-norms and other 1-D tensors stay f32. An int4-weight checkpoint stored in symmetric groups of 32 (llmctl's
-int4-weight: value = q · scale, q in −8..7) maps onto Q4_0 blocks as they are (stored q + 8, the scale as fp16),
-with no second rounding. The tokenizer (byte-level BPE: tokens, merges, token types), its special token ids and
+Types: f32, f16, bf16, q8_0, q4_0 and q4_1 for 2-D weights whose rows split into 32-value blocks (others stay f16);
+norms and other 1-D tensors stay f32. An int4-weight checkpoint in groups of 32 maps onto 4-bit blocks as they are,
+with no second rounding: min–max groups (value = (q − zero) · scale, q in −8..7, llmctl's default) onto Q4_1 (d =
+scale, m = −(zero + 8) · scale, stored q + 8), symmetric ones (value = q · scale) onto Q4_0 (d = scale) or Q4_1. A
+layer that carries a low-rank error correction (quantize.error_rank) has no 4-bit block that holds it: it is written
+Q8_0 from the float weights. The tokenizer (byte-level BPE: tokens, merges, token types), its special token ids and
 chat template go into the metadata.
 """
 
@@ -26,8 +28,9 @@ import torch
 from llmctl.core.errors import LlmctlError
 from llmctl.core.families import head_shape, max_positions
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-BLOCK = 32  # the values in a Q8_0 / Q4_0 block
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+INT4 = ("q4_0", "q4_1")  # the 4-bit block types an int4-weight checkpoint's own groups map onto
+BLOCK = 32  # the values in a Q8_0 / Q4_0 / Q4_1 block
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "gpt2": "GPT2"}  # model_type → gguf arch
 
 
@@ -36,17 +39,20 @@ def family_of(folder: Path) -> str | None:
 
 
 def choose_type(requested: str, quantization) -> str:
-    """auto: q4_0 from an int4-weight checkpoint (its blocks as they are), f16 otherwise."""
+    """auto: from an int4-weight checkpoint its own blocks (q4_1 for min–max groups, q4_0 for symmetric ones),
+    f16 otherwise."""
     if requested != "auto":
         return requested
-    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
-    return "q4_0" if scheme == "int4-weight" else "f16"
+    q = quantization if isinstance(quantization, dict) else {}
+    if q.get("scheme") != "int4-weight":
+        return "f16"
+    return "q4_1" if q.get("zero_point") else "q4_0"
 
 
 def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) -> dict:
     """Write `model` (floating point) as `model-<gtype>.gguf` in `folder`. With `int4_model` (the same model loaded
-    from an int4-weight checkpoint) and q4_0, its Linear weights' own int4 values and scales become the Q4_0
-    blocks instead of rounding `model`'s weights again. Returns what the artifact record keeps."""
+    from an int4-weight checkpoint) and q4_0 / q4_1, its Linear weights' own int4 values, scales (and zero points)
+    become the blocks instead of rounding `model`'s weights again. Returns what the artifact record keeps."""
     import gguf
 
     family = model.config.model_type
@@ -54,7 +60,7 @@ def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) 
         raise LlmctlError(f"format=gguf: no GGUF layout for the {family} family (it writes {', '.join(ARCHITECTURES)})")
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[family])
     name = f"model-{gtype}.gguf"
-    int4_values = _int4_blocks(int4_model) if gtype == "q4_0" and int4_model is not None else {}
+    int4_values = _int4_blocks(int4_model, gtype) if gtype in INT4 and int4_model is not None else {}
     logging.getLogger("gguf").setLevel(logging.ERROR)  # the writer logs each file it writes; llmctl reports itself
     writer = gguf.GGUFWriter(str(Path(folder) / name), gguf.MODEL_ARCH_NAMES[arch])
     _write_config(writer, model, family, gtype)
@@ -68,7 +74,7 @@ def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) 
                 f"format=gguf: no GGUF name for {key} ({family}); the family's layout is not one it writes"
             )
         if key in int4_values:  # the checkpoint's own blocks, laid out as the float tensor is
-            raw, qtype = int4_values[key], gguf.GGMLQuantizationType.Q4_0
+            raw, qtype = int4_values[key]
             if ARCHITECTURES[family] == "LLAMA" and key.endswith(("q_proj.weight", "k_proj.weight")):
                 heads, kv, _ = head_shape(model.config)
                 raw = _permute(torch.from_numpy(raw), heads, heads if "q_proj" in key else kv).numpy()
@@ -88,7 +94,7 @@ def export_gguf(model, tokenizer, folder: Path, gtype: str, *, int4_model=None) 
         "gguf_version": int(gguf.GGUF_VERSION),
         "architecture": gguf.MODEL_ARCH_NAMES[arch],
         "tensors": written,
-        "q4_0_tensors_from_int4": from_int4,
+        "tensors_from_int4": from_int4,
     }
 
 
@@ -147,7 +153,7 @@ def _type_of(target: str, gtype: str, int4_model) -> str:
     """The type of a tensor not taken from int4 blocks. In a q4_0 file the output layer stays 8-bit (llama.cpp keeps
     it wider too: its error reaches every logit), and so does everything an int4 checkpoint itself kept at 8 bits or
     more (embedding rows in int8, a head in floating point): the file then computes what the checkpoint computes."""
-    if gtype == "q4_0" and (int4_model is not None or target == "output.weight"):
+    if gtype in INT4 and (int4_model is not None or target == "output.weight"):
         return "q8_0"
     return gtype
 
@@ -160,28 +166,37 @@ def _encode(data: np.ndarray, gtype: str, target: str):
     T = gguf.GGMLQuantizationType
     if data.ndim < 2 or "norm" in target or gtype == "f32":
         return data.astype(np.float32), T.F32
-    if gtype == "f16" or (gtype in ("q8_0", "q4_0") and data.shape[-1] % BLOCK):
+    if gtype == "f16" or (gtype in ("q8_0", *INT4) and data.shape[-1] % BLOCK):
         return data.astype(np.float16), T.F16
-    qtype = {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[gtype]
+    qtype = {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[gtype]
     return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
 
 
-def _int4_blocks(model) -> dict:
-    """{HF weight name: Q4_0 bytes} from an int4-weight model's own values and scales, for each weight stored in
-    symmetric groups of 32 (Q4_0's block); an asymmetric or other-sized grouping is rounded again instead."""
+def _int4_blocks(model, gtype: str) -> dict:
+    """{HF weight name: (block bytes, GGML type)} from an int4-weight model's own values, scales and zero points,
+    for each weight stored in groups of 32 (the blocks' size) that `gtype` holds as it is: Q4_1 any such group,
+    Q4_0 symmetric ones. Others (asymmetric in a q4_0 file, other group sizes, a layer with a low-rank error
+    correction) are rounded again from the float weights instead."""
+    import gguf
+
     out = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not hasattr(weight, "qdata") or tuple(getattr(weight, "block_size", None) or ()) != (1, BLOCK):
             continue
+        if hasattr(module, "lowrank_a"):
+            continue  # int4 values + a float correction: no 4-bit block holds the sum
         q, scale = weight.qdata.to(torch.int16), weight.scale.float()
-        if weight.zero_point is not None and int(weight.zero_point.abs().max()) != 0:
-            continue  # asymmetric: Q4_0 cannot hold it; rounded again from the float weights
         rows, cols = q.shape
+        zero = weight.zero_point.float() if weight.zero_point is not None else torch.zeros_like(scale)
+        if gtype == "q4_0" and bool(zero.any()):
+            continue  # asymmetric: Q4_0 cannot hold it
         stored = (q + 8).to(torch.uint8).reshape(rows, cols // BLOCK, 2, BLOCK // 2)
-        packed = stored[:, :, 0, :] | (stored[:, :, 1, :] << 4)  # value j and j + 16 share a byte, as Q4_0
-        d = scale.reshape(rows, cols // BLOCK, 1).to(torch.float16).view(torch.uint8).reshape(rows, cols // BLOCK, 2)
-        out[f"{name}.weight"] = torch.cat([d, packed], dim=-1).reshape(rows, -1).numpy()
+        packed = stored[:, :, 0, :] | (stored[:, :, 1, :] << 4)  # value j and j + 16 share a byte, as ggml's blocks
+        halves = [scale] if gtype == "q4_0" else [scale, -(zero + 8) * scale]  # Q4_0: d · (q − 8); Q4_1: d · q + m
+        head = [h.reshape(rows, cols // BLOCK, 1).to(torch.float16).view(torch.uint8) for h in halves]
+        qtype = gguf.GGMLQuantizationType.Q4_0 if gtype == "q4_0" else gguf.GGMLQuantizationType.Q4_1
+        out[f"{name}.weight"] = (torch.cat([*head, packed], dim=-1).reshape(rows, -1).numpy(), qtype)
     return out
 
 
@@ -201,6 +216,7 @@ def _write_config(writer, model, family: str, gtype: str) -> None:
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     }[gtype]
     writer.add_file_type(ftype)
     if family == "gpt2":

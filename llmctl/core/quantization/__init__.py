@@ -31,7 +31,7 @@ The record names every quantized module, so the loader applies exactly the same 
 config.json and loads the tensors into it.
 """
 
-from llmctl.core.quantization.calibration import activation_outliers
+from llmctl.core.quantization.calibration import activation_outliers, input_rms
 from llmctl.core.quantization.schemes import (
     DEFAULT_GROUP,
     METHODS,
@@ -56,6 +56,7 @@ __all__ = [
     "check",
     "finish_qat",
     "head_modules",
+    "input_rms",
     "pack_int4",
     "prepare_qat",
     "quantize",

@@ -8,8 +8,6 @@ def activation_outliers(model, batches, names: list[str], *, ratio: float) -> di
     int8 dynamic activations (one scale per tensor, 7-bit on x86) would round their typical values to a
     level or two. SmolLM2's `mlp.down_proj` inputs reach 330× (int8-dynamic: perplexity 1.60 → 2.71;
     with those layers in fp32: 1.64); BERT's stay under 90×. {name: peak ratio} of the layers above `ratio`."""
-    import torch
-
     peaks: dict[str, float] = {}
     wanted = set(names)
 
@@ -20,7 +18,33 @@ def activation_outliers(model, batches, names: list[str], *, ratio: float) -> di
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in wanted]
+    _run(model, batches, {n: hook(n) for n in wanted})
+    return {name: peak for name, peak in peaks.items() if peak > ratio}
+
+
+def input_rms(model, batches, names: list[str]) -> dict:
+    """{name: root mean square of each input channel of the Linear} on calibration `batches` (padding included):
+    how much each input weight matters, for weighing a layer's rounding error (core.quantization.lowrank)."""
+    sums: dict = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    _run(model, batches, {n: hook(n) for n in names})
+    return {name: (total / counts[name]).sqrt() for name, total in sums.items()}
+
+
+def _run(model, batches, hooks: dict) -> None:
+    """Forward `batches` through `model` (eval mode, no gradients) with a pre-hook on each module named in `hooks`."""
+    import torch
+
+    handles = [m.register_forward_pre_hook(hooks[n]) for n, m in model.named_modules() if n in hooks]
     was_training = model.training
     model.eval()
     try:
@@ -32,4 +56,3 @@ def activation_outliers(model, batches, names: list[str], *, ratio: float) -> di
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: peak for name, peak in peaks.items() if peak > ratio}

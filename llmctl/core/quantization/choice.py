@@ -105,10 +105,13 @@ def check_goal(goal: str, cost: dict | None) -> None:
         )
 
 
-def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers):
+def auto(
+    model, on, run, *, settings: dict, goal: str, max_drop: float, cost: dict | None, seed: int, outliers, input_scales
+):
     """method=auto end to end: the unquantized model and every candidate judged alike on validation, the table
     printed, `model` quantized in place with the goal's pick; returns (its record, what the manifest keeps).
-    `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point)."""
+    `outliers(model)`: the int8-dynamic calibration (Linears kept in floating point); `input_scales(model)`: the
+    int4 one (each Linear's input RMS per channel, for the error correction), taken once from the float model."""
     check_goal(goal, cost)
     found, left = candidates(model, run.rt.device, group_size=settings["group_size"], keep_head=settings["keep_head"])
     for line in left:
@@ -122,7 +125,18 @@ def auto(model, on, run, *, settings: dict, goal: str, max_drop: float, cost: di
         own = {**settings, "head_int8": candidate["head_int8"]}
         if method != "int4-weight":  # quantize.group_size is the int4 candidate's; int8 scales per channel
             own["group_size"] = None
-        return quantize(m, method, method=method, outliers=outliers(m) if method == "int8-dynamic" else None, **own)
+        elif "int4" not in scales:
+            scales["int4"] = input_scales(model)
+        return quantize(
+            m,
+            method,
+            method=method,
+            outliers=outliers(m) if method == "int8-dynamic" else None,
+            input_scales=scales.get("int4"),
+            **own,
+        )
+
+    scales: dict = {}
 
     reference = judged(model, on.source.path)
     rows = []

@@ -42,6 +42,7 @@ import torch
 
 from llmctl.core.device import cpu_has_int8_dot, cpu_has_native_bf16
 from llmctl.core.models import tensor_bytes
+from llmctl.core.quantization import lowrank
 
 SMALL_BATCH = 64  # rows at or under which the packed kernel runs; above, dequantize + float matmul (prefill)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
@@ -58,6 +59,11 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = w, linear.bias
         self.bits, self.group, self.activations = bits, group, activations
+        self.lowrank = hasattr(linear, "lowrank_a")  # a rank-r correction of the rounding error (quantization.lowrank)
+        if self.lowrank:
+            self.lowrank_a, self.lowrank_b = linear.lowrank_a, linear.lowrank_b
+            self.register_buffer("a", linear.lowrank_a.detach().to(activations), persistent=False)
+            self.register_buffer("b", linear.lowrank_b.detach().to(activations), persistent=False)
         scale = w.scale.reshape(self.out_features, -1).float()
         if bits == 8:
             w.qdata = _aligned(w.qdata)  # the kernel reads the stored values themselves: no second copy
@@ -79,12 +85,16 @@ class PackedLinear(torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows > SMALL_BATCH:  # prefill / scoring: the weight dequantized once, the float matmul (bf16 where native)
             bias = self.bias.to(self.activations) if self.bias is not None else None
-            return torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias).to(x.dtype)
+            h = x.to(self.activations)
+            y = torch.nn.functional.linear(h, self.dequantized(), bias)
+            return (y + lowrank.apply(h, self.a, self.b) if self.lowrank else y).to(x.dtype)
         flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight.qdata, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        if self.lowrank:
+            y = y + lowrank.apply(flat, self.a, self.b)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
@@ -100,13 +110,15 @@ class PackedLinear(torch.nn.Module):
 
     def kernel_bytes(self) -> int:
         """Bytes a batch-1 step reads: the values in the kernel's layout, their scales, the bias."""
+        extra = _bytes(self.a, self.b) if self.lowrank else 0
         if self.bits == 8:
-            return _bytes(self.weight.qdata, self.scales, self.bias)
-        return _bytes(self.packed, self.scales_zeros, self.bias)
+            return _bytes(self.weight.qdata, self.scales, self.bias) + extra
+        return _bytes(self.packed, self.scales_zeros, self.bias) + extra
 
     def extra_repr(self) -> str:
         kernel = "int8pack" if self.bits == 8 else f"int4pack (groups of {self.group})"
-        return f"{self.in_features} → {self.out_features}, {kernel}, {str(self.activations)[6:]} activations"
+        fix = f" + rank-{self.a.shape[0]} correction" if self.lowrank else ""
+        return f"{self.in_features} → {self.out_features}, {kernel}{fix}, {str(self.activations)[6:]} activations"
 
 
 class DynamicInt8Linear(torch.nn.Module):

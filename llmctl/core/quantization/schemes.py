@@ -4,6 +4,9 @@
   × int8 activations quantized per row on the fly, run by `aten._int_mm` (`kernels.DynamicInt8Linear`, CPU only).
 - `int8-weight` / `int4-weight`: torchao `IntxWeightOnlyConfig` (int8 per channel, int4 per group of
   `group_size` input weights), run by torch's packed kernels where the machine has them (`kernels.pack`).
+  int4 groups take a float zero point by default (`zero_point`: each group's own min–max range, the mapping
+  the packed kernel computes and GGUF's Q4_1 stores); `error_rank` adds a low-rank float correction where a
+  layer's rounding error is low-rank (`lowrank`).
 - `qat`: torchao `QATConfig(base, step="prepare")`, trained by the caller, then `finish_qat` converts.
 - Embedding tables: int8 per row (torchao's tensor), looked up row by row (`kernels.Int8Embedding`).
 - The task head and `skip` patterns stay in floating point.
@@ -19,7 +22,7 @@ import fnmatch
 import io
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.quantization import kernels
+from llmctl.core.quantization import kernels, lowrank
 
 SCHEMES = {
     "int8-dynamic": {
@@ -193,10 +196,15 @@ def quantize(
     method: str | None = None,
     outliers: dict[str, float] | None = None,
     head_int8: bool = False,
+    zero_point: bool = True,
+    error_rank: int = 0,
+    input_scales: dict | None = None,
 ) -> dict:
     """Quantize `model` in place (floating point → `scheme`); returns the record the manifest keeps.
     `outliers` (from `activation_outliers`): Linears whose inputs are too peaked for int8 activations,
-    kept in floating point."""
+    kept in floating point. int4 only: `zero_point` (a float zero point per group, else symmetric groups) and
+    `error_rank` (a rank-r correction of each layer's rounding error where that error is low-rank, weighed by
+    `input_scales` from `input_rms` when given; core.quantization.lowrank)."""
     record = _plan(
         model,
         scheme,
@@ -208,7 +216,13 @@ def quantize(
         outliers=outliers,
         head_int8=head_int8,
     )
+    if record["bits"] == 4:
+        record["zero_point"] = bool(zero_point)
+    floats = lowrank.float_weights(model, record["linear"]) if record["bits"] == 4 and error_rank else {}
     apply(model, record)
+    if floats:
+        record["lowrank"] = lowrank.correct(model, floats, rank=int(error_rank), input_scales=input_scales)
+        record["lowrank_rank"] = int(error_rank)
     record["torchao"] = _torchao_version()  # every scheme stores torchao tensors now
     kernels.pack(model, record)
     return record
@@ -261,6 +275,8 @@ def apply(model, record: dict, *, qat: str | None = None) -> None:
     _torchao_quantize(model, record, set(record["linear"]), step=qat)  # int8-dynamic: its int8 weights (bits 8)
     if qat == "prepare":
         return
+    for name, rank in (record.get("lowrank") or {}).items():  # filled by quantize, or by the loader's tensors
+        lowrank.attach(model.get_submodule(name), int(rank))
     int8_rows = {"bits": 8, "group_size": None}  # one scale per output channel / per table row
     if record.get("head_int8"):  # the output layer: int8 per channel, whatever the body's bits
         _torchao_quantize(model, int8_rows, set(record["head_int8"]), step=None)
@@ -299,7 +315,34 @@ def _torchao_quantize(model, record: dict, names: set[str], step: str | None) ->
     )
     if step is not None:
         config = QATConfig(config, step=step)
+    elif record["bits"] == 4 and record.get("zero_point"):  # float zero points: min–max groups (`minmax_int4`)
+        for name in sorted(names):
+            module = model.get_submodule(name)
+            module.weight = torch.nn.Parameter(minmax_int4(module.weight.detach(), int(group)), requires_grad=False)
+        return
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+
+
+def minmax_int4(weight, group: int):
+    """torchao's int4 tensor (`IntxUnpackedToInt8Tensor`) of `weight` in groups of `group` input weights, each
+    spanning its own min–max range: value = (q − zero point) · scale, q in −8..7, the zero point a float. The
+    mapping the packed int4 kernel computes (q · scale + zero) and GGUF's Q4_1 stores (d · q + m); symmetric
+    groups (torchao's default, q · scale) leave a group's unused side of the range empty. A model fine-tuned
+    from a 4-bit base (a GGUF Q4_1 or QLoRA checkpoint) keeps its base weights exactly on this grid."""
+    import torch
+
+    with quiet_torchao():
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+    out, width = weight.shape
+    w = weight.float().reshape(out, width // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    # a group of (nearly) equal values gets a scale of a millionth of its size, so its zero point stays exact
+    scale = torch.maximum((high - low) / 15, 1e-6 * torch.maximum(low.abs(), high.abs())).clamp_min(1e-12)
+    zero = -low / scale - 8  # low ↦ −8, high ↦ 7
+    q = (torch.round((w - low) / scale) - 8).clamp_(-8, 7).to(torch.int8).reshape(out, width)
+    return IntxUnpackedToInt8Tensor(
+        q, scale.reshape(out, -1), zero.reshape(out, -1), torch.int4, (1, group), weight.dtype, None
+    )
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
