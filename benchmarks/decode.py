@@ -7,10 +7,11 @@
 From one floating-point checkpoint it builds, in memory, fp32, bf16 (autocast, as precision=bf16 runs it),
 int8-dynamic, int8-weight and int4-weight (llmctl's quantize schemes, packed kernels where the machine has them),
 then times each like `llmctl generate` (model.generate, greedy, KV cache) round-robin: time to first token and
-decode tokens/s (medians over rounds), against the bound memory bandwidth sets (a measured copy, over the
-weight bytes a step reads), and the perplexity delta on held-out text (BBC News articles by default), each format
-under its own precision. `<scheme>+head8` stores the output layer as int8 (`quantize.head_int8=true`; for SmolLM2 the
-tied embedding table: 113 of the 538 MB an fp32 step reads), `<scheme>+head` at the scheme's own bits.
+decode tokens/s (medians over rounds), against the bound memory bandwidth sets (a measured copy, over the weight
+bytes a step reads), and the perplexity delta on held-out text (BBC News articles by default), each format under its
+own precision; `<format>:rank<r>` sets int4's quantize.error_rank (16 otherwise). `<scheme>+head8` stores the output
+layer as int8 (`quantize.head_int8=true`; for SmolLM2 the tied embedding table: 113 of the 538 MB an fp32 step
+reads), `<scheme>+head` at the scheme's own bits.
 """
 
 from __future__ import annotations
@@ -31,22 +32,28 @@ from llmctl.core.loading import load_checkpoint
 from llmctl.core.store import Store
 
 FORMATS = ("fp32", "bf16", "int8-dynamic", "int8-weight", "int4-weight", "int8-weight+head8", "int4-weight+head8")
-QUANTIZE = {"group_size": None, "skip": [], "keep_head": True, "embeddings": False}
+QUANTIZE = {"group_size": None, "skip": [], "keep_head": True, "embeddings": False, "error_rank": 16}  # quantize's
 
 
 def build(model, fmt: str, calibration: list[dict]):
     """(model, precision) for a format: a quantized deep copy, or the model itself under fp32 / bf16 autocast.
-    int8-dynamic keeps the Linears whose inputs peak above 100× their RMS on `calibration` in fp32, as
-    `llmctl quantize` does on the checkpoint's data. `<scheme>+head8`: the output layer as int8
+    int8-dynamic keeps the Linears whose inputs peak above 100× their RMS on `calibration` in fp32, and int4 fits
+    its low-rank error correction (quantize.error_rank) weighed by the inputs there, as `llmctl quantize` does on
+    the checkpoint's data. `<scheme>+head8`: the output layer as int8
     (quantize.head_int8); `<scheme>+head`: at the scheme's own bits (keep_head=false)."""
     if fmt in ("fp32", "bf16"):
         return model, fmt
+    fmt, _, rank = fmt.partition(":rank")
     scheme, _, head = fmt.partition("+")
     q = copy.deepcopy(model)
     settings = {**QUANTIZE, "keep_head": head != "head", "head_int8": head == "head8"}
+    if rank:
+        settings["error_rank"] = int(rank)
+    names = quantization.targets(q, **{k: settings[k] for k in ("skip", "keep_head", "embeddings")})["linear"]
     if scheme == "int8-dynamic":
-        names = quantization.targets(q, **{k: settings[k] for k in ("skip", "keep_head", "embeddings")})["linear"]
         settings["outliers"] = quantization.activation_outliers(q, calibration, names, ratio=100.0)
+    if scheme == "int4-weight":  # the low-rank error correction weighed by the inputs, as quantize calibrates it
+        settings["input_scales"] = quantization.input_rms(q, calibration, names)
     quantization.quantize(q, scheme, **settings)
     return q.eval(), "fp32"
 
