@@ -14,7 +14,9 @@ Methods (core/quantization.py, one adapter over the kernels measured fastest on 
   own data stay in fp32 (a few loud channels take a token's whole int8 range: SmolLM2's down_proj).
 - `int8-weight` / `int4-weight`: weight-only, stored in torchao's portable layout; decoding runs torch's packed
   int8 / int4 kernels built at load (core/quantization/kernels.py): smaller and faster at batch 1.
-  `quantize.group_size` sets the int4 groups (default 32).
+  `quantize.group_size` sets the int4 groups (default 32); each spans its own min–max range (a float zero point,
+  `quantize.zero_point`), and a layer whose rounding error is low-rank (a fine-tune merged onto a 4-bit base) gets
+  a rank-`quantize.error_rank` float correction fitted on calibration batches (core/quantization/lowrank.py).
 - `auto`: quantize a copy with each method the device runs (and, for a decoder, each weight-only one with an
   int8 output layer), judge them all like the original on validation, print the table, and publish the one
   `quantize.goal` picks: `speed` (decode tokens/s, or batch-1 latency) or `size` among those within
