@@ -1,7 +1,7 @@
 """`llmctl export` on tiny models: an ONNX classifier (fp32, ONNX Runtime int8 from an int8-dynamic checkpoint, a
 head-pruned BERT) runs in onnxruntime with the source's logits at shapes it was not traced at and is judged by
 `eval` by reference; a tiny Llama and GPT-2 as GGUF reload through transformers' GGUF reader with their logits,
-tokenizer and chat template; an int4-weight checkpoint's groups become Q4_0 blocks as they are."""
+tokenizer and chat template; an int4-weight checkpoint's groups become Q4_1 / Q4_0 blocks as they are."""
 
 from __future__ import annotations
 
@@ -177,11 +177,12 @@ def test_a_llama_as_gguf_reloads_with_its_logits_tokenizer_and_chat_template(lla
 @pytest.mark.parametrize("zero_point, blocks", [("true", "q4_1"), ("false", "q4_0")], ids=["min-max", "symmetric"])
 def test_a_gpt2_as_gguf_and_an_int4_llama_as_its_own_4bit_blocks(bases, llama, corpus, tmp_path, zero_point, blocks):
     data = ["data=files", f"data.train={corpus}", "data.max_seq_len=32"]
-    gpt = _export(tmp_path, f"ckpt={bases['gpt']}", "format=gguf", "gguf.type=f16", "name=g", *data)
-    assert (
-        abs(gpt.manifest["export"]["parity"]["perplexity_delta"])
-        < 0.01 * gpt.manifest["export"]["parity"]["source_perplexity"]
-    )
+    if blocks == "q4_1":  # (the GPT-2 once)
+        gpt = _export(tmp_path, f"ckpt={bases['gpt']}", "format=gguf", "gguf.type=f16", "name=g", *data)
+        assert (
+            abs(gpt.manifest["export"]["parity"]["perplexity_delta"])
+            < 0.01 * gpt.manifest["export"]["parity"]["source_perplexity"]
+        )
     code, err = run_inprocess(
         "quantize",
         f"init_from={llama}",

@@ -328,7 +328,8 @@ def minmax_int4(weight, group: int):
     spanning its own min–max range: value = (q − zero point) · scale, q in −8..7, the zero point a float. The
     mapping the packed int4 kernel computes (q · scale + zero) and GGUF's Q4_1 stores (d · q + m); symmetric
     groups (torchao's default, q · scale) leave a group's unused side of the range empty. A model fine-tuned
-    from a 4-bit base (a GGUF Q4_1 or QLoRA checkpoint) keeps its base weights exactly on this grid."""
+    from a 4-bit base (a de-quantized GGUF Q4_1 model, such as the packaged SmolLM2) keeps its base weights
+    exactly on this grid."""
     import torch
 
     with quiet_torchao():
