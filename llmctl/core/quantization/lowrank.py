@@ -44,6 +44,7 @@ def correct(model, floats: dict, *, rank: int, input_scales: dict | None = None)
         error = weight - module.weight.dequantize().float()
         scales = (input_scales or {}).get(name)
         scales = torch.ones(weight.shape[1]) if scales is None else scales.float().clamp_min(1e-6)
+        scales = scales.to(weight.device)
         weighted = error * scales
         total = float(weighted.pow(2).sum())
         if total <= (MIN_ERROR * float((weight * scales).norm())) ** 2:
@@ -67,8 +68,9 @@ def attach(module, rank: int) -> None:
     if hasattr(module, "lowrank_a"):
         return
     out_features, in_features = module.weight.shape
-    module.lowrank_a = torch.nn.Parameter(torch.zeros(rank, in_features), requires_grad=False)
-    module.lowrank_b = torch.nn.Parameter(torch.zeros(out_features, rank), requires_grad=False)
+    device = module.weight.device
+    module.lowrank_a = torch.nn.Parameter(torch.zeros(rank, in_features, device=device), requires_grad=False)
+    module.lowrank_b = torch.nn.Parameter(torch.zeros(out_features, rank, device=device), requires_grad=False)
     module.register_forward_hook(_add)
 
 
