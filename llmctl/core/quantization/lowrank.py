@@ -1,8 +1,8 @@
 """A low-rank float correction of an int4 layer's rounding error, where that error is low-rank.
 
-    floats = float_weights(model, names)                  # before quantizing
-    ...                                                    # quantize the Linears to int4
-    kept = correct(model, floats, rank=16, input_scales=input_rms(model, batches, names))   # {name: rank}
+    scales = input_rms(model, batches, names)           # core.quantization.calibration, on the float model
+    ...                                                  # for each Linear: keep its float weight, quantize it, then
+    rank = fit(linear, weight, rank=16, input_scales=scales[name])   # None: no correction for this layer
 
 Round-to-nearest int4 erases any change to a weight smaller than half a step when the grid the weights sit on is the
 one they are rounded to: a model fine-tuned from a 4-bit base (SmolLM2 is shipped as de-quantized GGUF Q4_1) has base
@@ -30,37 +30,28 @@ MAX_SHARE = 8  # a layer's rank is at most 1/8 of its narrower side: a quarter o
 #                half of any noise, so a larger share would "find" structure in plain rounding noise
 
 
-def float_weights(model, names) -> dict[str, torch.Tensor]:
-    """{name: a float copy of the Linear's weight}, taken before it is quantized."""
-    return {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
-
-
-def correct(model, floats: dict, *, rank: int, input_scales: dict | None = None) -> dict[str, int]:
-    """Attach a rank-`rank` correction of (float − dequantized int4) to each quantized Linear of `floats` whose
-    error it mostly removes; returns {name: rank} of those (the record the loader re-attaches)."""
-    kept = {}
-    for name, weight in floats.items():
-        module = model.get_submodule(name)
-        error = weight - module.weight.dequantize().float()
-        scales = (input_scales or {}).get(name)
-        scales = torch.ones(weight.shape[1]) if scales is None else scales.float().clamp_min(1e-6)
-        scales = scales.to(weight.device)
-        weighted = error * scales
-        total = float(weighted.pow(2).sum())
-        if total <= (MIN_ERROR * float((weight * scales).norm())) ** 2:
-            continue
-        r = min(rank, min(weight.shape) // MAX_SHARE)
-        if r == 0:
-            continue
-        u, s, vh = torch.linalg.svd(weighted, full_matrices=False)
-        if float(s[:r].pow(2).sum()) < MIN_CAPTURED * total:
-            continue
-        attach(module, r)
-        with torch.no_grad():
-            module.lowrank_a.copy_(vh[:r] / scales)  # undo the input weighting: (B A) x = U S Vh (x / scales)
-            module.lowrank_b.copy_(u[:, :r] * s[:r])
-        kept[name] = r
-    return kept
+def fit(module, weight: torch.Tensor, *, rank: int, input_scales: torch.Tensor | None = None) -> int | None:
+    """Attach to a just-quantized Linear a rank-`rank` correction of (its float `weight` − its dequantized int4
+    weight), weighted by `input_scales` (each input channel's RMS, or None), where it removes most of that error;
+    returns the rank attached (what the record keeps for the loader), None where the layer gets none."""
+    error = weight.float() - module.weight.dequantize().float()
+    scales = torch.ones(weight.shape[1]) if input_scales is None else input_scales.float().clamp_min(1e-6)
+    scales = scales.to(weight.device)
+    weighted = error * scales
+    total = float(weighted.pow(2).sum())
+    if total <= (MIN_ERROR * float((weight.float() * scales).norm())) ** 2:
+        return None
+    r = min(rank, min(weight.shape) // MAX_SHARE)
+    if r == 0:
+        return None
+    u, s, vh = torch.linalg.svd(weighted, full_matrices=False)
+    if float(s[:r].pow(2).sum()) < MIN_CAPTURED * total:
+        return None
+    attach(module, r)
+    with torch.no_grad():
+        module.lowrank_a.copy_(vh[:r] / scales)  # undo the input weighting: (B A) x = U S Vh (x / scales)
+        module.lowrank_b.copy_(u[:, :r] * s[:r])
+    return r
 
 
 def attach(module, rank: int) -> None:

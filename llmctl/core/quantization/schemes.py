@@ -216,13 +216,19 @@ def quantize(
         outliers=outliers,
         head_int8=head_int8,
     )
+    corrected: dict[str, int] = {}
+
+    def correct(name: str, module, weight) -> None:  # each int4 Linear, right after it is quantized
+        rank = lowrank.fit(module, weight, rank=int(error_rank), input_scales=(input_scales or {}).get(name))
+        if rank:
+            corrected[name] = rank
+
     if record["bits"] == 4:
         record["zero_point"] = bool(zero_point)
-    floats = lowrank.float_weights(model, record["linear"]) if record["bits"] == 4 and error_rank else {}
-    apply(model, record)
-    if floats:
-        record["lowrank"] = lowrank.correct(model, floats, rank=int(error_rank), input_scales=input_scales)
-        record["lowrank_rank"] = int(error_rank)
+    fits = record["bits"] == 4 and error_rank > 0
+    apply(model, record, correct=correct if fits else None)
+    if fits:
+        record["lowrank"], record["lowrank_rank"] = corrected, int(error_rank)
     record["torchao"] = _torchao_version()  # every scheme stores torchao tensors now
     kernels.pack(model, record)
     return record
@@ -269,10 +275,12 @@ def prepare_model(model) -> None:
                 setattr(parent, name, linear)
 
 
-def apply(model, record: dict, *, qat: str | None = None) -> None:
+def apply(model, record: dict, *, qat: str | None = None, correct=None) -> None:
     """The record's transforms on a prepared model (quantize, and the loader on a fresh one).
-    `qat="prepare"` fake-quantizes the Linears instead (training toward the scheme); no embeddings yet."""
-    _torchao_quantize(model, record, set(record["linear"]), step=qat)  # int8-dynamic: its int8 weights (bits 8)
+    `qat="prepare"` fake-quantizes the Linears instead (training toward the scheme); no embeddings yet.
+    `correct(name, module, float weight)`: called for each Linear right after it is quantized (its float weight is
+    dropped after, so no second copy of the model is held)."""
+    _torchao_quantize(model, record, set(record["linear"]), step=qat, each=correct)  # int8-dynamic: int8 weights
     if qat == "prepare":
         return
     for name, rank in (record.get("lowrank") or {}).items():  # filled by quantize, or by the loader's tensors
@@ -302,7 +310,7 @@ def finish_qat(model, record: dict) -> dict:
     return record
 
 
-def _torchao_quantize(model, record: dict, names: set[str], step: str | None) -> None:
+def _torchao_quantize(model, record: dict, names: set[str], step: str | None, each=None) -> None:
     import torch
 
     with quiet_torchao():
@@ -314,13 +322,21 @@ def _torchao_quantize(model, record: dict, names: set[str], step: str | None) ->
         granularity=PerGroup(int(group)) if group else PerAxis(0),
     )
     if step is not None:
-        config = QATConfig(config, step=step)
-    elif record["bits"] == 4 and record.get("zero_point"):  # float zero points: min–max groups (`minmax_int4`)
-        for name in sorted(names):
-            module = model.get_submodule(name)
-            module.weight = torch.nn.Parameter(minmax_int4(module.weight.detach(), int(group)), requires_grad=False)
+        quantize_(model, QATConfig(config, step=step), filter_fn=lambda module, fqn: fqn in names)
         return
-    quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+    minmax = record["bits"] == 4 and record.get("zero_point")  # float zero points: min–max groups (`minmax_int4`)
+    if not minmax and each is None:
+        quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+        return
+    for name in sorted(names):  # one Linear at a time: `each` sees its float weight, then it is dropped
+        module = model.get_submodule(name)
+        weight = module.weight.detach()
+        if minmax:
+            module.weight = torch.nn.Parameter(minmax_int4(weight, int(group)), requires_grad=False)
+        else:
+            quantize_(model, config, filter_fn=lambda m, fqn, name=name: fqn == name)
+        if each is not None:
+            each(name, model.get_submodule(name), weight)
 
 
 def minmax_int4(weight, group: int):
