@@ -93,9 +93,8 @@ def run(cfg) -> float | None:
         "keep_head": bool(q.keep_head),
         "embeddings": bool(q.embeddings),
         "head_int8": bool(q.head_int8),
-        "zero_point": bool(q.zero_point),
-        "error_rank": int(q.error_rank),
     }
+    int4 = {"zero_point": bool(q.zero_point), "error_rank": int(q.error_rank)}  # PTQ (QAT trains symmetric groups)
     with stage_run.start("quantize", cfg, default_name=stage_run.name_from(cfg.init_from)) as run:
         # ---- what and how: every unsupported combination is refused before anything loads ----
         # method=auto: measure the candidates, pick by quantize.goal (core/quantization/choice.py)
@@ -152,25 +151,26 @@ def run(cfg) -> float | None:
             },
         )
         if method == "qat":
-            qat = {k: v for k, v in settings.items() if k not in ("zero_point", "error_rank")}  # symmetric groups
-            qrecord = quantization.prepare_qat(model, scheme, **qat)
+            qrecord = quantization.prepare_qat(model, scheme, **settings)
             trained = finetune(model, tok, prepared, cfg.train, run, select=select, patience=int(cfg.patience)).metrics
             qrecord = quantization.finish_qat(model, qrecord)
             if not run.rt.is_main:  # rank 0 judges and publishes
                 return None
         else:
 
+            def calibration():  # the first training batches
+                return prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
+
             def outliers(m):  # int8-dynamic: Linears whose inputs are too peaked for int8 activations stay fp32
                 if not q.calibration_batches:
                     return None
-                batches = prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
-                return quantization.activation_outliers(m, batches, chosen["linear"], ratio=float(q.outlier_ratio))
+                ratio = float(q.outlier_ratio)
+                return quantization.activation_outliers(m, calibration(), chosen["linear"], ratio=ratio)
 
             def input_scales(m):  # int4 error correction: each Linear's input RMS per channel on the same batches
                 if not (q.error_rank and q.calibration_batches):
                     return None
-                batches = prepared.batches("train", int(cfg.train.batch_size), int(q.calibration_batches))
-                return quantization.input_rms(m, batches, chosen["linear"])
+                return quantization.input_rms(m, calibration(), chosen["linear"])
 
             trained = {}
             if auto:
@@ -178,7 +178,7 @@ def run(cfg) -> float | None:
                     model,
                     on,
                     run,
-                    settings=settings,
+                    settings={**settings, **int4},
                     goal=str(q.goal),
                     max_drop=float(q.max_drop),
                     cost=cost_settings(cfg.get("cost")),
@@ -192,7 +192,7 @@ def run(cfg) -> float | None:
                 found = outliers(model) if scheme == "int8-dynamic" else None
                 scales = input_scales(model) if scheme == "int4-weight" else None
                 qrecord = quantization.quantize(
-                    model, scheme, method=method, outliers=found, input_scales=scales, **settings
+                    model, scheme, method=method, outliers=found, input_scales=scales, **settings, **int4
                 )
         metrics = {**trained, **task_metrics(model, prepared, run.rt, int(cfg.seed))}  # the published weights' own
         run.print(
@@ -227,6 +227,7 @@ def run(cfg) -> float | None:
                 "quantize": {
                     "method": method,
                     **settings,
+                    **int4,
                     "base": cfg.method.get("base"),
                     "calibration_batches": int(q.calibration_batches),
                     "outlier_ratio": float(q.outlier_ratio),

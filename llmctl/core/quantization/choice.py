@@ -120,6 +120,8 @@ def auto(
     def judged(m, folder: Path) -> dict:
         return judge(m, on.prepared, "validation", rt=run.rt, seed=seed, folder=folder, cost=cost, capped=True)
 
+    scales: dict = {}  # the int4 calibration, taken once
+
     def quantize_as(m, candidate: dict) -> dict:
         method = candidate["method"]
         own = {**settings, "head_int8": candidate["head_int8"]}
@@ -135,8 +137,6 @@ def auto(
             input_scales=scales.get("int4"),
             **own,
         )
-
-    scales: dict = {}
 
     reference = judged(model, on.source.path)
     rows = []

@@ -42,7 +42,6 @@ import torch
 
 from llmctl.core.device import cpu_has_int8_dot, cpu_has_native_bf16
 from llmctl.core.models import tensor_bytes
-from llmctl.core.quantization import lowrank
 
 SMALL_BATCH = 64  # rows at or under which the packed kernel runs; above, dequantize + float matmul (prefill)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
@@ -60,11 +59,8 @@ class PackedLinear(torch.nn.Module):
         self.weight, self.bias = w, linear.bias
         self.bits, self.group, self.activations = bits, group, activations
         self.lowrank = hasattr(linear, "lowrank_a")  # a rank-r correction of the rounding error (quantization.lowrank)
-        if self.lowrank:
+        if self.lowrank:  # fp32 factors, used in fp32 whatever the activations (see `_corrected`)
             self.lowrank_a, self.lowrank_b = linear.lowrank_a, linear.lowrank_b
-            # fp32 whatever the activations: bf16 GEMMs this thin take 64 µs per layer here, fp32 10 µs
-            self.register_buffer("a", linear.lowrank_a.detach().float(), persistent=False)
-            self.register_buffer("b", linear.lowrank_b.detach().float(), persistent=False)
         scale = w.scale.reshape(self.out_features, -1).float()
         if bits == 8:
             w.qdata = _aligned(w.qdata)  # the kernel reads the stored values themselves: no second copy
@@ -86,22 +82,22 @@ class PackedLinear(torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows > SMALL_BATCH:  # prefill / scoring: the weight dequantized once, the float matmul (bf16 where native)
             bias = self.bias.to(self.activations) if self.bias is not None else None
-            y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias).to(x.dtype)
-            return y + self.correction(x) if self.lowrank else y
+            y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
+            return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
         flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight.qdata, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
-        if self.lowrank:  # y + B (A x), the sum in one fp32 addmm
-            rows_in = x.reshape(rows, self.in_features).float()
-            y = torch.addmm(y.float(), torch.mm(rows_in, self.a.t()), self.b.t())
+        if self.lowrank:
+            y = self._corrected(y, x, rows)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
-    def correction(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank correction's share of the output, B (A x), computed in fp32."""
-        return lowrank.apply(x.float(), self.a, self.b).to(x.dtype)
+    def _corrected(self, y: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """y + B (A x), in fp32 as one addmm (bf16 GEMMs this thin take 64 µs a layer here, fp32 10 µs)."""
+        a = torch.mm(x.reshape(rows, self.in_features).float(), self.lowrank_a.t())
+        return torch.addmm(y.reshape(rows, self.out_features).float(), a, self.lowrank_b.t()).reshape(y.shape)
 
     def dequantized(self) -> torch.Tensor:
         """The weight in the activation dtype, computed there from the stored values (two passes; torchao's
@@ -115,14 +111,14 @@ class PackedLinear(torch.nn.Module):
 
     def kernel_bytes(self) -> int:
         """Bytes a batch-1 step reads: the values in the kernel's layout, their scales, the bias."""
-        extra = _bytes(self.a, self.b) if self.lowrank else 0
+        extra = _bytes(self.lowrank_a, self.lowrank_b) if self.lowrank else 0
         if self.bits == 8:
             return _bytes(self.weight.qdata, self.scales, self.bias) + extra
         return _bytes(self.packed, self.scales_zeros, self.bias) + extra
 
     def extra_repr(self) -> str:
         kernel = "int8pack" if self.bits == 8 else f"int4pack (groups of {self.group})"
-        fix = f" + rank-{self.a.shape[0]} correction" if self.lowrank else ""
+        fix = f" + rank-{self.lowrank_a.shape[0]} correction" if self.lowrank else ""
         return f"{self.in_features} → {self.out_features}, {kernel}{fix}, {str(self.activations)[6:]} activations"
 
 

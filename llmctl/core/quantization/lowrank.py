@@ -66,10 +66,7 @@ def attach(module, rank: int) -> None:
 
 
 def _add(module, args, out):
+    """The forward hook: out + B (A x)."""
     x = args[0]
-    return out + apply(x, module.lowrank_a.to(x.dtype), module.lowrank_b.to(x.dtype)).to(out.dtype)
-
-
-def apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B (A x) for a batch of inputs `x` (…, in)."""
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+    a, b = module.lowrank_a.to(x.dtype), module.lowrank_b.to(x.dtype)
+    return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b).to(out.dtype)
