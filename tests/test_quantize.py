@@ -119,6 +119,7 @@ def test_qat_trains_then_stores_the_int4_layout_ptq_writes(world):
     m = res.manifest
     record = m["artifact"]["quantization"]
     assert record["method"] == "qat" and record["scheme"] == "int4-weight" and record["group_size"] == 32
+    assert "zero_point" not in record and not {"zero_point", "error_rank"} & set(m["quantize"])  # symmetric, as trained
     assert m["metrics"]["train/loss"] > 0 and "test/accuracy" in m["metrics"]
     ptq = _quantize(world, "init_from=finetune/c", "method=int4-weight", "name=ptq4", "quantize.error_rank=0")
     keys = lambda r: set(safe_open(str(r.path / quantization.WEIGHTS), "pt").keys())  # noqa: E731

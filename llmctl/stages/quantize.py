@@ -227,7 +227,7 @@ def run(cfg) -> float | None:
                 "quantize": {
                     "method": method,
                     **settings,
-                    **int4,
+                    **({} if method == "qat" else int4),  # what QAT did not apply is not recorded as its setting
                     "base": cfg.method.get("base"),
                     "calibration_batches": int(q.calibration_batches),
                     "outlier_ratio": float(q.outlier_ratio),
