@@ -80,7 +80,7 @@ def test_int4_packed_weights_are_a_fraction_of_the_bytes_a_decode_step_reads():
     if not packed:
         pytest.skip(f"this CPU runs int4 through {model.llmctl_kernels}")
     inner = sum(m.in_features * m.out_features for m in packed)
-    width = packed[0].scales_zeros.element_size()  # bf16 where the CPU has it natively, else fp32
+    width = torch.empty(0, dtype=packed[0].activations).element_size()  # bf16 where the CPU has it natively
     # int4 values at half a byte, one scale and one zero per 32 values; the head stays fp32
     assert bytes_per_token(model) == fp32 - 4 * inner + inner // 2 + inner // 32 * 2 * width
     assert len(packed) == len(record["linear"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmctl.core.generation import Row, Sampling, decode, encode, prompt_logprobs
+from llmctl.core.generation import Row, Sampling, decode, encode, greedy, plain_greedy, prompt_logprobs
 
 PROMPTS = ["The bank said", "Shares in the telecom group fell sharply after", "The"]
 
@@ -51,6 +51,72 @@ def test_the_output_layer_runs_for_the_last_position_only(gpt):
     finally:
         hook.remove()
     assert rows_seen == [1] * 4  # the prefill and three decode steps, one position each
+
+
+def test_greedy_gives_hf_generates_tokens_stops_after_a_stop_token_and_streams_them(gpt):
+    """The fast greedy loop (generate's and eval's decode path) computes model.generate's tokens, the output layer
+    at one position per step, ends at (and keeps) a stop token, and streams what it returns."""
+    model, tok = gpt
+    for prompt in PROMPTS:
+        x = torch.tensor([encode(tok, prompt, chat=False)])
+        hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert greedy(model, x, max_new_tokens=12).tolist() == hf.tolist()
+    x = torch.tensor([encode(tok, PROMPTS[1], chat=False)])
+    free = greedy(model, x, max_new_tokens=12)[0, x.shape[1] :].tolist()
+    stop = free[4]
+
+    class Streamer:
+        def __init__(self):
+            self.put_calls, self.ended = [], False
+
+        def put(self, value):
+            self.put_calls.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    rows_seen, streamer = [], Streamer()
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[1]))
+    try:
+        out = greedy(model, x, max_new_tokens=12, stops=[stop], streamer=streamer)[0, x.shape[1] :].tolist()
+    finally:
+        hook.remove()
+    assert out == free[: free.index(stop) + 1] and out[-1] == stop
+    assert rows_seen == [1] * len(out)
+    assert streamer.put_calls == [x.tolist()] + [[t] for t in out] and streamer.ended
+
+
+def test_under_bf16_autocast_each_weight_is_cast_once_per_generation_not_once_per_token(gpt):
+    """Decoding runs under no_grad, where autocast caches its weight casts; under inference_mode it re-cast every
+    weight at every step (SmolLM2 on an AMX CPU: 2.6× slower than fp32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, tok = gpt
+    weights = {p.data_ptr() for p in model.parameters()}
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.tensor([encode(tok, PROMPTS[1], chat=False)])
+    row = Row(ids=x[0].tolist(), max_new_tokens=6, stops=[], sampling=Sampling(temperature=0))
+    for run in (lambda: greedy(model, x, max_new_tokens=6), lambda: _run(model, [row])):
+        with torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts() as seen:
+            run()
+        assert seen.casts and max(seen.casts.values()) == 1
+
+
+def test_only_plain_greedy_settings_take_the_fast_loop():
+    assert plain_greedy(Sampling(temperature=0)) and plain_greedy(Sampling(greedy=True))
+    assert not plain_greedy(Sampling(temperature=0.7))
+    assert not plain_greedy(Sampling(temperature=0, repetition_penalty=1.2))  # the penalty is model.generate's
+    assert not plain_greedy(Sampling(temperature=0), beams=4)
 
 
 def test_rows_end_at_their_own_stop_token_and_budget(gpt):

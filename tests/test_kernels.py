@@ -207,3 +207,39 @@ def test_float_zero_points_far_from_zero_compute_the_stored_weights(rows):
             expected = torch.nn.functional.linear(x, w, linear.bias)
             got = packed(x)
         assert (got - expected).abs().max() < TOLERANCE[activations] * expected.abs().max()
+
+
+def test_int4_layers_that_read_one_input_share_a_kernel_call_and_compute_what_each_computes_alone(monkeypatch):
+    """q / k / v and gate / up read the same tensor: found by tracing one token, each group runs as one kernel call
+    over the weights side by side; o_proj and down_proj (inputs of their own) stay alone. Every member returns what
+    its own kernel gives, in any call order, and a decode step's logits are unchanged."""
+    from llmctl.core.quantization import kernels
+
+    model = _llama()
+    q.quantize(model, "int4-weight", **{**SETTINGS, "embeddings": False})
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        pytest.skip(f"this CPU runs int4 through {describe(model)}")
+    monkeypatch.setattr(kernels, "fuse", lambda model: (0, 0))
+    alone = _llama()
+    q.quantize(alone, "int4-weight", **{**SETTINGS, "embeddings": False})
+    layers = [(model.model.layers[i], alone.model.layers[i]) for i in range(2)]
+    for fused, _ in layers:
+        attention, mlp = fused.self_attn, fused.mlp
+        assert attention.q_proj.shared is not None
+        assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared
+        assert mlp.gate_proj.shared is mlp.up_proj.shared is not None
+        assert attention.o_proj.shared is None and mlp.down_proj.shared is None
+        assert attention.q_proj.shared is not mlp.gate_proj.shared
+    assert "10 int4 layers that read the same input run as 4 kernel calls" in describe(model)
+    assert all(m.shared is None for m in alone.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        for fused, single in layers:
+            for order in (["q_proj", "k_proj", "v_proj"], ["v_proj", "q_proj", "k_proj"]):
+                for name in order:
+                    got, expected = getattr(fused.self_attn, name)(x), getattr(single.self_attn, name)(x)
+                    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (order, name)
+            for name in ("up_proj", "gate_proj"):
+                assert torch.allclose(getattr(fused.mlp, name)(x), getattr(single.mlp, name)(x), rtol=1e-5, atol=1e-6)
+        ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(model(ids).logits, alone(ids).logits, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ from llmctl.core.chat import check_chat, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_writable_file, write_text
-from llmctl.core.generation import Sampling, check_length, encode, hf_settings, stop_ids
+from llmctl.core.generation import Sampling, check_length, encode, greedy, hf_settings, plain_greedy, stop_ids
 from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
 from llmctl.core.tokenizer import load_tokenizer
 
@@ -77,6 +77,7 @@ def run(cfg) -> None:
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
         sampling, beams = _sampling(cfg)
+        fast = plain_greedy(sampling, beams)  # generation.greedy: the same tokens as model.generate, less per token
         stops = stop_ids(tok, chat=bool(cfg.chat) or any(isinstance(p, list) for p in prompts))
         settings = hf_settings(sampling, stops, tok, max_new_tokens=int(cfg.max_new_tokens), beams=beams)
         encoded = [encode(tok, p, chat=bool(cfg.chat), system_prompt=cfg.system_prompt) for p in prompts]
@@ -86,10 +87,10 @@ def run(cfg) -> None:
         if getattr(model, "llmctl_kernels", None):  # a quantized model: which kernels this machine runs it with
             run.print(f"[dim]kernels: {model.llmctl_kernels}[/]")
         if cfg.interactive:
-            return _interactive(run, model, tok, settings, cfg.system_prompt)
+            return _interactive(run, model, tok, settings, cfg.system_prompt, fast=fast)
         results = []
         if len(prompts) == 1 and cfg.stream and settings.get("num_beams", 1) == 1:
-            results.append(_one(run, model, tok, encoded[0], prompts[0], settings, stream=True))
+            results.append(_one(run, model, tok, encoded[0], prompts[0], settings, stream=True, fast=fast))
         else:
             size = int(cfg.batch_size)
             for i in range(0, len(prompts), size):
@@ -160,8 +161,9 @@ def _describe(sampling: Sampling, beams: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Generating: one prompt streamed, a batch, a conversation
 # ---------------------------------------------------------------------------------------------
-def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream: bool) -> dict:
-    """One prompt; with `stream`, tokens are printed as they come. Returns the jsonl record."""
+def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream: bool, fast: bool) -> dict:
+    """One prompt; with `stream`, tokens are printed as they come; `fast`: plain greedy decoding through
+    `generation.greedy` rather than `model.generate`. Returns the jsonl record."""
     import torch
     from transformers import TextStreamer
 
@@ -181,7 +183,11 @@ def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream:
     streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     start = time.perf_counter()
     with torch.no_grad(), run.rt.autocast():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **settings)
+        if fast:
+            stops = settings["eos_token_id"] or []
+            out = greedy(model, ids, max_new_tokens=settings["max_new_tokens"], stops=stops, streamer=streamer)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **settings)
     elapsed = time.perf_counter() - start
     new = out[0, ids.shape[1] :]
     record = _record(
@@ -223,7 +229,7 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
     return records
 
 
-def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> None:
+def _interactive(run, model, tok, settings: dict, system_prompt: str | None, *, fast: bool) -> None:
     """A chat loop: every turn sees the whole conversation so far."""
     messages = [{"role": "system", "content": str(system_prompt)}] if system_prompt else []
     stop = stop_ids(tok, chat=True)
@@ -239,7 +245,7 @@ def _interactive(run, model, tok, settings: dict, system_prompt: str | None) -> 
         sys.stdout.write("model> ")
         ids = prompt_ids(tok, messages)
         check_length(model, [ids], settings["max_new_tokens"])  # a long conversation: one line, not an IndexError
-        record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True)
+        record = _one(run, model, tok, ids, messages, {**settings, "eos_token_id": stop}, stream=True, fast=fast)
         messages.append({"role": "assistant", "content": record["completion"].strip()})
 
 

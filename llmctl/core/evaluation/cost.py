@@ -90,7 +90,7 @@ def measure_cost(
     times = []
     was_training = model.training
     model.eval()  # dropout off: what inference costs
-    with torch.inference_mode(), rt.autocast():
+    with torch.no_grad(), rt.autocast():  # no_grad: autocast caches its weight casts (not in inference mode)
         for i in range(int(warmup) + int(runs)):
             start = time.perf_counter()
             forward(one)
@@ -134,10 +134,12 @@ def _decodes(model, tokens: int) -> bool:
 
 
 def measure_decode(model, rt, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
-    """Batch-1 greedy generation as `llmctl generate` runs it (model.generate, KV cache), warm: time to first token
-    (prefill of `prompt_tokens` + one token) and decode tokens/s over the remaining `new_tokens` − 1 (medians of
+    """Batch-1 greedy generation as `llmctl generate` runs it (`generation.greedy`, KV cache), warm: time to first
+    token (prefill of `prompt_tokens` + one token) and decode tokens/s over the remaining `new_tokens` − 1 (medians of
     `runs`), against the bound of memory bandwidth: a decode step reads every weight it multiplies by once."""
     import torch
+
+    from llmctl.core.generation import greedy  # imports torch: loaded when figures are measured, not for --help
 
     positions = max_positions(model.config)
     if positions and positions <= int(new_tokens) + 1:
@@ -150,19 +152,12 @@ def measure_decode(model, rt, prompt_tokens: int, new_tokens: int, runs: int) ->
 
     def generate(n: int) -> float:
         start = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,  # no early end-of-text: every run times the same tokens
-            do_sample=False,
-            pad_token_id=0,
-        )
+        greedy(model, ids, max_new_tokens=n)  # no stop tokens: every run times the same tokens
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    with torch.inference_mode(), rt.autocast():
+    with torch.no_grad(), rt.autocast():  # no_grad: autocast caches its weight casts (not in inference mode)
         generate(int(new_tokens))  # warm: first-call set-up, kernel packing, allocator
         firsts, fulls = [], []
         for _ in range(int(runs)):  # interleaved, so a slow moment hurts both figures alike

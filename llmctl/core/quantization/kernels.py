@@ -46,6 +46,8 @@ from llmctl.core.models import tensor_bytes
 SMALL_BATCH = 64  # rows at or under which the packed kernel runs; above, dequantize + float matmul (prefill)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
 INNER_K_TILES = 2  # the int4 CPU kernel's K tiling (input widths must divide by 16 · INNER_K_TILES)
+INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # the overloads themselves: no lookup per call
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 class PackedLinear(torch.nn.Module):
@@ -59,6 +61,7 @@ class PackedLinear(torch.nn.Module):
         self.weight, self.bias = w, linear.bias
         self.bits, self.group, self.activations = bits, group, activations
         self.lowrank = hasattr(linear, "lowrank_a")  # a rank-r correction of the rounding error (quantization.lowrank)
+        self.shared: SharedInput | None = None  # int4 siblings reading the same input, computed in one call (`fuse`)
         if self.lowrank:  # fp32 factors, used in fp32 whatever the activations (see `_corrected`)
             self.lowrank_a, self.lowrank_b = linear.lowrank_a, linear.lowrank_b
         scale = w.scale.reshape(self.out_features, -1).float()
@@ -77,6 +80,9 @@ class PackedLinear(torch.nn.Module):
             )
             scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(activations)  # (K/g, N, 2)
             self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        self._kernel = (
+            (INT8_MM, w.qdata, self.scales) if bits == 8 else (INT4_MM, self.packed, group, self.scales_zeros)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -85,10 +91,8 @@ class PackedLinear(torch.nn.Module):
             y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
             return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
         flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
-        if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight.qdata, self.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
+        y = self.shared.columns(self, x, flat) if self.shared is not None else self._kernel[0](flat, *self._kernel[1:])
         if self.lowrank:
             y = self._corrected(y, x, rows)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -114,12 +118,75 @@ class PackedLinear(torch.nn.Module):
         extra = _bytes(self.lowrank_a, self.lowrank_b) if self.lowrank else 0
         if self.bits == 8:
             return _bytes(self.weight.qdata, self.scales, self.bias) + extra
+        if self.shared is not None:  # its columns of the shared layout: two values a byte, a scale and zero each group
+            values = self.out_features * self.in_features // 2
+            return values + self.shared.scales_zeros[:, : self.out_features].nbytes + _bytes(self.bias) + extra
         return _bytes(self.packed, self.scales_zeros, self.bias) + extra
 
     def extra_repr(self) -> str:
         kernel = "int8pack" if self.bits == 8 else f"int4pack (groups of {self.group})"
+        kernel += " shared with its siblings" if self.shared is not None else ""
         fix = f" + rank-{self.lowrank_a.shape[0]} correction" if self.lowrank else ""
         return f"{self.in_features} → {self.out_features}, {kernel}{fix}, {str(self.activations)[6:]} activations"
+
+
+class SharedInput:
+    """Sibling int4 `PackedLinear`s that read the same input tensor (a decoder layer's q / k / v projections, its
+    gate / up projections) run as one: a single kernel call over their weights side by side computes every
+    member's output, and each member returns its own columns. The first member called with an input computes; the
+    others, called with that same tensor, read the result, and the last one releases it. A member called with
+    another input recomputes, so the result never depends on the call order; fusing only saves calls (SmolLM2's
+    layers: 4 kernel calls instead of 7, each call and its casts ~12 µs on 2 cores)."""
+
+    def __init__(self, members: list[PackedLinear]):
+        values = torch.cat([m.weight.qdata for m in members]).to(torch.int32).add_(8).contiguous()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES)
+        self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()
+        self.group, self.width = members[0].group, values.shape[0]
+        self.spans, start = {}, 0
+        for m in members:
+            self.spans[id(m)], start = (start, start + m.out_features), start + m.out_features
+            del m.packed, m.scales_zeros, m._kernel  # the shared layout replaces each member's own
+            m.shared = self
+        self.input = self.output = None
+
+    def columns(self, member: PackedLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        if x is not self.input:
+            self.output = INT4_MM(flat, self.packed, self.group, self.scales_zeros)
+            self.input = x
+        lo, hi = self.spans[id(member)]
+        y = self.output[:, lo:hi]
+        if hi == self.width:  # the last member: nothing kept between forward passes
+            self.input = self.output = None
+        return y
+
+
+def fuse(model) -> tuple[int, int]:
+    """Group the model's int4 `PackedLinear`s that read the same input tensor, found by one forward pass of one
+    token, into `SharedInput`s; returns (layers that now share a kernel call, calls they make). A model that does
+    not run on `input_ids` alone is left as it is."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear) and m.bits == 4 and m.shared is None]
+    if len(packed) < 2:
+        return 0, 0
+    seen: list[tuple[torch.Tensor, PackedLinear]] = []  # (input, layer) in call order; holding the inputs keeps ids
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((args[0], m))) for m in packed]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=packed[0].weight.device))
+    except Exception:  # noqa: BLE001 — fusing is an optimisation: a model needing other inputs runs unfused
+        return 0, 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: dict[tuple, list[PackedLinear]] = {}
+    for x, m in seen:
+        members = groups.setdefault((id(x), m.group, m.activations), [])
+        if m not in members:
+            members.append(m)
+    fused = [members for members in groups.values() if len(members) > 1]
+    for members in fused:
+        SharedInput(members)
+    return sum(map(len, fused)), len(fused)
 
 
 class DynamicInt8Linear(torch.nn.Module):
@@ -239,6 +306,8 @@ def pack(model, record: dict) -> str | None:
     used = " + ".join(f"{ops[b]} ({n} layers)" for b, n in counts.items() if n)
     fixed = sum(1 for _, m, _ in found if hasattr(m, "lowrank_a"))
     used += f", {fixed} of them + a low-rank error correction" if fixed else ""
+    layers, calls = fuse(model)
+    used += f", {layers} int4 layers that read the same input run as {calls} kernel calls" if layers else ""
     model.llmctl_kernels = f"{used} for batches of up to {SMALL_BATCH} rows, {why}"
     return model.llmctl_kernels
 
