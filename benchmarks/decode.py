@@ -6,12 +6,13 @@
 
 From one floating-point checkpoint it builds, in memory, fp32, bf16 (autocast, as precision=bf16 runs it),
 int8-dynamic, int8-weight and int4-weight (llmctl's quantize schemes, packed kernels where the machine has them),
-then times each like `llmctl generate` (model.generate, greedy, KV cache) round-robin: time to first token and
+then times each like `llmctl generate` (`generation.greedy`, KV cache) round-robin: time to first token and
 decode tokens/s (medians over rounds), against the bound memory bandwidth sets (a measured copy, over the weight
 bytes a step reads), and the perplexity delta on held-out text (BBC News articles by default), each format under its
-own precision; `<format>:rank<r>` sets int4's quantize.error_rank (16 otherwise). `<scheme>+head8` stores the output
-layer as int8 (`quantize.head_int8=true`; for SmolLM2 the tied embedding table: 113 of the 538 MB an fp32 step
-reads), `<scheme>+head` at the scheme's own bits.
+own precision (onnxruntime-genai's folders: their model.onnx on the same blocks). `<format>:rank<r>` sets int4's
+quantize.error_rank (16 otherwise). `<scheme>+head8` stores the output layer as int8 (`quantize.head_int8=true`;
+for SmolLM2 the tied embedding table: 113 of the 538 MB an fp32 step reads), `<scheme>+head` at the scheme's own
+bits.
 """
 
 from __future__ import annotations
@@ -64,7 +65,29 @@ class OrtGenai:
     def __init__(self, folder: str):
         import onnxruntime_genai as og
 
-        self.og, self.model = og, og.Model(folder)
+        self.og, self.model, self.folder = og, og.Model(folder), Path(folder)
+
+    def perplexity(self, ids: torch.Tensor, block: int) -> float:
+        """Token perplexity over the same blocks as `perplexity`, from the folder's model.onnx run by onnxruntime
+        (the graph onnxruntime-genai decodes with; an empty KV cache, logits for every position)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        past = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
+        total, count = 0.0, 0
+        for start in range(0, ids.numel() - 1, block):
+            chunk = ids[start : start + block + 1]
+            if chunk.numel() < 2:
+                break
+            x = chunk[:-1].numpy()[None].astype(np.int64)
+            feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+            for name, spec in past.items():  # (batch, kv heads, 0, head dim)
+                feeds[name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+            logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+            loss = torch.nn.functional.cross_entropy(logits[0], chunk[1:], reduction="sum")
+            total, count = total + float(loss), count + chunk.numel() - 1
+        return float(torch.exp(torch.tensor(total / count)))
 
     def decode(self, prompt: int, tokens: int, vocab: int) -> dict:
         import numpy as np
@@ -160,6 +183,8 @@ def main() -> None:
         for f, (m, precision) in built.items():
             with runtimes[precision].autocast():
                 ppl[f] = perplexity(m, ids, 256)
+        for label, ref in references.items():
+            ppl[label] = ref.perplexity(ids, 256)
     base_ppl = ppl.get(formats[0])
     header = f"{'format':<20}{'tokens/s':>10}{'% bound':>9}{'bound tok/s':>13}{'TTFT ms':>9}{'MB/token':>10}"
     print(header + (f"{'ppl':>9}{'Δ ppl':>9}" if ppl else ""))
@@ -173,6 +198,7 @@ def main() -> None:
             line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
         else:
             line = f"{f:<20}{tps:>10.1f}{'—':>9}{'—':>13}{ttft:>9.1f}{'—':>10}"
+            line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
         print(line)
 
 

@@ -4,6 +4,7 @@ reloaded and computed by the packed kernels and by torchao's matmul alike."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_quantization import SETTINGS, _llama, _on_a_4bit_grid, _roundtrip
 
@@ -11,9 +12,9 @@ from llmctl.core import quantization as q
 from llmctl.core.quantization import kernels
 
 
-def _fine_tuned_on_a_4bit_base(rank: int = 2):
-    """A tiny Llama whose Linears are a 4-bit-grid base plus a small rank-`rank` delta (a merged LoRA), and its
-    base weights."""
+def _fine_tuned_on_a_4bit_base(rank: int = 2, untouched: tuple[str, ...] = ()):
+    """A tiny Llama whose Linears are a 4-bit-grid base plus a small rank-`rank` delta (a merged LoRA; none in the
+    layers whose names end with one of `untouched`), and its base weights."""
     model = _llama()
     base = {}
     g = torch.Generator().manual_seed(7)
@@ -25,6 +26,7 @@ def _fine_tuned_on_a_4bit_base(rank: int = 2):
         b, a = torch.randn(out, rank, generator=g), torch.randn(rank, width, generator=g)
         delta = b @ a
         delta *= 0.001 / delta.abs().mean()  # a tenth of the finest step (0.01–0.03): rounding snaps it back
+        delta *= 0 if name.endswith(untouched) else 1
         with torch.no_grad():
             m.weight.copy_(base[name] + delta)
     return model, base
@@ -67,6 +69,28 @@ def test_int4_rounds_a_merged_fine_tune_away_and_the_correction_gives_it_back(tm
     module = rebuilt.get_submodule("model.layers.0.mlp.up_proj")
     if isinstance(module, kernels.PackedLinear):
         assert module.lowrank and "rank-4 correction" in module.extra_repr()
+
+
+def test_layers_sharing_one_kernel_call_each_keep_their_own_correction(monkeypatch):
+    """q / k / v and gate / up run as one kernel call (kernels.SharedInput) with the corrections of those that
+    have one added together: each layer's output is what it computes alone, k_proj (no correction) included."""
+    fused, _ = _fine_tuned_on_a_4bit_base(untouched=("k_proj",))
+    record = q.quantize(fused, "int4-weight", **{**SETTINGS, "error_rank": 4})
+    attention = fused.model.layers[0].self_attn
+    if not isinstance(attention.q_proj, kernels.PackedLinear):
+        pytest.skip(f"this CPU runs int4 through {kernels.describe(fused)}")
+    assert "model.layers.0.self_attn.k_proj" not in record["lowrank"] and attention.q_proj.lowrank
+    assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared is not None
+    monkeypatch.setattr(kernels, "fuse", lambda model: (0, 0))
+    alone, _ = _fine_tuned_on_a_4bit_base(untouched=("k_proj",))
+    q.quantize(alone, "int4-weight", **{**SETTINGS, "error_rank": 4})
+    x = torch.randn(1, 2, 64)
+    with torch.no_grad():
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            got = fused.model.layers[1].get_submodule(name)(x)
+            assert torch.allclose(got, alone.model.layers[1].get_submodule(name)(x), rtol=1e-5, atol=1e-6), name
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_logits(fused, ids), _logits(alone, ids), rtol=1e-4, atol=1e-5)
 
 
 def test_rounding_noise_gets_no_correction():

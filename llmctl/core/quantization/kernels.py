@@ -17,6 +17,10 @@ larger ones (prefill, batched scoring) dequantize once per call and run the floa
 dtype, which is faster there (576 → 1536 at 128 rows: int4pack 1.75 ms, dequantized to bf16 1.15 ms, fp32 1.70 ms;
 torchao's own fp32 dequantizing matmul 2.58 ms).
 
+int4 layers that read the same input tensor (q / k / v, gate / up: found by tracing one token) share one kernel
+call over their weights side by side (`SharedInput`): a decode step's cost at this size is mostly per-call
+overhead, not bytes (SmolLM2-135M int4 on 2 cores: ~6 of ~17 ms a token in the kernels; fused, +2–3 % tokens/s).
+
 The kernel is chosen per machine, and the choice is stated (`describe`): a CPU with native bf16 takes the packed
 kernels with bf16 activations; any other CPU times the packed kernel with fp32 activations against torchao's
 dequantizing matmul on the model's own first layer and keeps the faster; CUDA keeps torchao's path (the CUDA
@@ -91,10 +95,11 @@ class PackedLinear(torch.nn.Module):
             y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
             return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
         flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
-        # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
-        y = self.shared.columns(self, x, flat) if self.shared is not None else self._kernel[0](flat, *self._kernel[1:])
-        if self.lowrank:
-            y = self._corrected(y, x, rows)
+        if self.shared is not None:
+            y = self.shared.columns(self, x, flat)
+        else:  # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
+            y = self._kernel[0](flat, *self._kernel[1:])
+            y = self._corrected(y, x, rows) if self.lowrank else y
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
@@ -133,10 +138,11 @@ class PackedLinear(torch.nn.Module):
 class SharedInput:
     """Sibling int4 `PackedLinear`s that read the same input tensor (a decoder layer's q / k / v projections, its
     gate / up projections) run as one: a single kernel call over their weights side by side computes every
-    member's output, and each member returns its own columns. The first member called with an input computes; the
-    others, called with that same tensor, read the result, and the last one releases it. A member called with
-    another input recomputes, so the result never depends on the call order; fusing only saves calls (SmolLM2's
-    layers: 4 kernel calls instead of 7, each call and its casts ~12 µs on 2 cores)."""
+    member's output, members' low-rank corrections are added together (their A factors stacked, their B factors
+    block-diagonal: one mm and one addmm), the result is cast back once, and each member returns its own columns.
+    The first member called with an input computes; the others, called with that same tensor, read the result, and
+    the last one releases it. A member called with another input recomputes, so the result never depends on the
+    call order. SmolLM2's layers: 4 kernel calls instead of 7, each call with its casts ~12 µs on 2 cores."""
 
     def __init__(self, members: list[PackedLinear]):
         values = torch.cat([m.weight.qdata for m in members]).to(torch.int32).add_(8).contiguous()
@@ -146,14 +152,28 @@ class SharedInput:
         self.spans, start = {}, 0
         for m in members:
             self.spans[id(m)], start = (start, start + m.out_features), start + m.out_features
+        fixed = [m for m in members if m.lowrank]  # copies of the factors, made at load as the packed values are
+        self.lowrank_a = torch.cat([m.lowrank_a.detach() for m in fixed]).t().contiguous() if fixed else None
+        if fixed:
+            self.lowrank_b = torch.zeros(self.lowrank_a.shape[1], self.width)
+            rank = 0
+            for m in fixed:
+                (lo, hi), r = self.spans[id(m)], m.lowrank_a.shape[0]
+                self.lowrank_b[rank : rank + r, lo:hi] = m.lowrank_b.detach().t()
+                rank += r
+        for m in members:
             del m.packed, m.scales_zeros, m._kernel  # the shared layout replaces each member's own
             m.shared = self
         self.input = self.output = None
 
     def columns(self, member: PackedLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The member's output for input `x` (`flat`: x as the kernel's rows): corrected and in x's dtype."""
         if x is not self.input:
-            self.output = INT4_MM(flat, self.packed, self.group, self.scales_zeros)
-            self.input = x
+            y = INT4_MM(flat, self.packed, self.group, self.scales_zeros)
+            if self.lowrank_a is not None:  # in fp32, as `PackedLinear._corrected`
+                a = torch.mm(x.reshape(flat.shape[0], -1).float(), self.lowrank_a)
+                y = torch.addmm(y.float(), a, self.lowrank_b)
+            self.output, self.input = y.to(x.dtype), x
         lo, hi = self.spans[id(member)]
         y = self.output[:, lo:hi]
         if hi == self.width:  # the last member: nothing kept between forward passes
