@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import statistics
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ class OrtGenai:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        past = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
+        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+        decoder = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
+        empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
         total, count = 0.0, 0
         for start in range(0, ids.numel() - 1, block):
             chunk = ids[start : start + block + 1]
@@ -82,8 +85,7 @@ class OrtGenai:
                 break
             x = chunk[:-1].numpy()[None].astype(np.int64)
             feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
-            for name, spec in past.items():  # (batch, kv heads, 0, head dim)
-                feeds[name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+            feeds.update(dict.fromkeys(past, empty))  # (batch, kv heads, 0, head dim)
             logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
             loss = torch.nn.functional.cross_entropy(logits[0], chunk[1:], reduction="sum")
             total, count = total + float(loss), count + chunk.numel() - 1
