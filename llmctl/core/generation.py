@@ -122,8 +122,8 @@ def greedy(model, ids: torch.Tensor, *, max_new_tokens: int, stops: list[int] = 
     does, the stop token included); `streamer` gets `put` / `end` calls as with `model.generate`.
 
     `model.generate` computes the same tokens, and per token also builds an attention mask and position ids,
-    runs its logits processors and stopping criteria on tensors and grows the sequence by concatenation: ~15 %
-    of a quantized SmolLM2-135M's decode step on 2 CPU cores."""
+    runs its logits processors and stopping criteria on tensors and grows the sequence by concatenation: 2–15 % of
+    a quantized SmolLM2-135M's decode step on 2 CPU cores, by machine."""
     last = _last_position_only(model)
     stops = set(stops)
     if streamer is not None:

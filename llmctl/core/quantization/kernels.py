@@ -94,11 +94,10 @@ class PackedLinear(torch.nn.Module):
             bias = self.bias.to(self.activations) if self.bias is not None else None
             y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
             return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
-        flat = _aligned(x.reshape(rows, self.in_features).to(self.activations).contiguous())
         if self.shared is not None:
-            y = self.shared.columns(self, x, flat)
+            y = self.shared.columns(self, x)
         else:  # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
-            y = self._kernel[0](flat, *self._kernel[1:])
+            y = self._kernel[0](_rows(x, rows, self.activations), *self._kernel[1:])
             y = self._corrected(y, x, rows) if self.lowrank else y
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
@@ -148,7 +147,7 @@ class SharedInput:
         values = torch.cat([m.weight.qdata for m in members]).to(torch.int32).add_(8).contiguous()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES)
         self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()
-        self.group, self.width = members[0].group, values.shape[0]
+        self.group, self.activations, self.width = members[0].group, members[0].activations, values.shape[0]
         self.spans, start = {}, 0
         for m in members:
             self.spans[id(m)], start = (start, start + m.out_features), start + m.out_features
@@ -166,12 +165,13 @@ class SharedInput:
             m.shared = self
         self.input = self.output = None
 
-    def columns(self, member: PackedLinear, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """The member's output for input `x` (`flat`: x as the kernel's rows): corrected and in x's dtype."""
+    def columns(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        """The member's output for input `x`, as rows: corrected and in x's dtype."""
         if x is not self.input:
-            y = INT4_MM(flat, self.packed, self.group, self.scales_zeros)
+            rows = x.numel() // member.in_features
+            y = INT4_MM(_rows(x, rows, self.activations), self.packed, self.group, self.scales_zeros)
             if self.lowrank_a is not None:  # in fp32, as `PackedLinear._corrected`
-                a = torch.mm(x.reshape(flat.shape[0], -1).float(), self.lowrank_a)
+                a = torch.mm(x.reshape(rows, -1).float(), self.lowrank_a)
                 y = torch.addmm(y.float(), a, self.lowrank_b)
             self.output, self.input = y.to(x.dtype), x
         lo, hi = self.spans[id(member)]
@@ -270,6 +270,11 @@ def index_tables(model, names) -> None:
 
 def _bytes(*tensors) -> int:
     return sum(tensor_bytes(t) for t in tensors if t is not None)
+
+
+def _rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as the packed kernels take it: `rows` rows, contiguous, aligned, in their activation dtype."""
+    return _aligned(x.reshape(rows, -1).to(dtype).contiguous())
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
