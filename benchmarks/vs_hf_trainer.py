@@ -9,6 +9,17 @@ precision, several seeds.
     python benchmarks/vs_hf_trainer.py --shape gpt-tiny \
         --set model.config.n_layer=4 model.config.n_embd=256 model.config.n_head=4
 
+Long documents (issue 26's corpus shape: Jane Austen's six novels, one file per book, from Debian's
+r-cran-janeaustenr; llmctl's document split holds one book out):
+
+    apt-get install r-cran-janeaustenr && mkdir austen && cd austen && Rscript -e 'library(janeaustenr); \
+        books <- list(sense=sensesensibility, pride=prideprejudice, mansfield=mansfieldpark, emma=emma, \
+        northanger=northangerabbey, persuasion=persuasion); \
+        for (n in names(books)) writeLines(books[[n]], paste0(n, ".txt"))' && cd ..
+    python benchmarks/vs_hf_trainer.py --shape gpt-tiny --data files --set 'data.train=austen/*.txt' \
+        model.config.n_layer=4 model.config.n_embd=256 model.config.n_head=4 tokenizer.vocab_size=8192 \
+        --pipelines llmctl trainer
+
 The three pipelines, each a fresh process (so each pays its own imports and preprocessing):
 - `llmctl`: `llmctl pretrain conf=<shape> ...` with its own store (packing and tokenization cache:
   the first seed fills it, later seeds reuse it, as a sweep would);
