@@ -66,30 +66,7 @@ class OrtGenai:
     def __init__(self, folder: str):
         import onnxruntime_genai as og
 
-        self.og, self.model, self.folder = og, og.Model(folder), Path(folder)
-
-    def perplexity(self, ids: torch.Tensor, block: int) -> float:
-        """Token perplexity over the same blocks as `perplexity`, from the folder's model.onnx run by onnxruntime
-        (the graph onnxruntime-genai decodes with; an empty KV cache, logits for every position)."""
-        import numpy as np
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
-        decoder = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
-        empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
-        total, count = 0.0, 0
-        for start in range(0, ids.numel() - 1, block):
-            chunk = ids[start : start + block + 1]
-            if chunk.numel() < 2:
-                break
-            x = chunk[:-1].numpy()[None].astype(np.int64)
-            feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
-            feeds.update(dict.fromkeys(past, empty))  # (batch, kv heads, 0, head dim)
-            logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
-            loss = torch.nn.functional.cross_entropy(logits[0], chunk[1:], reduction="sum")
-            total, count = total + float(loss), count + chunk.numel() - 1
-        return float(torch.exp(torch.tensor(total / count)))
+        self.og, self.model, self.folder = og, og.Model(folder), folder
 
     def decode(self, prompt: int, tokens: int, vocab: int) -> dict:
         import numpy as np
@@ -120,17 +97,46 @@ def held_out_text(chars: int, offset: int = 0) -> str:
     return "\n\n".join(f.read_text(errors="ignore") for f in files)[:chars]
 
 
-def perplexity(model, ids: torch.Tensor, block: int) -> float:
-    """Token perplexity over non-overlapping blocks of `block` tokens, fp32."""
+def ort_logits(folder):
+    """(1-D input ids) → logits at every position, from an onnxruntime-genai folder's model.onnx run by onnxruntime
+    (the graph onnxruntime-genai decodes with), an empty KV cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        x = ids.numpy()[None].astype(np.int64)
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x), **dict.fromkeys(past, empty)}
+        return torch.from_numpy(session.run(["logits"], feeds)[0][0]).float()
+
+    return run
+
+
+def torch_logits(model):
+    """(1-D input ids) → logits at every position, in fp32, from a torch model (under the caller's autocast)."""
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=ids[None]).logits[0].float()
+
+    return run
+
+
+def perplexity(logits_of, ids: torch.Tensor, block: int) -> float:
+    """Token perplexity over non-overlapping blocks of `block` tokens (`logits_of`: `torch_logits` or
+    `ort_logits`)."""
     total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, block):
-            chunk = ids[start : start + block + 1].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-            total, count = total + float(loss), count + chunk.shape[1] - 1
+    for start in range(0, ids.numel() - 1, block):
+        chunk = ids[start : start + block + 1]
+        if chunk.numel() < 2:
+            break
+        loss = torch.nn.functional.cross_entropy(logits_of(chunk[:-1]), chunk[1:], reduction="sum")
+        total, count = total + float(loss), count + chunk.numel() - 1
     return float(torch.exp(torch.tensor(total / count)))
 
 
@@ -184,9 +190,9 @@ def main() -> None:
         ppl = {}
         for f, (m, precision) in built.items():
             with runtimes[precision].autocast():
-                ppl[f] = perplexity(m, ids, 256)
+                ppl[f] = perplexity(torch_logits(m), ids, 256)
         for label, ref in references.items():
-            ppl[label] = ref.perplexity(ids, 256)
+            ppl[label] = perplexity(ort_logits(ref.folder), ids, 256)
     base_ppl = ppl.get(formats[0])
     header = f"{'format':<20}{'tokens/s':>10}{'% bound':>9}{'bound tok/s':>13}{'TTFT ms':>9}{'MB/token':>10}"
     print(header + (f"{'ppl':>9}{'Δ ppl':>9}" if ppl else ""))
@@ -197,10 +203,9 @@ def main() -> None:
             per_token = bytes_per_token(built[f][0])
             bound = bandwidth / per_token
             line = f"{f:<20}{tps:>10.1f}{100 * tps / bound:>8.0f}%{bound:>13.1f}{ttft:>9.1f}{per_token / 1e6:>10.1f}"
-            line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
         else:
             line = f"{f:<20}{tps:>10.1f}{'—':>9}{'—':>13}{ttft:>9.1f}{'—':>10}"
-            line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
+        line += f"{ppl[f]:>9.3f}{ppl[f] - base_ppl:>+9.3f}" if ppl else ""
         print(line)
 
 

@@ -14,43 +14,16 @@ the perplexity is exp of the mean loss over every scored token of the split, as 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
+from decode import ort_logits, torch_logits  # benchmarks/decode.py, beside this script
 
 from llmctl.core.data import load_data
 from llmctl.core.loading import load_checkpoint
 from llmctl.core.store import Store
 from llmctl.core.tasks.base import record_data_config
 from llmctl.core.tasks.sft import prepare_sft
-
-
-def ort_scorer(folder: Path):
-    """(input ids) → logits, from an onnxruntime-genai folder's model.onnx."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
-
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        x = ids.numpy()[None].astype(np.int64)
-        feeds = {"input_ids": x, "attention_mask": np.ones_like(x), **dict.fromkeys(past, empty)}
-        return torch.from_numpy(session.run(["logits"], feeds)[0][0]).float()
-
-    return logits
-
-
-def torch_scorer(model):
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=ids[None]).logits[0].float()
-
-    return logits
 
 
 def perplexity(logits_of, rows) -> float:
@@ -80,12 +53,12 @@ def main() -> None:
     max_len, system_prompt = int(record.get("max_seq_len") or 512), record.get("system_prompt")
     prepared = prepare_sft(data, loaded.tokenizer, max_seq_len=max_len, batch_size=1, system_prompt=system_prompt)
     rows = prepared.splits["validation"]
-    scored = {args.base: torch_scorer(loaded.model.float().eval())}
+    scored = {args.base: torch_logits(loaded.model.float().eval())}
     for ref in args.ckpt:
-        scored[ref] = torch_scorer(load_checkpoint(store, ref, what="ckpt").model.eval())
+        scored[ref] = torch_logits(load_checkpoint(store, ref, what="ckpt").model.eval())
     for item in filter(None, args.ort_genai.split(",")):
         label, folder = item.split("=", 1)
-        scored[f"ort-genai {label}"] = ort_scorer(Path(folder))
+        scored[f"ort-genai {label}"] = ort_logits(folder)
     base = None
     print(f"{len(rows)} validation examples · response-token perplexity, each model in fp32 precision")
     for name, logits_of in scored.items():

@@ -66,7 +66,7 @@ class PackedLinear(torch.nn.Module):
         self.bits, self.group, self.activations = bits, group, activations
         self.lowrank = hasattr(linear, "lowrank_a")  # a rank-r correction of the rounding error (quantization.lowrank)
         self.shared: SharedInput | None = None  # int4 siblings reading the same input, computed in one call (`fuse`)
-        if self.lowrank:  # fp32 factors, used in fp32 whatever the activations (see `_corrected`)
+        if self.lowrank:  # fp32 factors, used in fp32 whatever the activations (`_plus_lowrank`)
             self.lowrank_a, self.lowrank_b = linear.lowrank_a, linear.lowrank_b
         scale = w.scale.reshape(self.out_features, -1).float()
         if bits == 8:
@@ -103,9 +103,7 @@ class PackedLinear(torch.nn.Module):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def _corrected(self, y: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """y + B (A x), in fp32 as one addmm (bf16 GEMMs this thin take 64 µs a layer here, fp32 10 µs)."""
-        a = torch.mm(x.reshape(rows, self.in_features).float(), self.lowrank_a.t())
-        return torch.addmm(y.reshape(rows, self.out_features).float(), a, self.lowrank_b.t()).reshape(y.shape)
+        return _plus_lowrank(y, x, rows, self.lowrank_a.t(), self.lowrank_b.t()).reshape(y.shape)
 
     def dequantized(self) -> torch.Tensor:
         """The weight in the activation dtype, computed there from the stored values (two passes; torchao's
@@ -151,14 +149,16 @@ class SharedInput:
         self.spans, start = {}, 0
         for m in members:
             self.spans[id(m)], start = (start, start + m.out_features), start + m.out_features
-        fixed = [m for m in members if m.lowrank]  # copies of the factors, made at load as the packed values are
-        self.lowrank_a = torch.cat([m.lowrank_a.detach() for m in fixed]).t().contiguous() if fixed else None
+        # the members' corrections as one: A stacked, B block-diagonal, both transposed as `_plus_lowrank` takes
+        # them (copies of the factors, made at load as the packed values are)
+        fixed = [m for m in members if m.lowrank]
+        self.a_t = torch.cat([m.lowrank_a.detach() for m in fixed]).t().contiguous() if fixed else None
         if fixed:
-            self.lowrank_b = torch.zeros(self.lowrank_a.shape[1], self.width)
+            self.b_t = torch.zeros(self.a_t.shape[1], self.width)
             rank = 0
             for m in fixed:
                 (lo, hi), r = self.spans[id(m)], m.lowrank_a.shape[0]
-                self.lowrank_b[rank : rank + r, lo:hi] = m.lowrank_b.detach().t()
+                self.b_t[rank : rank + r, lo:hi] = m.lowrank_b.detach().t()
                 rank += r
         for m in members:
             del m.packed, m.scales_zeros, m._kernel  # the shared layout replaces each member's own
@@ -170,9 +170,7 @@ class SharedInput:
         if x is not self.input:
             rows = x.numel() // member.in_features
             y = INT4_MM(_rows(x, rows, self.activations), self.packed, self.group, self.scales_zeros)
-            if self.lowrank_a is not None:  # in fp32, as `PackedLinear._corrected`
-                a = torch.mm(x.reshape(rows, -1).float(), self.lowrank_a)
-                y = torch.addmm(y.float(), a, self.lowrank_b)
+            y = _plus_lowrank(y, x, rows, self.a_t, self.b_t) if self.a_t is not None else y
             self.output, self.input = y.to(x.dtype), x
         lo, hi = self.spans[id(member)]
         y = self.output[:, lo:hi]
@@ -270,6 +268,13 @@ def index_tables(model, names) -> None:
 
 def _bytes(*tensors) -> int:
     return sum(tensor_bytes(t) for t in tensors if t is not None)
+
+
+def _plus_lowrank(y: torch.Tensor, x: torch.Tensor, rows: int, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """y + B (A x) as `rows` rows, in fp32 as one mm and one addmm (bf16 GEMMs this thin take 64 µs a layer here,
+    fp32 10 µs); `a_t`, `b_t`: the factors transposed (in × r, r × out)."""
+    a = torch.mm(x.reshape(rows, -1).float(), a_t)
+    return torch.addmm(y.reshape(rows, -1).float(), a, b_t)
 
 
 def _rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
