@@ -112,6 +112,29 @@ def test_under_bf16_autocast_each_weight_is_cast_once_per_generation_not_once_pe
         assert seen.casts and max(seen.casts.values()) == 1
 
 
+def test_decoding_runs_in_inference_mode_unless_autocast_needs_no_grad_to_cache_its_casts(gpt):
+    """inference_mode does the least work per op (SmolLM2 int4 on 2 cores: 6 % faster decode than no_grad), but
+    bf16 autocast keeps its weight casts only outside it: both loops pick by whether autocast is on."""
+    model, tok = gpt
+    x = torch.tensor([encode(tok, PROMPTS[0], chat=False)])
+    row = Row(ids=x[0].tolist(), max_new_tokens=3, stops=[], sampling=Sampling(temperature=0))
+    modes = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a: modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+    )
+    try:
+        for run in (lambda: greedy(model, x, max_new_tokens=3), lambda: _run(model, [row])):
+            modes.clear()
+            run()
+            assert modes and set(modes) == {(True, False)}
+            modes.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                run()
+            assert modes and set(modes) == {(False, False)}
+    finally:
+        hook.remove()
+
+
 def test_only_plain_greedy_settings_take_the_fast_loop():
     assert plain_greedy(Sampling(temperature=0)) and plain_greedy(Sampling(greedy=True))
     assert not plain_greedy(Sampling(temperature=0.7))

@@ -31,7 +31,16 @@ from llmctl.core.chat import check_chat, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_writable_file, write_text
-from llmctl.core.generation import Sampling, check_length, encode, greedy, hf_settings, plain_greedy, stop_ids
+from llmctl.core.generation import (
+    Sampling,
+    check_length,
+    decoding_mode,
+    encode,
+    greedy,
+    hf_settings,
+    plain_greedy,
+    stop_ids,
+)
 from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
 from llmctl.core.tokenizer import load_tokenizer
 
@@ -182,7 +191,7 @@ def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream:
     ids = torch.tensor([encoded], device=run.rt.device)
     streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     start = time.perf_counter()
-    with torch.no_grad(), run.rt.autocast():
+    with run.rt.autocast(), decoding_mode(run.rt.device.type):
         if fast:
             stops = settings["eos_token_id"] or []
             out = greedy(model, ids, max_new_tokens=settings["max_new_tokens"], stops=stops, streamer=streamer)
@@ -213,7 +222,7 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=run.rt.device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=run.rt.device)
     start = time.perf_counter()
-    with torch.no_grad(), run.rt.autocast():
+    with run.rt.autocast(), decoding_mode(run.rt.device.type):
         out = model.generate(input_ids=ids, attention_mask=mask, **settings)
     elapsed = time.perf_counter() - start
     records = []

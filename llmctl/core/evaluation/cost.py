@@ -157,7 +157,7 @@ def measure_decode(model, rt, prompt_tokens: int, new_tokens: int, runs: int) ->
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    with torch.no_grad(), rt.autocast():  # no_grad: autocast caches its weight casts (not in inference mode)
+    with rt.autocast():  # greedy picks its grad mode under it (generation.decoding_mode)
         generate(int(new_tokens))  # warm: first-call set-up, kernel packing, allocator
         firsts, fulls = [], []
         for _ in range(int(runs)):  # interleaved, so a slow moment hurts both figures alike
