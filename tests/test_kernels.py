@@ -209,18 +209,20 @@ def test_float_zero_points_far_from_zero_compute_the_stored_weights(rows):
         assert (got - expected).abs().max() < TOLERANCE[activations] * expected.abs().max()
 
 
-def test_int4_layers_that_read_one_input_share_a_kernel_call_and_compute_what_each_computes_alone(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "biased q-k-v"])
+def test_int4_layers_that_read_one_input_share_a_kernel_call_and_compute_what_each_computes_alone(monkeypatch, bias):
     """q / k / v and gate / up read the same tensor: found by tracing one token, each group runs as one kernel call
     over the weights side by side; o_proj and down_proj (inputs of their own) stay alone. Every member returns what
-    its own kernel gives, in any call order, and a decode step's logits are unchanged."""
+    its own kernel gives (its bias included: Qwen2's q / k / v have them), in any call order, and a decode step's
+    logits are unchanged."""
     from llmctl.core.quantization import kernels
 
-    model = _llama()
+    model = _llama(bias=bias)
     q.quantize(model, "int4-weight", **{**SETTINGS, "embeddings": False})
     if not any(isinstance(m, PackedLinear) for m in model.modules()):
         pytest.skip(f"this CPU runs int4 through {describe(model)}")
     monkeypatch.setattr(kernels, "fuse", lambda model: (0, 0))
-    alone = _llama()
+    alone = _llama(bias=bias)
     q.quantize(alone, "int4-weight", **{**SETTINGS, "embeddings": False})
     layers = [(model.model.layers[i], alone.model.layers[i]) for i in range(2)]
     for fused, _ in layers:

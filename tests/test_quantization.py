@@ -42,9 +42,10 @@ def _bert():
     ).eval()
 
 
-def _llama(tied: bool = True):
+def _llama(tied: bool = True, bias: bool = False):
+    """A 2-layer Llama; `bias`: its attention Linears with biases (as Qwen2's), set to non-zero values."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(
+    model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=96,
             hidden_size=64,
@@ -53,8 +54,14 @@ def _llama(tied: bool = True):
             num_key_value_heads=2,
             intermediate_size=128,
             tie_word_embeddings=tied,
+            attention_bias=bias,
         )
     ).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model
 
 
 def _gpt2():

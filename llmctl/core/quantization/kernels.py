@@ -40,6 +40,7 @@ table on every lookup: 138 ms per token on SmolLM2's 49152 × 576 table).
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -95,10 +96,10 @@ class PackedLinear(torch.nn.Module):
             y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
             return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
         if self.shared is not None:
-            y = self.shared.columns(self, x)
-        else:  # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
-            y = self._kernel[0](_rows(x, rows, self.activations), *self._kernel[1:])
-            y = self._corrected(y, x, rows) if self.lowrank else y
+            return self.shared.output(self, x)
+        # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
+        y = self._kernel[0](_rows(x, rows, self.activations), *self._kernel[1:])
+        y = self._corrected(y, x, rows) if self.lowrank else y
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
@@ -136,46 +137,54 @@ class SharedInput:
     """Sibling int4 `PackedLinear`s that read the same input tensor (a decoder layer's q / k / v projections, its
     gate / up projections) run as one: a single kernel call over their weights side by side computes every
     member's output, members' low-rank corrections are added together (their A factors stacked, their B factors
-    block-diagonal: one mm and one addmm), the result is cast back once, and each member returns its own columns.
-    The first member called with an input computes; the others, called with that same tensor, read the result, and
-    the last one releases it. A member called with another input recomputes, so the result never depends on the
-    call order. SmolLM2's layers: 4 kernel calls instead of 7, each call with its casts ~12 µs on 2 cores."""
+    block-diagonal: one mm and one addmm), the result is cast back, shaped and biased once and split into the
+    members' outputs. The first member called with an input computes; the others, called with that same tensor,
+    take their part, and once every member has, the group lets go of it. A member called with another input
+    recomputes, so the result never depends on the call order. SmolLM2's layers: 4 kernel calls instead of 7, each
+    call with its casts ~12 µs on 2 cores."""
 
     def __init__(self, members: list[PackedLinear]):
         values = torch.cat([m.weight.qdata for m in members]).to(torch.int32).add_(8).contiguous()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES)
         self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()
         self.group, self.activations, self.width = members[0].group, members[0].activations, values.shape[0]
-        self.spans, start = {}, 0
-        for m in members:
-            self.spans[id(m)], start = (start, start + m.out_features), start + m.out_features
+        self.sizes = [m.out_features for m in members]
+        self.index = {id(m): i for i, m in enumerate(members)}
+        biased = any(m.bias is not None for m in members)  # Qwen2's q / k / v carry biases, Llama's none
+        self.bias = (
+            torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in members])
+            if biased
+            else None
+        )
         # the members' corrections as one: A stacked, B block-diagonal, both transposed as `_plus_lowrank` takes
         # them (copies of the factors, made at load as the packed values are)
         fixed = [m for m in members if m.lowrank]
         self.a_t = torch.cat([m.lowrank_a.detach() for m in fixed]).t().contiguous() if fixed else None
         if fixed:
             self.b_t = torch.zeros(self.a_t.shape[1], self.width)
-            rank = 0
+            rank, starts = 0, [0, *itertools.accumulate(self.sizes)]
             for m in fixed:
-                (lo, hi), r = self.spans[id(m)], m.lowrank_a.shape[0]
-                self.b_t[rank : rank + r, lo:hi] = m.lowrank_b.detach().t()
+                lo, r = starts[self.index[id(m)]], m.lowrank_a.shape[0]
+                self.b_t[rank : rank + r, lo : lo + m.out_features] = m.lowrank_b.detach().t()
                 rank += r
         for m in members:
             del m.packed, m.scales_zeros, m._kernel  # the shared layout replaces each member's own
             m.shared = self
-        self.input = self.output = None
+        self.input, self.outputs, self.waiting = None, (), 0
 
-    def columns(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-        """The member's output for input `x`, as rows: corrected and in x's dtype."""
+    def output(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        """The member's output for input `x`: corrected, biased, in x's dtype and shape."""
         if x is not self.input:
             rows = x.numel() // member.in_features
             y = INT4_MM(_rows(x, rows, self.activations), self.packed, self.group, self.scales_zeros)
             y = _plus_lowrank(y, x, rows, self.a_t, self.b_t) if self.a_t is not None else y
-            self.output, self.input = y.to(x.dtype), x
-        lo, hi = self.spans[id(member)]
-        y = self.output[:, lo:hi]
-        if hi == self.width:  # the last member: nothing kept between forward passes
-            self.input = self.output = None
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.width)
+            y = y + self.bias.to(y.dtype) if self.bias is not None else y
+            self.input, self.outputs, self.waiting = x, y.split(self.sizes, dim=-1), len(self.sizes)
+        y = self.outputs[self.index[id(member)]]
+        self.waiting -= 1
+        if not self.waiting:  # every member has its part: nothing kept between forward passes
+            self.input, self.outputs = None, ()
         return y
 
 
