@@ -107,3 +107,26 @@ def test_a_causal_lm_gets_decode_speed_time_to_first_token_and_its_bound(tmp_pat
     )
     encoder = measure_cost(model.model, tmp_path, rt, **quick)  # the base model cannot generate: no decode figures
     assert "decode_tokens_per_s" not in encoder
+
+
+def test_a_quantized_model_is_timed_as_generate_runs_it_and_says_so(tmp_path):
+    """precision=auto chose bf16: a model of packed int4 kernels is timed in fp32 around them (Runtime.for_model,
+    what generate / serve do), and its figures carry the note; a float model is timed under the run's autocast."""
+    from llmctl.core import quantization
+    from llmctl.core.device import Runtime
+
+    model = _llama(tied=True)
+    model.save_pretrained(tmp_path)
+    quantization.quantize(model, "int4-weight", group_size=None, skip=[], keep_head=True, embeddings=False)
+    if not getattr(model, "llmctl_own_activations", None):
+        pytest.skip(f"this CPU runs int4 through {model.llmctl_kernels}")
+    auto = Runtime(device=torch.device("cpu"), precision="bf16", reason="auto: CPU has native bf16", auto=True)
+    quick = {"seq_len": 16, "batch_size": 2, "warmup": 1, "runs": 2, "throughput_runs": 1}
+    for m, timed_in_bf16 in ((model, False), (_llama(tied=True), True)):
+        seen = set()
+        hook = m.register_forward_pre_hook(lambda mod, a, seen=seen: seen.add(torch.is_autocast_enabled("cpu")))
+        cost = measure_cost(m, tmp_path, auto, **quick, decode_prompt=8, decode_tokens=4, decode_runs=1)
+        hook.remove()
+        assert seen == {timed_in_bf16}
+        assert ("note" in cost) != timed_in_bf16
+    assert "timed in fp32 around its quantized kernels" in measure_cost(model, tmp_path, auto, **quick)["note"]

@@ -1,11 +1,14 @@
-"""Device selection and the torchrun launch: one GPU per rank, one torchrun per sweep job."""
+"""Device selection, the torchrun launch (one GPU per rank, one torchrun per sweep job) and the precision a
+quantized model runs under."""
 
+import contextlib
 import json
 
 import pytest
+import torch
 from conftest import tiny
 
-from llmctl.core.device import device_spec, torchrun_command
+from llmctl.core.device import Runtime, device_spec, torchrun_command
 from llmctl.core.errors import LlmctlError
 
 
@@ -87,3 +90,18 @@ def test_parallel_sweep_jobs_each_take_their_own_gpu():
     assert parallel_job_device("cpu", "joblib", 1, 4) == "cpu"
     assert parallel_job_device("auto", "basic", 1, 4) == "auto"  # jobs one after another share nothing
     assert parallel_job_device("auto", "joblib", 1, 1) == "auto"  # one GPU (or none): nothing to spread
+
+
+def test_auto_precision_runs_a_model_of_quantized_kernels_in_fp32_around_them():
+    """precision=auto on a bf16 CPU: a model whose layers run llmctl's quantized kernels (which compute in bf16
+    themselves) runs in fp32 around them in generate / serve; a float model, or an explicit bf16, keeps bf16."""
+    cpu = torch.device("cpu")
+    auto = Runtime(device=cpu, precision="bf16", reason="auto: CPU has native bf16 (AVX512-BF16/AMX)", auto=True)
+    quantized, plain = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    quantized.llmctl_own_activations = "bfloat16"
+    chosen = auto.for_model(quantized)
+    assert chosen.precision == "fp32" and "compute in bfloat16 themselves" in chosen.reason
+    assert isinstance(chosen.autocast(), contextlib.nullcontext) and chosen.device == cpu
+    assert auto.for_model(plain) is auto
+    asked = Runtime(device=cpu, precision="bf16", reason="requested")
+    assert asked.for_model(quantized) is asked

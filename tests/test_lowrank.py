@@ -93,6 +93,24 @@ def test_layers_sharing_one_kernel_call_each_keep_their_own_correction(monkeypat
     assert torch.allclose(_logits(fused, ids), _logits(alone, ids), rtol=1e-4, atol=1e-5)
 
 
+def test_the_correction_stays_fp32_under_a_bf16_runs_autocast():
+    """Under precision=bf16 autocast would run the correction's two thin matmuls in bf16 (and cast both factors
+    at every call): the packed layers, shared or alone, give what they give without autocast."""
+    model, _ = _fine_tuned_on_a_4bit_base()
+    q.quantize(model, "int4-weight", **{**SETTINGS, "error_rank": 4})
+    layer = model.model.layers[0]
+    if not isinstance(layer.self_attn.q_proj, kernels.PackedLinear):
+        pytest.skip(f"this CPU runs int4 through {kernels.describe(model)}")
+    assert layer.self_attn.q_proj.shared is not None and layer.self_attn.o_proj.lowrank  # shared and alone
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        for name in ("self_attn.q_proj", "self_attn.o_proj"):
+            plain = layer.get_submodule(name)(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                under = layer.get_submodule(name)(x)
+            assert torch.equal(under, plain), name
+
+
 def test_rounding_noise_gets_no_correction():
     """A float model's int4 error is full-rank noise: no layer's top directions hold half of it."""
     model = _llama()

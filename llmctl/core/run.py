@@ -108,6 +108,18 @@ class StageRun:
             self.print(self.header)
             self.header = ""
 
+    def run_model(self, model) -> None:
+        """Take the runtime this stage runs `model` under (`Runtime.for_model`), said in the header or, once that
+        is out, on a line of its own."""
+        rt = self.rt.for_model(model)
+        if rt is self.rt:
+            return
+        if self.header:
+            self.header = self.header.replace(self.rt.describe(), rt.describe())
+        else:
+            self.print(f"precision {rt.precision} for this model ({rt.reason})")
+        self.rt = rt
+
     def __enter__(self) -> StageRun:
         return self
 

@@ -85,6 +85,7 @@ def run(cfg) -> None:
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
+        run.run_model(model)  # precision=auto: fp32 around quantized kernels
         sampling, beams = _sampling(cfg)
         fast = plain_greedy(sampling, beams)  # generation.greedy: the same tokens as model.generate, less per token
         stops = stop_ids(tok, chat=bool(cfg.chat) or any(isinstance(p, list) for p in prompts))

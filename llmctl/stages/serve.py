@@ -73,6 +73,7 @@ def run(cfg) -> None:
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
         check_device(loaded, run.rt.device)
         model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
+        run.run_model(model)  # precision=auto: fp32 around quantized kernels
         name = str(cfg.model_name or cfg.ckpt)
         served = Served(
             model=model,

@@ -11,7 +11,9 @@
 
 A model run differently from how it is deployed says so in a `cost_note` attribute (a GGUF export, run by
 transformers on de-quantized fp32 weights), and one that keeps its own numerics in `own_precision` (an ONNX export:
-ONNX Runtime ignores bf16 autocast); the note travels with its figures and the eval table prints it.
+ONNX Runtime ignores bf16 autocast); the note travels with its figures and the eval table prints it. A model whose
+layers run llmctl's quantized kernels is timed under `Runtime.for_model` — fp32 around the kernels where
+precision=auto chose bf16, as generate and serve run it — and says so.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def measure_cost(
     batch-1 decode speed, time to first token and the memory-bandwidth bound (`measure_decode`)."""
     import torch
 
+    asked, rt = rt, rt.for_model(model)  # precision=auto: a quantized model timed as generate / serve run it
     positions = max_positions(model.config)
     length = min(int(seq_len), positions) if positions else int(seq_len)
     total, non_embedding = parameter_counts(model)
@@ -125,7 +128,7 @@ def measure_cost(
             else {}
         ),
         **({"kernels": kernels} if (kernels := getattr(model, "llmctl_kernels", None)) else {}),
-        **({"note": note} if (note := _note(model, rt)) else {}),  # why its figures are not like the others'
+        **({"note": note} if (note := _note(model, asked, rt)) else {}),  # why its figures are not like the others'
     }
 
 
@@ -227,11 +230,14 @@ def memory_bandwidth(device) -> float:
     return _BANDWIDTH[key]
 
 
-def _note(model, rt) -> str | None:
-    """Why a model's figures are not measured like a torch model's under the run's precision, if they are not."""
+def _note(model, asked, rt) -> str | None:
+    """Why a model's figures are not measured like a torch model's under the run's precision (`asked`), if they are
+    not; `rt`: the runtime it was timed under."""
     own = getattr(model, "own_precision", None)  # a runtime with its own numerics (ONNX Runtime)
-    if own and rt.precision != "fp32":
-        return f"run by ONNX Runtime in {own}, not under {rt.precision} autocast as the torch models are"
+    if own and asked.precision != "fp32":
+        return f"run by ONNX Runtime in {own}, not under {asked.precision} autocast as the torch models are"
+    if rt.precision != asked.precision:
+        return f"timed in {rt.precision} around its quantized kernels, as generate / serve run it ({rt.reason})"
     return getattr(model, "cost_note", None)
 
 

@@ -281,7 +281,11 @@ def _bytes(*tensors) -> int:
 
 def _plus_lowrank(y: torch.Tensor, x: torch.Tensor, rows: int, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """y + B (A x) as `rows` rows, in fp32 as one mm and one addmm (bf16 GEMMs this thin take 64 µs a layer here,
-    fp32 10 µs); `a_t`, `b_t`: the factors transposed (in × r, r × out)."""
+    fp32 10 µs), under a bf16 run's autocast too (it would cast both factors to bf16 at every call); `a_t`, `b_t`:
+    the factors transposed (in × r, r × out)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _plus_lowrank(y, x, rows, a_t, b_t)
     a = torch.mm(x.reshape(rows, -1).float(), a_t)
     return torch.addmm(y.reshape(rows, -1).float(), a, b_t)
 
@@ -340,6 +344,7 @@ def pack(model, record: dict) -> str | None:
         return why
     for name, module, bits in found:
         model.set_submodule(name, PackedLinear(module, bits=bits, group=group_of(bits), activations=activations))
+    model.llmctl_own_activations = str(activations).removeprefix("torch.")  # what the kernels compute in (Runtime)
     ops = {8: "aten._weight_int8pack_mm", 4: "aten._weight_int4pack_mm_for_cpu"}
     counts = {b: sum(1 for *_, bits in found if bits == b) for b in (4, 8)}
     used = " + ".join(f"{ops[b]} ({n} layers)" for b, n in counts.items() if n)
@@ -363,6 +368,7 @@ def _pack_dynamic(model, record: dict) -> str:
     if use:
         for name, module in found:
             model.set_submodule(name, DynamicInt8Linear(module))
+        model.llmctl_own_activations = "int8"
         why = f"aten._int_mm with int8 activations per row ({len(found)} layers), {why}"
     model.llmctl_kernels = why
     return why
