@@ -10,6 +10,7 @@ import torch
 from test_quantization import SETTINGS, _llama, _roundtrip
 
 from llmctl.core import quantization as q
+from llmctl.core.models import weight_bytes
 from llmctl.core.quantization.kernels import SMALL_BATCH, DynamicInt8Linear, Int8Embedding, PackedLinear, describe
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's size: bf16 activations round
@@ -245,3 +246,6 @@ def test_int4_layers_that_read_one_input_share_a_kernel_call_and_compute_what_ea
                 assert torch.allclose(getattr(fused.mlp, name)(x), getattr(single.mlp, name)(x), rtol=1e-5, atol=1e-6)
         ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
         assert torch.allclose(model(ids).logits, alone(ids).logits, rtol=1e-5, atol=1e-5)
+    # the shared layout is as resident as the members' own were: the model's weight bytes count it (eval's peak)
+    extra = sum(t.nbytes for m in model.modules() for n, t in m.named_buffers(recurse=False) if n in ("shared_bias",))
+    assert weight_bytes(model) == weight_bytes(alone) + extra

@@ -170,6 +170,11 @@ class SharedInput:
         for m in members:
             del m.packed, m.scales_zeros, m._kernel  # the shared layout replaces each member's own
             m.shared = self
+        # held by the first member as non-persistent buffers too, so what counts a model's resident bytes
+        # (models.weight_bytes: eval's peak memory) sees the shared layout
+        for name in ("packed", "scales_zeros", "a_t", "b_t", "bias"):
+            if getattr(self, name, None) is not None:
+                members[0].register_buffer(f"shared_{name}", getattr(self, name), persistent=False)
         self.input, self.outputs, self.waiting = None, (), 0
 
     def output(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
