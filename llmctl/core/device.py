@@ -52,6 +52,13 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
+    @contextlib.contextmanager
+    def inference(self):
+        """Autocast where the precision asks for it, and under it the grad mode inference runs in
+        (`inference_grad_mode`)."""
+        with self.autocast(), inference_grad_mode(self.device.type):
+            yield
+
     def for_model(self, model) -> Runtime:
         """This runtime for running `model` alone (generate, serve): where precision=auto chose bf16 and the model's
         layers run llmctl's quantized CPU kernels, fp32 outside them. The kernels pick their activation dtype
@@ -77,6 +84,15 @@ class Runtime:
             **({"strategy": self.strategy} if self.distributed else {}),
             "cpu_bf16": cpu_has_native_bf16(),
         }
+
+
+def inference_grad_mode(device_type: str):
+    """The grad mode for running a model without training it: `torch.inference_mode()` (the least work per op: no
+    version counters, no view tracking; SmolLM2-135M int4 decoding on 2 AMX cores: 16.6 against 17.6 ms a token
+    under no_grad), or `torch.no_grad()` where autocast is on: autocast keeps its weight casts only outside inference
+    mode, so under it every forward pass re-casts every fp32 weight (bf16 decoding on the same machine: 11.8 tokens/s
+    against 27.7). Enter it inside the autocast context."""
+    return torch.no_grad() if torch.is_autocast_enabled(device_type) else torch.inference_mode()
 
 
 def cpu_has_native_bf16() -> bool:

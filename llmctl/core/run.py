@@ -96,27 +96,24 @@ class StageRun:
     identity: dict = field(default_factory=dict)  # what this run trains (saved with its state, checked on resume)
     lock: RunLock | None = None
     resumed: dict | None = None  # set when continuing an interrupted run: which run, and the settings it changed
-    header: str = ""  # the stage's first line (device, precision), until printed
+    title: str = ""  # the stage's first line, before its device and precision (`announce`)
+    announced: bool = False
 
     def print(self, *args, **kwargs) -> None:
         if self.console is not None:
             self.console.print(*args, **kwargs)
 
     def announce(self) -> None:
-        """Print the stage's header line (once)."""
-        if self.header:
-            self.print(self.header)
-            self.header = ""
+        """Print the stage's header line: its title, device and precision (once)."""
+        if not self.announced:
+            self.print(f"{self.title} · {self.rt.describe()}")
+            self.announced = True
 
     def run_model(self, model) -> None:
-        """Take the runtime this stage runs `model` under (`Runtime.for_model`), said in the header or, once that
-        is out, on a line of its own."""
+        """Take the runtime this stage runs `model` under (`Runtime.for_model`): the header says it, or, once that
+        is out, a line of its own."""
         rt = self.rt.for_model(model)
-        if rt is self.rt:
-            return
-        if self.header:
-            self.header = self.header.replace(self.rt.describe(), rt.describe())
-        else:
+        if rt is not self.rt and self.announced:
             self.print(f"precision {rt.precision} for this model ({rt.reason})")
         self.rt = rt
 
@@ -155,7 +152,7 @@ def start(
     piped = not stream.isatty() and "COLUMNS" not in os.environ  # logs and CI: tables are not squeezed into 80 columns
     console = Console(highlight=False, width=160 if piped else None, stderr=stderr) if rt.is_main else None
     run = StageRun(stage=stage, cfg=cfg, store=Store(cfg.output_root), name=name, rt=rt, console=console)
-    run.header = f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "") + f" · {rt.describe()}"
+    run.title = f"[bold]llmctl {stage}[/]" + (f" → {stage}/{name}" if publishes else "")
     if not stderr:
         run.announce()
     seed_everything(int(cfg.seed))

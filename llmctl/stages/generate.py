@@ -34,7 +34,6 @@ from llmctl.core.files import check_writable_file, write_text
 from llmctl.core.generation import (
     Sampling,
     check_length,
-    decoding_mode,
     encode,
     greedy,
     hf_settings,
@@ -192,7 +191,7 @@ def _one(run, model, tok, encoded: list[int], prompt, settings: dict, *, stream:
     ids = torch.tensor([encoded], device=run.rt.device)
     streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     start = time.perf_counter()
-    with run.rt.autocast(), decoding_mode(run.rt.device.type):
+    with run.rt.inference():
         if fast:
             stops = settings["eos_token_id"] or []
             out = greedy(model, ids, max_new_tokens=settings["max_new_tokens"], stops=stops, streamer=streamer)
@@ -223,7 +222,7 @@ def _batch(run, model, tok, encoded: list[list[int]], prompts: list, settings: d
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=run.rt.device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=run.rt.device)
     start = time.perf_counter()
-    with run.rt.autocast(), decoding_mode(run.rt.device.type):
+    with run.rt.inference():
         out = model.generate(input_ids=ids, attention_mask=mask, **settings)
     elapsed = time.perf_counter() - start
     records = []

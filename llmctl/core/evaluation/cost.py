@@ -93,7 +93,7 @@ def measure_cost(
     times = []
     was_training = model.training
     model.eval()  # dropout off: what inference costs
-    with torch.no_grad(), rt.autocast():  # no_grad: autocast caches its weight casts (not in inference mode)
+    with rt.inference():
         for i in range(int(warmup) + int(runs)):
             start = time.perf_counter()
             forward(one)
@@ -160,7 +160,7 @@ def measure_decode(model, rt, prompt_tokens: int, new_tokens: int, runs: int) ->
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    with rt.autocast():  # greedy picks its grad mode under it (generation.decoding_mode)
+    with rt.inference():
         generate(int(new_tokens))  # warm: first-call set-up, kernel packing, allocator
         firsts, fulls = [], []
         for _ in range(int(runs)):  # interleaved, so a slow moment hurts both figures alike

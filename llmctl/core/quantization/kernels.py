@@ -79,10 +79,7 @@ class PackedLinear(torch.nn.Module):
                 if w.zero_point is not None
                 else torch.zeros_like(scale)
             )
-            values = (w.qdata.to(torch.int32) + 8).contiguous()  # −8..7 → the kernel's 0..15
-            self.register_buffer(
-                "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES), persistent=False
-            )
+            self.register_buffer("packed", _int4pack(w.qdata), persistent=False)
             scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(activations)  # (K/g, N, 2)
             self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self._kernel = (
@@ -100,8 +97,7 @@ class PackedLinear(torch.nn.Module):
         # the kernel and its operands sit in one plain attribute: a decode step makes ~200 of these calls
         y = self._kernel[0](_rows(x, rows, self.activations), *self._kernel[1:])
         y = self._corrected(y, x, rows) if self.lowrank else y
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
+        return _as_output(y, x, self.bias)
 
     def _corrected(self, y: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
         return _plus_lowrank(y, x, rows, self.lowrank_a.t(), self.lowrank_b.t()).reshape(y.shape)
@@ -144,11 +140,11 @@ class SharedInput:
     call with its casts ~12 µs on 2 cores."""
 
     def __init__(self, members: list[PackedLinear]):
-        values = torch.cat([m.weight.qdata for m in members]).to(torch.int32).add_(8).contiguous()
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INNER_K_TILES)
+        self.packed = _int4pack(torch.cat([m.weight.qdata for m in members]))
         self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()
-        self.group, self.activations, self.width = members[0].group, members[0].activations, values.shape[0]
+        self.group, self.activations = members[0].group, members[0].activations
         self.sizes = [m.out_features for m in members]
+        self.width = sum(self.sizes)
         self.index = {id(m): i for i, m in enumerate(members)}
         biased = any(m.bias is not None for m in members)  # Qwen2's q / k / v carry biases, Llama's none
         self.bias = (
@@ -160,6 +156,7 @@ class SharedInput:
         # them (copies of the factors, made at load as the packed values are)
         fixed = [m for m in members if m.lowrank]
         self.a_t = torch.cat([m.lowrank_a.detach() for m in fixed]).t().contiguous() if fixed else None
+        self.b_t = None
         if fixed:
             self.b_t = torch.zeros(self.a_t.shape[1], self.width)
             rank, starts = 0, [0, *itertools.accumulate(self.sizes)]
@@ -173,7 +170,7 @@ class SharedInput:
         # held by the first member as non-persistent buffers too, so what counts a model's resident bytes
         # (models.weight_bytes: eval's peak memory) sees the shared layout
         for name in ("packed", "scales_zeros", "a_t", "b_t", "bias"):
-            if getattr(self, name, None) is not None:
+            if getattr(self, name) is not None:
                 members[0].register_buffer(f"shared_{name}", getattr(self, name), persistent=False)
         self.input, self.outputs, self.waiting = None, (), 0
 
@@ -183,8 +180,7 @@ class SharedInput:
             rows = x.numel() // member.in_features
             y = INT4_MM(_rows(x, rows, self.activations), self.packed, self.group, self.scales_zeros)
             y = _plus_lowrank(y, x, rows, self.a_t, self.b_t) if self.a_t is not None else y
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.width)
-            y = y + self.bias.to(y.dtype) if self.bias is not None else y
+            y = _as_output(y, x, self.bias)
             self.input, self.outputs, self.waiting = x, y.split(self.sizes, dim=-1), len(self.sizes)
         y = self.outputs[self.index[id(member)]]
         self.waiting -= 1
@@ -293,6 +289,17 @@ def _plus_lowrank(y: torch.Tensor, x: torch.Tensor, rows: int, a_t: torch.Tensor
             return _plus_lowrank(y, x, rows, a_t, b_t)
     a = torch.mm(x.reshape(rows, -1).float(), a_t)
     return torch.addmm(y.reshape(rows, -1).float(), a, b_t)
+
+
+def _int4pack(values: torch.Tensor) -> torch.Tensor:
+    """torchao's int4 values (−8..7, one an int8) in `_weight_int4pack_mm_for_cpu`'s layout (0..15, packed)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((values.to(torch.int32) + 8).contiguous(), INNER_K_TILES)
+
+
+def _as_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's rows `y` as the Linear's output for input `x`: in x's dtype and leading shape, plus the bias."""
+    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return y + bias.to(y.dtype) if bias is not None else y
 
 
 def _rows(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
