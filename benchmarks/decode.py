@@ -3,6 +3,7 @@
     python benchmarks/decode.py                                  # SmolLM2-135M-Instruct (packaged)
     python benchmarks/decode.py finetune/smollm2-chat --tokens 64 --rounds 3
     python benchmarks/decode.py --ort-genai fp32=/tmp/og/fp32,int4=/tmp/og/int4     # references in the same rounds
+    python benchmarks/decode.py --device cuda --formats fp32,bf16,int8-weight,int4-weight,int4-weight+head8
 
 From one floating-point checkpoint it builds, in memory, fp32, bf16 (autocast, as precision=bf16 runs it),
 int8-dynamic, int8-weight and int4-weight (llmctl's quantize schemes, packed kernels where the machine has them),
@@ -12,7 +13,8 @@ bytes a step reads), and the perplexity delta on held-out text (BBC News article
 own precision (onnxruntime-genai's folders: their model.onnx on the same blocks). `<format>:rank<r>` sets int4's
 quantize.error_rank (16 otherwise). `<scheme>+head8` stores the output layer as int8 (`quantize.head_int8=true`;
 for SmolLM2 the tied embedding table: 113 of the 538 MB an fp32 step reads), `<scheme>+head` at the scheme's own
-bits.
+bits. `--device cuda`: every format is built on the CPU (as a checkpoint is loaded) and placed on the GPU the way
+generate / eval / serve place it (`quantization.place`: the CUDA kernels chosen, timed and checked there).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def torch_logits(model):
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model(input_ids=ids[None]).logits[0].float()
+            return model(input_ids=ids[None].to(model.device)).logits[0].float().cpu()
 
     return run
 
@@ -148,6 +150,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed generation")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (int8-dynamic runs on the CPU only)")
     ap.add_argument("--ppl-chars", type=int, default=40_000, help="characters of held-out text (0: no perplexity)")
     ap.add_argument(
         "--ort-genai",
@@ -163,15 +166,18 @@ def main() -> None:
     calib_ids = torch.tensor(tok(held_out_text(8_000, offset=18))["input_ids"][: 4 * 128]).view(-1, 128)
     calibration = [{"input_ids": calib_ids[i : i + 1]} for i in range(calib_ids.shape[0])]  # not the scored text
     built = {f: build(base, f, calibration) for f in formats}
+    device = torch.device(args.device)
+    for m, _ in built.values():
+        quantization.place(m, device)  # (the float formats share `base`: moved once, the second call is a no-op)
     references = {
         f"ort-genai {label}": OrtGenai(folder)
         for label, folder in (item.split("=", 1) for item in args.ort_genai.split(",") if item)
     }
-    runtimes = {p: setup_runtime("cpu", p) for p in ("fp32", "bf16")}
-    bandwidth = memory_bandwidth(torch.device("cpu"))
+    runtimes = {p: setup_runtime(args.device, p) for p in ("fp32", "bf16")}
+    bandwidth = memory_bandwidth(device)
     print(
         f"{args.ckpt} · batch 1 · {args.prompt}-token prompt · {args.tokens} new tokens · greedy · "
-        f"{torch.get_num_threads()} threads · {args.rounds} rounds round-robin · "
+        f"{args.device} ({torch.get_num_threads()} threads) · {args.rounds} rounds round-robin · "
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     for f, (m, _) in built.items():

@@ -249,3 +249,101 @@ def test_int4_layers_that_read_one_input_share_a_kernel_call_and_compute_what_ea
     # the shared layout is as resident as the members' own were: the model's weight bytes count it (eval's peak)
     extra = sum(t.nbytes for m in model.modules() for n, t in m.named_buffers(recurse=False) if n in ("shared_bias",))
     assert weight_bytes(model) == weight_bytes(alone) + extra
+
+
+def _held_tensors(model):
+    """Every tensor the model's modules hold, in attributes, tuples (a kernel's operands) and shared groups."""
+    from llmctl.core.quantization.kernels import SharedInput
+
+    def walk(value):
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                yield from walk(item)
+        elif isinstance(value, SharedInput):
+            yield from walk([v for k, v in vars(value).items() if k not in ("input", "outputs")])
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                yield from walk(value)
+        yield from module.parameters(recurse=False)
+        yield from module.buffers(recurse=False)
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+def test_a_packed_model_placed_on_another_device_is_packed_again_for_it(scheme):
+    """The kernels' layout belongs to the device it was built on (the CPU and CUDA int4 kernels take different
+    ones) and a kernel holds its operands directly: `model.to(device)` left them on the CPU (CUDA generate / eval /
+    serve of a quantized checkpoint failed in the first packed Linear). `place` unpacks, moves and packs again for
+    the device — here meta, which has no packed kernels: torchao's matmul runs there, every tensor is there."""
+    model = _llama()
+    q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        pytest.skip(f"this CPU runs {scheme} through {describe(model)}")
+    q.place(model, "cpu")  # the same device: nothing rebuilt
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    q.place(model, "meta")
+    assert {t.device.type for t in _held_tensors(model)} == {"meta"}
+    assert describe(model) == "torchao dequantizing matmul (no packed kernels on meta)"
+    assert not hasattr(model, "llmctl_own_activations")  # (Runtime.for_model: no quantized kernels run it now)
+    corrected = [m for m in model.modules() if hasattr(m, "lowrank_a")]
+    assert all(m._forward_hooks for m in corrected)  # an unpacked layer's low-rank correction runs as its hook
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 4, dtype=torch.long, device="meta")).logits.shape == (1, 4, 96)
+
+
+def test_a_kernel_that_disagrees_with_torchaos_matmul_is_not_chosen(monkeypatch):
+    """Where a packed kernel is timed against torchao's matmul (a CPU without native bf16; CUDA, whose kernels and
+    layouts no CI machine runs) it is also checked against it on the same rows, and kept only where it is right: a
+    layout a torch build reads differently would otherwise give fast garbage."""
+    from llmctl.core.quantization import kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "_best_us", lambda fn, x: 1.0 if isinstance(fn, PackedLinear) else 2.0)
+    packing = kernels._int4pack
+    monkeypatch.setattr(kernels, "_int4pack", lambda values: packing(values.flip(1)))  # the columns read backwards
+    model = _llama()
+    q.quantize(model, "int4-weight", **{**SETTINGS, "embeddings": False})
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert "torchao dequantizing matmul" in describe(model)
+    assert kernels._CHOSEN[next(iter(kernels._CHOSEN))][2] > kernels.CHECK_TOLERANCE
+    monkeypatch.setattr(kernels, "_int4pack", packing)  # the right layout, as fast: chosen
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    q.quantize(model := _llama(), "int4-weight", **{**SETTINGS, "embeddings": False})
+    assert any(isinstance(m, PackedLinear) for m in model.modules()) and "fp32 activations" in describe(model)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("bits,asymmetric", [(8, False), (4, False), (4, True)], ids=["int8", "int4", "int4-asym"])
+def test_the_cuda_kernels_compute_what_the_dequantized_weights_do(bits, asymmetric):
+    """tinygemm's int4 layout (`_convert_weight_to_int4pack`) and the CUDA int8 kernel, against torchao's matmul."""
+    linear = _quantized_linear(bits, asymmetric=asymmetric).cuda()
+    packed = PackedLinear(linear, bits=bits, group=32 if bits == 4 else None, activations=torch.bfloat16)
+    x = torch.randn(3, 5, 128, device="cuda")
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(x, linear.weight.dequantize(), linear.bias)
+        got = packed(x)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    assert (got - expected).abs().max() < TOLERANCE[torch.bfloat16] * expected.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("scheme", ["int8-weight", "int4-weight"])
+def test_a_quantized_model_placed_on_cuda_runs_there_as_it_ran_on_the_cpu(scheme):
+    model = _llama()
+    q.quantize(model, scheme, **{**SETTINGS, "embeddings": False})
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(ids).logits
+    q.place(model, "cuda")
+    assert {t.device.type for t in _held_tensors(model)} == {"cuda"}
+    with torch.inference_mode():
+        after = model(ids.cuda()).logits.cpu()
+    assert (after - before).abs().max() < 5e-2 * before.abs().max()
+    print(describe(model))

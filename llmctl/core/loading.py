@@ -42,6 +42,13 @@ class Loaded:
     dtype: str = "float32"  # the floating-point dtype its weights are stored in (in memory they are fp32)
     new_tensors: list[str] = field(default_factory=list)  # base-model tensors initialised fresh (not in the checkpoint)
 
+    def on(self, device):
+        """The model on `device`, refused in one line where its quantized kernels do not run there; a quantized
+        model's kernels are built again for that device (`quantization.place`)."""
+        check_device(self, device)
+        quantization.place(self.model, device)
+        return self.model
+
     def parent(self, role: str) -> dict:
         """This checkpoint as a manifest's parent entry (reference, path, verified weights hash)."""
         return {**parent_entry(self.source, role, self.sha256), "dtype": self.dtype}

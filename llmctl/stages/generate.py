@@ -40,7 +40,7 @@ from llmctl.core.generation import (
     plain_greedy,
     stop_ids,
 )
-from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
 from llmctl.core.tokenizer import load_tokenizer
 
 
@@ -82,8 +82,7 @@ def run(cfg) -> None:
         if cfg.chat or cfg.interactive or any(isinstance(p, list) for p in prompts):
             check_chat(load_tokenizer(source.path), source, "ckpt")
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
-        check_device(loaded, run.rt.device)
-        model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
+        model, tok = loaded.on(run.rt.device).eval(), loaded.tokenizer
         run.run_model(model)  # precision=auto: fp32 around quantized kernels
         sampling, beams = _sampling(cfg)
         fast = plain_greedy(sampling, beams)  # generation.greedy: the same tokens as model.generate, less per token

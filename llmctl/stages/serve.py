@@ -34,7 +34,7 @@ from llmctl.core import schema
 from llmctl.core.chat import can_chat
 from llmctl.core.errors import LlmctlError
 from llmctl.core.families import max_positions
-from llmctl.core.loading import check_device, load_checkpoint, resolve_source, source_kind
+from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
 from llmctl.core.manifest import task_record
 from llmctl.core.models import count_parameters
 
@@ -71,8 +71,7 @@ def run(cfg) -> None:
                 f"clm, an SFT fine-tune, a GGUF export, model folders like SmolLM2)"
             )
         loaded = load_checkpoint(run.store, source, kind="causal-lm", what="ckpt")
-        check_device(loaded, run.rt.device)
-        model, tok = loaded.model.to(run.rt.device).eval(), loaded.tokenizer
+        model, tok = loaded.on(run.rt.device).eval(), loaded.tokenizer
         run.run_model(model)  # precision=auto: fp32 around quantized kernels
         name = str(cfg.model_name or cfg.ckpt)
         served = Served(

@@ -97,7 +97,7 @@ def evaluate(
     """Judge one checkpoint on its task (see the module docstring). `max_seq_len` and `system_prompt` default to
     the checkpoint's own; a parent is judged with its child's (`like` settings), so the two compare."""
     from llmctl.core.data import load_data
-    from llmctl.core.loading import check_device, load_checkpoint, resolve_source
+    from llmctl.core.loading import load_checkpoint, resolve_source
     from llmctl.core.tasks import DATA_TASK, check_labels, choose_split, prepare, sample_generations, sequence_length
 
     source = resolve_source(store, spec, what="ckpt")
@@ -110,8 +110,7 @@ def evaluate(
         data = load_data(p["data_cfg"], task=DATA_TASK[task], cache_dir=cache_root / "datasets")
         split = choose_split(data, split, p["data_cfg"])
     loaded = load_checkpoint(store, source, what="ckpt")
-    check_device(loaded, rt.device)
-    model, tok = loaded.model.to(rt.device).eval(), loaded.tokenizer
+    model, tok = loaded.on(rt.device).eval(), loaded.tokenizer
     out = {
         "ref": source.ref,
         "path": str(source.path),

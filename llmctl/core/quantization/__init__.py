@@ -32,6 +32,7 @@ config.json and loads the tensors into it.
 """
 
 from llmctl.core.quantization.calibration import activation_outliers, input_rms
+from llmctl.core.quantization.kernels import place
 from llmctl.core.quantization.schemes import (
     DEFAULT_GROUP,
     METHODS,
@@ -58,6 +59,7 @@ __all__ = [
     "head_modules",
     "input_rms",
     "pack_int4",
+    "place",
     "prepare_qat",
     "quantize",
     "rebuild",
