@@ -22,8 +22,11 @@ call over their weights side by side (`SharedInput`): a decode step's cost at th
 overhead, not bytes (SmolLM2-135M int4 on 2 cores: ~6 of ~17 ms a token in the kernels; fused, +2–3 % tokens/s).
 
 The kernel is chosen per device, and the choice is stated (`describe`): a CPU with native bf16 takes the packed
-kernels with bf16 activations; any other CPU times the packed kernel with fp32 activations against torchao's
-dequantizing matmul on the model's own first layer and keeps the faster. On CUDA the int4 kernel is tinygemm's
+kernels with bf16 activations; any other CPU times them with bf16 and with fp32 activations against torchao's
+dequantizing matmul on the model's own first layer and keeps the fastest. The kernels widen bf16 activations in
+registers, so bf16 is fast even where bf16 GEMMs are not (an AVX2-only CPU, simulated by torch's AVX2 kernels,
+int4 576 × 576: bf16 activations 37 µs, fp32 activations 271 µs, torchao's matmul 170 µs; SmolLM2 int4 decodes
+44 tokens/s with bf16 activations, 11 with torchao's matmul, fp32 27); the large-batch matmul stays fp32 there. On CUDA the int4 kernel is tinygemm's
 `aten._weight_int4pack_mm` (bf16 activations, compute capability 8.0+; its own tiled layout, built by
 `_convert_weight_to_int4pack` from the same values, scales and zeros) and the int8 one `_weight_int8pack_mm`'s CUDA
 kernel; each is timed against torchao's matmul on the first layer and checked against it (relative error under
@@ -73,6 +76,10 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = w, linear.bias
         self.bits, self.group, self.activations = bits, group, activations
+        # the large-batch (prefill) matmul's dtype: the kernels' own, but fp32 on a CPU without native bf16 (the
+        # kernels widen bf16 in registers as they read it; a bf16 GEMM there is emulated, ~100× slower)
+        native = w.device.type != "cpu" or cpu_has_native_bf16()
+        self.matmul = activations if native else torch.float32
         self.lowrank = hasattr(linear, "lowrank_a")  # a rank-r correction of the rounding error (quantization.lowrank)
         self.shared: SharedInput | None = None  # int4 siblings reading the same input, computed in one call (`fuse`)
         if self.lowrank:  # fp32 factors, used in fp32 whatever the activations (`_plus_lowrank`)
@@ -96,8 +103,8 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > SMALL_BATCH:  # prefill / scoring: the weight dequantized once, the float matmul (bf16 where native)
-            bias = self.bias.to(self.activations) if self.bias is not None else None
-            y = torch.nn.functional.linear(x.to(self.activations), self.dequantized(), bias)
+            bias = self.bias.to(self.matmul) if self.bias is not None else None
+            y = torch.nn.functional.linear(x.to(self.matmul), self.dequantized(), bias)
             return (self._corrected(y, x, rows) if self.lowrank else y).to(x.dtype)
         if self.shared is not None:
             return self.shared.output(self, x)
@@ -118,14 +125,14 @@ class PackedLinear(torch.nn.Module):
         return linear
 
     def dequantized(self) -> torch.Tensor:
-        """The weight in the activation dtype, computed there from the stored values (two passes; torchao's
-        `dequantize` takes five in fp32: half the prefill time of an int4 SmolLM2 went to it)."""
-        w, n = self.weight, self.out_features
+        """The weight in the large-batch matmul's dtype (`matmul`), computed there from the stored values (two passes;
+        torchao's `dequantize` takes five in fp32: half the prefill time of an int4 SmolLM2 went to it)."""
+        w, n, dtype = self.weight, self.out_features, self.matmul
         scale = w.scale.reshape(n, -1, 1)
-        q = w.qdata.reshape(n, scale.shape[1], -1).to(self.activations)
+        q = w.qdata.reshape(n, scale.shape[1], -1).to(dtype)
         if w.zero_point is not None and self.bits == 4:  # (the int8 weights are symmetric: packable)
-            q = q.sub_(w.zero_point.reshape(n, -1, 1).to(self.activations))
-        return q.mul_(scale.to(self.activations)).reshape(n, self.in_features)
+            q = q.sub_(w.zero_point.reshape(n, -1, 1).to(dtype))
+        return q.mul_(scale.to(dtype)).reshape(n, self.in_features)
 
     def kernel_bytes(self) -> int:
         """Bytes a batch-1 step reads: the values in the kernel's layout, their scales, the bias."""
@@ -477,18 +484,28 @@ def _choose(module, bits: int, group: int | None) -> tuple:
         return _choose_cuda(module, bits, group)
     if cpu_has_native_bf16():
         return torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
-    packed, dequant, error = _timed(
-        (bits, group, module.in_features, module.out_features),
-        lambda: PackedLinear(module, bits=bits, group=group, activations=torch.float32),
-        module,
-        1,
-    )
-    if packed < dequant and error <= CHECK_TOLERANCE:
-        return torch.float32, f"fp32 activations ({packed:.0f} µs vs dequantizing {dequant:.0f} µs)"
-    return None, (
-        f"torchao dequantizing matmul (packed kernel with fp32 activations {packed:.0f} µs vs {dequant:.0f} µs on "
-        "this CPU without native bf16)"
-    )
+    # Without native bf16 the kernels still take bf16 activations fast: they widen them to fp32 in registers as they
+    # read them (only bf16 GEMMs are slow there). Both activation dtypes are timed against torchao's matmul.
+    timed = {
+        dtype: _timed(
+            (bits, group, module.in_features, module.out_features, dtype),
+            lambda dtype=dtype: PackedLinear(module, bits=bits, group=group, activations=dtype),
+            module,
+            1,
+        )
+        for dtype in (torch.bfloat16, torch.float32)
+    }
+    right = {dtype: us for dtype, (us, _, error) in timed.items() if error <= CHECK_TOLERANCE}
+    dequant = min(d for _, d, _ in timed.values())
+    if right and min(right.values()) < dequant:
+        dtype = min(right, key=right.get)
+        other = ", ".join(f"{str(d)[6:]} {us:.0f} µs" for d, us in right.items() if d != dtype)
+        return dtype, (
+            f"{str(dtype)[6:]} activations on a CPU without native bf16 ({right[dtype]:.0f} µs vs dequantizing "
+            f"{dequant:.0f} µs{', ' + other if other else ''})"
+        )
+    fastest = f"{min(right.values()):.0f} µs" if right else "none computing right"
+    return None, f"torchao dequantizing matmul ({dequant:.0f} µs vs the packed kernels' {fastest} on this CPU)"
 
 
 def _choose_cuda(module, bits: int, group: int | None) -> tuple:
