@@ -153,12 +153,18 @@ def _per_row_int8_reference(x: torch.Tensor, linear) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("halves", [False, True], ids=["int8", "7-bit halves"])
 @pytest.mark.parametrize("width", [16, 24, 40, 96])
-def test_the_dynamic_int8_linear_computes_the_per_row_int8_product_at_any_width(width):
+def test_the_dynamic_int8_linear_computes_the_per_row_int8_product_at_any_width(monkeypatch, width, halves):
     """`_int_mm` is exact integer arithmetic: the result matches the float64 reference to float32 rounding, at input
-    widths _weight_int8pack_mm gets wrong, for inputs that start mid cache line and for bf16 inputs too."""
+    widths _weight_int8pack_mm gets wrong, for inputs that start mid cache line and for bf16 inputs too; so do the
+    weights as two 7-bit halves (what a CPU whose `_int_mm` saturates runs)."""
+    from llmctl.core.quantization import kernels
+
+    monkeypatch.setattr(kernels, "int_mm_saturates", lambda: halves)
     linear = _quantized_linear(8, shape=(width, 48))
     dynamic = DynamicInt8Linear(linear)
+    assert dynamic.halves == halves
     big = torch.randn(4 * width * 5 + 3)
     x = big[3 : 3 + 4 * 5 * width].view(4, 5, width)  # starts mid cache line
     assert x.data_ptr() % 64
@@ -174,6 +180,42 @@ def test_the_dynamic_int8_linear_computes_the_per_row_int8_product_at_any_width(
         assert (half.double() - _per_row_int8_reference(x.bfloat16().float(), linear)).abs().max() < 2e-2 * (
             expected.abs().max()
         )
+
+
+SATURATING = """
+import torch
+from llmctl.core.quantization import kernels
+from test_kernels import _per_row_int8_reference, _quantized_linear
+
+linear = _quantized_linear(8, shape=(64, 32))
+with torch.no_grad():  # every weight and input at the top of the int8 range: the pair sums overflow int16
+    linear.weight.qdata.fill_(127)
+x = torch.ones(3, 64)
+expected = _per_row_int8_reference(x, linear)
+single = torch._int_mm(torch.full((17, 64), 127, dtype=torch.int8), torch.full((64, 8), 127, dtype=torch.int8))
+print("SATURATES" if kernels.int_mm_saturates() else "EXACT", int(single[0, 0]))
+dynamic = kernels.DynamicInt8Linear(linear)
+with torch.inference_mode():
+    error = float(((dynamic(x).double() - expected).abs().max() / expected.abs().max()))
+print("HALVES" if dynamic.halves else "SINGLE", error)
+"""
+
+
+def test_int8_dynamic_stays_exact_where_the_int8_matmul_saturates(tmp_path):
+    """oneDNN held to AVX2 (what a CPU without VNNI runs) saturates `_int_mm`'s int16 pair sums: a product of 64
+    values of 127 came out 8,160. The probe sees it, and the Linear runs its weights as two 7-bit halves: exact."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([sys.executable, "-c", SATURATING], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    probe, result = run.stdout.split("\n")[-3:-1]
+    assert probe.startswith("SATURATES") and int(probe.split()[1]) != 64 * 127 * 127  # the env reproduced it
+    mode, error = result.split()
+    assert mode == "HALVES" and float(error) < 1e-6
 
 
 def test_an_int8_table_looks_up_the_rows_it_holds():

@@ -26,20 +26,23 @@ kernels with bf16 activations; any other CPU times them with bf16 and with fp32 
 dequantizing matmul on the model's own first layer and keeps the fastest. The kernels widen bf16 activations in
 registers, so bf16 is fast even where bf16 GEMMs are not (an AVX2-only CPU, simulated by torch's AVX2 kernels,
 int4 576 × 576: bf16 activations 37 µs, fp32 activations 271 µs, torchao's matmul 170 µs; SmolLM2 int4 decodes
-44 tokens/s with bf16 activations, 11 with torchao's matmul, fp32 27); the large-batch matmul stays fp32 there. On CUDA the int4 kernel is tinygemm's
-`aten._weight_int4pack_mm` (bf16 activations, compute capability 8.0+; its own tiled layout, built by
-`_convert_weight_to_int4pack` from the same values, scales and zeros) and the int8 one `_weight_int8pack_mm`'s CUDA
-kernel; each is timed against torchao's matmul on the first layer and checked against it (relative error under
-`CHECK_TOLERANCE`, which also guards a layout this torch build computes differently), and kept only where it is both
-right and faster. The layout belongs to its device: `place` moves a packed model and packs it again there.
+44 tokens/s with bf16 activations, 11 with torchao's matmul, fp32 27); the large-batch matmul stays fp32 there.
+
+On CUDA the int4 kernel is tinygemm's `aten._weight_int4pack_mm` (bf16 activations, compute capability 8.0+; its own
+tiled layout, built by `_convert_weight_to_int4pack` from the same values, scales and zeros) and the int8 one
+`_weight_int8pack_mm`'s CUDA kernel; each is timed against torchao's matmul on the first layer and checked against
+it (relative error under `CHECK_TOLERANCE`, which also guards a layout this torch build computes differently), and
+kept only where it is both right and faster. The layout belongs to its device: `place` moves a packed model and
+packs it again there.
 
 `int8-dynamic` stores the same int8-per-channel tensor and runs it as `DynamicInt8Linear`: each token's activations
 are quantized to int8 on the fly (one scale per row) and multiplied by `aten._int_mm` (int8 × int8 → int32, oneDNN's
 VNNI / AMX kernels). On MiniLM-L6, batch 1, 128 tokens, 2 AVX512-VNNI cores it is 1.8–1.85× fp32, ~0.93× the
 speed of torch.ao's deprecated `quantize_dynamic` (fbgemm fuses the row quantization eager ops pay for), which it
-replaces; torchao's
-`Int8DynamicActivationInt8WeightConfig` measured 1.04× eager (it matches only under torch.compile, after ~33 s of
-compiling). A CPU without int8 dot products (AVX2 only) times it against the dequantizing matmul and keeps the faster.
+replaces; torchao's `Int8DynamicActivationInt8WeightConfig` measured 1.04× eager (it matches only under
+torch.compile, after ~33 s of compiling). A CPU without int8 dot products (AVX2 only) runs the weights as two 7-bit
+halves (one int8 matmul saturates there: `DynamicInt8Linear`), timed against the dequantizing matmul; the faster is
+kept.
 
 `Int8Embedding` looks up int8 rows and dequantizes only those (torchao's embedding tensor dequantizes the whole
 table on every lookup: 138 ms per token on SmolLM2's 49152 × 576 table).
@@ -47,6 +50,7 @@ table on every lookup: 138 ms per token on SmolLM2's 49152 × 576 table).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 
@@ -247,7 +251,12 @@ def fuse(model) -> tuple[int, int]:
 
 class DynamicInt8Linear(torch.nn.Module):
     """An int8-dynamic Linear: int8 weights per output channel (torchao's tensor, kept as `weight`) × the input's
-    rows quantized to int8 on the fly, one symmetric scale per row (token), through `aten._int_mm`."""
+    rows quantized to int8 on the fly, one symmetric scale per row (token), through `aten._int_mm`.
+
+    On a CPU without int8 dot products (no VNNI / AMX) oneDNN's int8 matmul sums pairs of u8 × s8 products into
+    int16 with saturation (`vpmaddubsw`), so full-range int8 × int8 comes out wrong (uniform int8 operands: 70 % of
+    the sums, with torch's oneDNN held to AVX2). There the weights run as two 7-bit halves, q = 2 · high + low (high
+    in −64..63, low 0 or 1), whose products cannot saturate: two exact int8 matmuls, summed in int32."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -256,6 +265,11 @@ class DynamicInt8Linear(torch.nn.Module):
         self.weight, self.bias = w, linear.bias
         w.qdata = _aligned(w.qdata)
         self.register_buffer("scales", w.scale.reshape(-1).float() / 127, persistent=False)  # (÷ 127: see forward)
+        self.halves = int_mm_saturates()
+        if self.halves:  # kernel copies beside the stored values (not saved), transposed as _int_mm takes them
+            high = torch.div(w.qdata, 2, rounding_mode="floor")
+            self.register_buffer("high_t", high.t().contiguous(), persistent=False)
+            self.register_buffer("low_t", (w.qdata - 2 * high).t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
@@ -264,20 +278,26 @@ class DynamicInt8Linear(torch.nn.Module):
         # one scale per row, max |x| / 127; as few passes over the activations as possible (each op costs here)
         peak = torch.maximum(flat.amax(-1, keepdim=True), flat.amin(-1, keepdim=True).neg_()).clamp_min_(1e-12)
         q = _aligned(torch.mul(flat, 127 / peak).round_().to(torch.int8))
-        y = torch.mul(torch._int_mm(q, self.weight.qdata.t()), peak)  # int32 · row peak · (channel scale / 127)
+        if self.halves:  # int32: 2 · (q · high) + q · low, each product within int16 (see the class)
+            dot = torch._int_mm(q, self.high_t).mul_(2).add_(torch._int_mm(q, self.low_t))
+        else:
+            dot = torch._int_mm(q, self.weight.qdata.t())
+        y = torch.mul(dot, peak)  # int32 · row peak · (channel scale / 127)
         y = torch.addcmul(self.bias, y, self.scales) if self.bias is not None else y.mul_(self.scales)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def kernel_bytes(self) -> int:
-        """Bytes a batch-1 step reads: the int8 values, their scales, the bias."""
-        return _bytes(self.weight.qdata, self.scales, self.bias)
+        """Bytes a batch-1 step reads: the int8 values (or their two halves), their scales, the bias."""
+        values = (self.high_t, self.low_t) if self.halves else (self.weight.qdata,)
+        return _bytes(*values, self.scales, self.bias)
 
     def unpacked(self) -> torch.nn.Linear:
         """The Linear it was built from (torchao's tensor as its weight)."""
         return _linear(self)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} → {self.out_features}, _int_mm, int8 activations per row"
+        halves = " (7-bit weight halves)" if self.halves else ""
+        return f"{self.in_features} → {self.out_features}, _int_mm{halves}, int8 activations per row"
 
 
 class Int8Embedding(torch.nn.Module):
@@ -462,19 +482,30 @@ def _pack_dynamic(model, record: dict) -> str:
     return why
 
 
+@functools.cache
+def int_mm_saturates() -> bool:
+    """Whether `aten._int_mm` gets full-range int8 × int8 wrong here: its int16 pair sums saturate on a CPU without
+    int8 dot products (the product of 64 values of 127 by 127 came out 8,160 instead of 1,032,256 with oneDNN held
+    to AVX2). Probed once per process, so it holds whatever the CPU flags or oneDNN's settings say."""
+    a = torch.full((17, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 8), 127, dtype=torch.int8)
+    return not bool((torch._int_mm(a, b) == 64 * 127 * 127).all())
+
+
 def _choose_dynamic(module) -> tuple[bool, str]:
     """(whether `_int_mm` runs the layers, why)."""
-    if cpu_has_int8_dot():
+    if cpu_has_int8_dot() and not int_mm_saturates():
         return True, "the CPU has int8 dot products (VNNI / AMX)"
     rows = 16  # a few rows: between decoding (1) and an encoder's batch (128)
     ours, dequant, _ = _timed(  # (its rounding of the activations is the scheme's: no error check)
         ("dynamic", module.in_features, module.out_features), lambda: DynamicInt8Linear(module), module, rows
     )
     if ours < dequant:
-        return True, f"no int8 dot products, yet faster ({ours:.0f} µs vs dequantizing {dequant:.0f} µs)"
+        how = " the weights as two 7-bit halves (a full int8 product saturates here)," if int_mm_saturates() else ""
+        return True, f"no int8 dot products:{how} yet faster ({ours:.0f} µs vs dequantizing {dequant:.0f} µs)"
     return False, (
-        f"torchao dequantizing matmul with float activations (int8 activations {ours:.0f} µs vs {dequant:.0f} µs on "
-        "this CPU without int8 dot products)"
+        f"torchao dequantizing matmul with float activations, its activations not rounded to int8 on this CPU "
+        f"(int8 activations {ours:.0f} µs vs {dequant:.0f} µs without int8 dot products)"
     )
 
 
