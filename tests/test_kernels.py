@@ -161,6 +161,8 @@ def test_the_dynamic_int8_linear_computes_the_per_row_int8_product_at_any_width(
     weights as two 7-bit halves (what a CPU whose `_int_mm` saturates runs)."""
     from llmctl.core.quantization import kernels
 
+    if kernels.int_mm_saturates() and not halves:
+        pytest.skip("this CPU's _int_mm saturates full-range int8 (no int8 dot products): it runs the halves")
     monkeypatch.setattr(kernels, "int_mm_saturates", lambda: halves)
     linear = _quantized_linear(8, shape=(width, 48))
     dynamic = DynamicInt8Linear(linear)
