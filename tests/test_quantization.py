@@ -111,7 +111,7 @@ def int8_activations(monkeypatch):
     matmul for speed, `kernels._choose_dynamic`): these tests are about what is quantized, not the faster kernel."""
     from llmctl.core.quantization import kernels
 
-    monkeypatch.setattr(kernels, "_choose_dynamic", lambda module: (True, "int8 activations (test)"))
+    monkeypatch.setattr(kernels, "_choose_dynamic", lambda module, rows: ("int8", "int8 activations (test)"))
 
 
 def test_what_stays_in_floating_point(tmp_path, int8_activations):

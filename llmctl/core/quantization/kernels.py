@@ -40,9 +40,10 @@ are quantized to int8 on the fly (one scale per row) and multiplied by `aten._in
 VNNI / AMX kernels). On MiniLM-L6, batch 1, 128 tokens, 2 AVX512-VNNI cores it is 1.8–1.85× fp32, ~0.93× the
 speed of torch.ao's deprecated `quantize_dynamic` (fbgemm fuses the row quantization eager ops pay for), which it
 replaces; torchao's `Int8DynamicActivationInt8WeightConfig` measured 1.04× eager (it matches only under
-torch.compile, after ~33 s of compiling). A CPU without int8 dot products (AVX2 only) runs the weights as two 7-bit
-halves (one int8 matmul saturates there: `DynamicInt8Linear`), timed against the dequantizing matmul; the faster is
-kept.
+torch.compile, after ~33 s of compiling). A CPU without int8 dot products (AVX2 only) times three ways on the first
+layer and keeps the fastest: int8 activations with the weights as two 7-bit halves (one int8 matmul saturates there:
+`DynamicInt8Linear`), the int8 weights weight-only through the packed int8 kernel, and the dequantizing matmul (the
+last two keep the activations in floating point, said in the description).
 
 `Int8Embedding` looks up int8 rows and dequantizes only those (torchao's embedding tensor dequantizes the whole
 table on every lookup: 138 ms per token on SmolLM2's 49152 × 576 table).
@@ -467,21 +468,34 @@ def place(model, device) -> None:
 
 
 def _pack_dynamic(model, record: dict) -> str:
-    """int8-dynamic: every quantized Linear as a `DynamicInt8Linear` where the CPU runs it faster than the
-    dequantizing matmul (always with int8 dot products; timed on the first layer otherwise)."""
+    """int8-dynamic: every quantized Linear as a `DynamicInt8Linear` where the CPU has int8 dot products. Elsewhere
+    the fastest of it, the same int8 weights run weight-only by the packed int8 kernel (bf16 or fp32 activations)
+    and torchao's dequantizing matmul, timed on the first layer at one row for a model that generates (decoding) and
+    16 otherwise; weight-only, the activations stay in floating point, and the description says so."""
     names = set(record["linear"])
     found = [(n, m) for n, m in model.named_modules() if n in names and packable(m, 8, dynamic=True)]
     if not found:
         model.llmctl_kernels = "torchao dequantizing matmul (no layer the int8 matmul takes)"
         return model.llmctl_kernels
-    use, why = _choose_dynamic(found[0][1])
-    if use:
+    rows = 1 if getattr(model, "can_generate", lambda: False)() else 16
+    use, why = _choose_dynamic(found[0][1], rows)
+    if use == "int8":
         for name, module in found:
             model.set_submodule(name, DynamicInt8Linear(module))
         model.llmctl_own_activations = "int8"
-        why = f"aten._int_mm with int8 activations per row ({len(found)} layers), {why}"
-    model.llmctl_kernels = why
-    return why
+        model.llmctl_kernels = f"aten._int_mm with int8 activations per row ({len(found)} layers), {why}"
+    elif use is not None:  # weight-only: the packed int8 kernel with these activations
+        weight_only = [(n, m) for n, m in found if packable(m, 8)]
+        for name, module in weight_only:
+            model.set_submodule(name, PackedLinear(module, bits=8, group=None, activations=use))
+        model.llmctl_own_activations = str(use).removeprefix("torch.")
+        model.llmctl_kernels = (
+            f"aten._weight_int8pack_mm ({len(weight_only)} layers) with {str(use)[6:]} activations, weight-only: "
+            f"its activations are not rounded to int8 on this CPU {why}"
+        )
+    else:
+        model.llmctl_kernels = f"torchao dequantizing matmul: its activations are not rounded to int8 on this CPU {why}"
+    return model.llmctl_kernels
 
 
 @functools.cache
@@ -494,21 +508,31 @@ def int_mm_saturates() -> bool:
     return not bool((torch._int_mm(a, b) == 64 * 127 * 127).all())
 
 
-def _choose_dynamic(module) -> tuple[bool, str]:
-    """(whether `_int_mm` runs the layers, why)."""
+def _choose_dynamic(module, rows: int) -> tuple:
+    """What runs int8-dynamic's layers: "int8" (`DynamicInt8Linear`), an activation dtype (the packed int8 kernel,
+    weight-only) or None (torchao's dequantizing matmul); and why, timed on `rows` rows where the CPU has no int8
+    dot products."""
     if cpu_has_int8_dot() and not int_mm_saturates():
-        return True, "the CPU has int8 dot products (VNNI / AMX)"
-    rows = 16  # a few rows: between decoding (1) and an encoder's batch (128)
-    ours, dequant, _ = _timed(  # (its rounding of the activations is the scheme's: no error check)
-        ("dynamic", module.in_features, module.out_features), lambda: DynamicInt8Linear(module), module, rows
+        return "int8", "the CPU has int8 dot products (VNNI / AMX)"
+    key = ("dynamic", rows, module.in_features, module.out_features)
+    int8, dequant, _ = _timed(  # (its rounding of the activations is the scheme's: no error check)
+        (*key, "int8"), lambda: DynamicInt8Linear(module), module, rows
     )
-    if ours < dequant:
-        how = " the weights as two 7-bit halves (a full int8 product saturates here)," if int_mm_saturates() else ""
-        return True, f"no int8 dot products:{how} yet faster ({ours:.0f} µs vs dequantizing {dequant:.0f} µs)"
-    return False, (
-        f"torchao dequantizing matmul with float activations, its activations not rounded to int8 on this CPU "
-        f"(int8 activations {ours:.0f} µs vs {dequant:.0f} µs without int8 dot products)"
+    times = {"int8": int8}
+    for dtype in (torch.bfloat16, torch.float32) if packable(module, 8) else ():
+        us, _, error = _timed(
+            (*key, dtype), lambda dtype=dtype: PackedLinear(module, bits=8, group=None, activations=dtype), module, rows
+        )
+        if error <= CHECK_TOLERANCE:
+            times[dtype] = us
+    use = min(times, key=times.get)
+    halves = " as two 7-bit halves (a full int8 product saturates here)" if int_mm_saturates() else ""
+    timings = ", ".join(
+        f"{'int8 activations' + halves if k == 'int8' else str(k)[6:] + ' weight-only'} {us:.0f} µs"
+        for k, us in times.items()
     )
+    why = f"({timings}, dequantizing {dequant:.0f} µs at {rows} row{'s' if rows > 1 else ''}; no int8 dot products)"
+    return (use if times[use] < dequant else None), why
 
 
 def _choose(module, bits: int, group: int | None) -> tuple:
