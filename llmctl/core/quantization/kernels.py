@@ -457,7 +457,8 @@ def place(model, device) -> None:
     device = torch.device(device)
     record = getattr(model, "llmctl_quantization", None)
     weight = next((m.weight for m in model.modules() if hasattr(getattr(m, "weight", None), "qdata")), None)
-    if record is None or weight is None or weight.device.type == device.type:
+    here = weight is not None and weight.device.type == device.type
+    if record is None or weight is None or (here and device.index in (None, weight.device.index)):
         model.to(device)
         return
     for name, module in list(model.named_modules()):
