@@ -455,10 +455,10 @@ def place(model, device) -> None:
     int4 kernels take different ones; a kernel holds its operands directly), so a model with quantized layers that
     goes to another kind of device is unpacked, moved and packed there: the kernels are chosen again, for it."""
     device = torch.device(device)
-    record = getattr(model, "llmctl_quantization", None)
-    weight = next((m.weight for m in model.modules() if hasattr(getattr(m, "weight", None), "qdata")), None)
+    record = getattr(model, "llmctl_quantization", None)  # set by `pack`: a model without it has no packed layers
+    weight = record and next((m.weight for m in model.modules() if hasattr(getattr(m, "weight", None), "qdata")), None)
     here = weight is not None and weight.device.type == device.type
-    if record is None or weight is None or (here and device.index in (None, weight.device.index)):
+    if weight is None or (here and device.index in (None, weight.device.index)):
         model.to(device)
         return
     for name, module in list(model.named_modules()):
