@@ -367,7 +367,8 @@ def test_a_kernel_that_disagrees_with_torchaos_matmul_is_not_chosen(monkeypatch)
 @pytest.mark.parametrize("faster", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_cpu_without_native_bf16_keeps_the_faster_activation_dtype_and_prefills_in_fp32(monkeypatch, faster):
     """Without native bf16 (AVX2) the packed kernels still take bf16 activations fast (they widen them in registers:
-    int8 / int4 weight-only decoded 18 / 11 tokens/s against fp32's 27 with fp32 activations, 37 / 44 with bf16),
+    int8 / int4 weight-only decoded 18 / 11 tokens/s against fp32's 27 before, fp32 activations or torchao's matmul
+    winning the timing; 37 / 44 with bf16 activations),
     so both dtypes are timed and the faster kept; the large-batch matmul runs in fp32 there (a bf16 GEMM would be
     emulated), and computes exactly what torchao's fp32 matmul does."""
     from llmctl.core.quantization import kernels
