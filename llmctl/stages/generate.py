@@ -31,15 +31,7 @@ from llmctl.core.chat import check_chat, prompt_ids
 from llmctl.core.data import check_text_file
 from llmctl.core.errors import LlmctlError
 from llmctl.core.files import check_writable_file, write_text
-from llmctl.core.generation import (
-    Sampling,
-    check_length,
-    encode,
-    greedy,
-    hf_settings,
-    plain_greedy,
-    stop_ids,
-)
+from llmctl.core.generation import Sampling, check_length, encode, greedy, hf_settings, plain_greedy, stop_ids
 from llmctl.core.loading import load_checkpoint, resolve_source, source_kind
 from llmctl.core.tokenizer import load_tokenizer
 

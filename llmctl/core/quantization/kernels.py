@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 
 import torch
@@ -174,17 +175,11 @@ class SharedInput:
         self.sizes = [m.out_features for m in members]
         self.width = sum(self.sizes)
         self.index = {id(m): i for i, m in enumerate(members)}
-        biased = any(m.bias is not None for m in members)  # Qwen2's q / k / v carry biases, Llama's none
-        self.bias = (
-            torch.cat(
-                [
-                    m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=self.packed.device)
-                    for m in members
-                ]
-            )
-            if biased
-            else None
-        )
+        device = self.packed.device
+        biases = [
+            m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=device) for m in members
+        ]
+        self.bias = torch.cat(biases) if any(m.bias is not None for m in members) else None  # Qwen2's q/k/v; not Llama
         # the members' corrections as one: A stacked, B block-diagonal, both transposed as `_plus_lowrank` takes
         # them (copies of the factors, made at load as the packed values are)
         fixed = [m for m in members if m.lowrank]
@@ -515,17 +510,11 @@ def _choose_dynamic(module, rows: int) -> tuple:
     dot products."""
     if cpu_has_int8_dot() and not int_mm_saturates():
         return "int8", "the CPU has int8 dot products (VNNI / AMX)"
-    key = ("dynamic", rows, module.in_features, module.out_features)
     int8, dequant, _ = _timed(  # (its rounding of the activations is the scheme's: no error check)
-        (*key, "int8"), lambda: DynamicInt8Linear(module), module, rows
+        ("dynamic", rows, module.in_features, module.out_features), lambda: DynamicInt8Linear(module), module, rows
     )
-    times = {"int8": int8}
-    for dtype in (torch.bfloat16, torch.float32) if packable(module, 8) else ():
-        us, _, error = _timed(
-            (*key, dtype), lambda dtype=dtype: PackedLinear(module, bits=8, group=None, activations=dtype), module, rows
-        )
-        if error <= CHECK_TOLERANCE:
-            times[dtype] = us
+    packed, dequant = _packed_times(module, 8, None, rows, dequant) if packable(module, 8) else ({}, dequant)
+    times = {"int8": int8, **packed}
     use = min(times, key=times.get)
     halves = " as two 7-bit halves (a full int8 product saturates here)" if int_mm_saturates() else ""
     timings = ", ".join(
@@ -544,17 +533,7 @@ def _choose(module, bits: int, group: int | None) -> tuple:
         return torch.bfloat16, "bf16 activations: the CPU computes bf16 natively"
     # Without native bf16 the kernels still take bf16 activations fast: they widen them to fp32 in registers as they
     # read them (only bf16 GEMMs are slow there). Both activation dtypes are timed against torchao's matmul.
-    timed = {
-        dtype: _timed(
-            (bits, group, module.in_features, module.out_features, dtype),
-            lambda dtype=dtype: PackedLinear(module, bits=bits, group=group, activations=dtype),
-            module,
-            1,
-        )
-        for dtype in (torch.bfloat16, torch.float32)
-    }
-    right = {dtype: us for dtype, (us, _, error) in timed.items() if error <= CHECK_TOLERANCE}
-    dequant = min(d for _, d, _ in timed.values())
+    right, dequant = _packed_times(module, bits, group, 1)
     if right and min(right.values()) < dequant:
         dtype = min(right, key=right.get)
         other = ", ".join(f"{str(d)[6:]} {us:.0f} µs" for d, us in right.items() if d != dtype)
@@ -564,6 +543,23 @@ def _choose(module, bits: int, group: int | None) -> tuple:
         )
     fastest = f"{min(right.values()):.0f} µs" if right else "none computing right"
     return None, f"torchao dequantizing matmul ({dequant:.0f} µs vs the packed kernels' {fastest} on this CPU)"
+
+
+def _packed_times(module, bits: int, group: int | None, rows: int, dequant: float = math.inf) -> tuple[dict, float]:
+    """({activation dtype: µs} of the packed kernel with bf16 and with fp32 activations on `rows` rows, those that
+    compute what torchao's matmul does only; µs of torchao's matmul, the least of its timings and `dequant`)."""
+    times = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        us, baseline, error = _timed(
+            (bits, group, rows, module.in_features, module.out_features, dtype),
+            lambda dtype=dtype: PackedLinear(module, bits=bits, group=group, activations=dtype),
+            module,
+            rows,
+        )
+        dequant = min(dequant, baseline)
+        if error <= CHECK_TOLERANCE:
+            times[dtype] = us
+    return times, dequant
 
 
 def _choose_cuda(module, bits: int, group: int | None) -> tuple:
