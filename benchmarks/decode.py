@@ -193,7 +193,6 @@ def main() -> None:
     ppl = {}
     if args.ppl_chars:
         ids = torch.tensor(tok(held_out_text(args.ppl_chars))["input_ids"])
-        ppl = {}
         for f, (m, precision) in built.items():
             with runtimes[precision].autocast():
                 ppl[f] = perplexity(torch_logits(m), ids, 256)
